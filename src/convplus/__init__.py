@@ -1,0 +1,1 @@
+"""Conv+: one primitive that generalizes convolution and self-attention."""
