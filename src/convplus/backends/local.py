@@ -1,0 +1,49 @@
+"""The 'local' backend: windowed attention as a loop over the window's offsets.
+
+Never builds an N x N matrix: the scores are (B, K, *S, W) for a window of W offsets, so time and memory
+grow linearly with the number of positions N. The window is clipped to the grid and out-of-grid keys are
+excluded with -inf before the softmax (spec section 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..neighborhood import offset_validity, reachable_halves, window_offsets
+from .terms import blend, softmax_probs
+
+
+def _shifted(padded: torch.Tensor, pads: tuple[int, ...], offset: tuple[int, ...], spatial: tuple[int, ...]):
+    """The view of ``padded`` (B, K, D, *(S + 2 pad)) holding position i + offset at index i."""
+    index = tuple(slice(p + o, p + o + s) for p, o, s in zip(pads, offset, spatial, strict=True))
+    return padded[(Ellipsis, *index)]
+
+
+def mix(
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    kernel: torch.Tensor | None,
+    gain: torch.Tensor | None,
+    window: tuple[int, ...] | None,
+    dilation: tuple[int, ...],
+) -> torch.Tensor:
+    """z (B, K, D, *S) = g * sum_{j in N(i)} A(i, j) V_j + conv term (see ``convplus.functional.mix``)."""
+    attention = None
+    if gain is not None:
+        spatial = tuple(v.shape[3:])
+        halves = reachable_halves(spatial, window, dilation)
+        pads = tuple(h * r for h, r in zip(halves, dilation, strict=True))
+        pad_arg = [p for pad in reversed(pads) for p in (pad, pad)]
+        k_pad, v_pad = F.pad(k, pad_arg), F.pad(v, pad_arg)
+        offsets = window_offsets(halves, dilation)
+        scores = torch.stack(
+            [(q * _shifted(k_pad, pads, o, spatial)).sum(dim=2) for o in offsets], dim=-1
+        )  # (B, K, *S, W)
+        valid = offset_validity(spatial, offsets, v.device)
+        probs = softmax_probs(scores.masked_fill(~valid, float("-inf")), v.dtype)
+        attention = sum(
+            probs[..., w].unsqueeze(2) * _shifted(v_pad, pads, o, spatial) for w, o in enumerate(offsets)
+        )
+    return blend(attention, gain, v, kernel, dilation)

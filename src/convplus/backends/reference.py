@@ -1,0 +1,40 @@
+"""The 'reference' backend: spec section 2 written plainly, with a dense masked N x N attention matrix.
+
+O(N^2) time and memory. Every other backend is tested against this one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..neighborhood import neighborhood_mask
+from .terms import blend, softmax_probs
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, window: tuple[int, ...] | None, dilation: tuple[int, ...]
+) -> torch.Tensor:
+    """A_k(i, j): q, k (B, K, Dq, *S) -> (B, K, N, N), rows = queries, grid flattened row-major."""
+    spatial = tuple(q.shape[3:])
+    scores = torch.einsum("bkci,bkcj->bkij", q.flatten(3), k.flatten(3))
+    if window is not None:
+        mask = neighborhood_mask(spatial, window, dilation, q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax_probs(scores, q.dtype)
+
+
+def mix(
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    kernel: torch.Tensor | None,
+    gain: torch.Tensor | None,
+    window: tuple[int, ...] | None,
+    dilation: tuple[int, ...],
+) -> torch.Tensor:
+    """z (B, K, D, *S) = g * sum_j A(i, j) V_j + conv term (see ``convplus.functional.mix``)."""
+    attention = None
+    if gain is not None:
+        probs = attention_probs(q, k, window, dilation)
+        attention = torch.einsum("bkij,bkcj->bkci", probs, v.flatten(3)).view(v.shape)
+    return blend(attention, gain, v, kernel, dilation)

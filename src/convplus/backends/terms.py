@@ -1,0 +1,49 @@
+"""Pieces every backend shares: the convolution term and the blend of the two terms.
+
+Shapes: q, k (B, K, Dq, *S); v (B, K, D, *S); kernel (K, D, *kernel_size); gain (K,).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def convolution_term(v: torch.Tensor, kernel: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
+    """sum_delta r_k(delta) * V_k,i+delta: a dilated depthwise conv of the values, zero padding.
+
+    v (B, K, D, *S), kernel (K, D, *kernel_size) -> (B, K, D, *S).
+    """
+    batch, heads, dim = v.shape[:3]
+    spatial, ksize = v.shape[3:], kernel.shape[2:]
+    padding = [(k // 2) * r for k, r in zip(ksize, dilation, strict=True)]
+    weight = kernel.reshape(heads * dim, 1, *ksize).to(v.dtype)
+    out = _CONV[len(spatial)](v.reshape(batch, heads * dim, *spatial), weight, None, 1, padding, dilation, heads * dim)
+    return out.view(v.shape)
+
+
+def blend(
+    attention: torch.Tensor | None,
+    gain: torch.Tensor | None,
+    v: torch.Tensor,
+    kernel: torch.Tensor | None,
+    dilation: tuple[int, ...],
+) -> torch.Tensor:
+    """z = g_k * attention + conv term; either term may be absent (None). Returns (B, K, D, *S)."""
+    z = None
+    if attention is not None and gain is not None:
+        z = attention * gain.to(attention.dtype).view(1, -1, *([1] * (attention.dim() - 2)))
+    if kernel is not None:
+        conv = convolution_term(v, kernel, dilation)
+        z = conv if z is None else z + conv
+    if z is None:
+        z = torch.zeros_like(v)
+    return z
+
+
+def softmax_probs(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last dim, computed in float32 (or float64) and returned in ``dtype``."""
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return torch.softmax(scores, dim=-1, dtype=acc).to(dtype)

@@ -1,0 +1,136 @@
+"""The functional form of Conv+ (spec section 2), in four steps any backend shares:
+
+    v     = values(x, ...)                 (B, K, d, *S)    1x1 projection C -> K*d (identity if no weight)
+    q, k  = score_features(x + P, ...)     (B, K, Dq, *S)   'direct' (cosine, temperature) or 'qk'
+    z     = mix(q, k, v, kernel, gain, ...)(B, K, d, *S)    g * neighborhood attention + depthwise conv
+    y     = project_out(z, ...)            (B, C_out, *S)   1x1 projection K*d -> C_out, plus bias
+
+``conv_plus`` runs all four; ``mix`` is where the backends differ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import backends
+from .validation import SCORES, check_input, one_of
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 projection over channels: x (B, C, *S), weight (O, C), bias (O,) -> (B, O, *S)."""
+    y = torch.matmul(weight.to(x.dtype), x.flatten(2))
+    if bias is not None:
+        y = y + bias.to(x.dtype)[:, None]
+    return y.view(x.shape[0], weight.shape[0], *x.shape[2:])
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, K*D, *S) -> (B, K, D, *S)."""
+    return x.view(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:])
+
+
+def values(
+    x: torch.Tensor, heads: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """V = W_v x (+ b_v), split into heads: x (B, C, *S) -> (B, K, d, *S). No weight: V = x."""
+    return split_heads(x if weight is None else pointwise(x, weight, bias), heads)
+
+
+def score_features(
+    x: torch.Tensor,
+    heads: int,
+    score: str = "direct",
+    pos: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    query_weight: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_weight: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (B, K, Dq, *S) with <q_i, k_j> = s_k(i, j), from x (B, C, *S) and pos P (C, *S).
+
+    'direct': q = tau_k * nrm(slice_k(x^)), k = nrm(slice_k(x^)), Dq = C / K (temperature: (K,) > 0).
+    'qk':     q = (Q x^ + b_q) / sqrt(Dq), k = K x^ + b_k, weights (K*Dq, C).
+    """
+    one_of("score", score, SCORES)
+    x_hat = x if pos is None else x + pos.to(x.dtype)
+    if score == "direct":
+        unit = torch.nn.functional.normalize(split_heads(x_hat, heads), dim=2)
+        scale = temperature.to(x.dtype).view(1, heads, *([1] * (unit.dim() - 2)))
+        return unit * scale, unit
+    q = split_heads(pointwise(x_hat, query_weight, query_bias), heads)
+    k = split_heads(pointwise(x_hat, key_weight, key_bias), heads)
+    return q * (1.0 / math.sqrt(q.shape[2])), k
+
+
+def mix(
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    kernel: torch.Tensor | None,
+    gain: torch.Tensor | None,
+    window: tuple[int, ...] | None,
+    dilation: tuple[int, ...],
+    backend: str = "auto",
+) -> torch.Tensor:
+    """z_k,i = g_k * sum_{j in N(i)} A_k(i, j) V_k,j + sum_delta r_k(delta) * V_k,i+delta.
+
+    q, k (B, K, Dq, *S) (q carries the score scale), v (B, K, D, *S), kernel (K, D, *kernel_size) or None,
+    gain (K,) or None, window (odd ints) or None for global, dilation ints -> z (B, K, D, *S).
+    """
+    mix_fn = backends.resolve(backend, tuple(v.shape[3:]), v.device, window, dilation)
+    return mix_fn(q, k, v, kernel, gain, window, dilation)
+
+
+def project_out(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = W_o concat_k(z_k) + b: z (B, K, D, *S) -> (B, C_out, *S). No weight: W_o = identity."""
+    y = z.flatten(1, 2)
+    if weight is not None:
+        return pointwise(y, weight, bias)
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, *([1] * (y.dim() - 2)))
+    return y
+
+
+def conv_plus(
+    x: torch.Tensor,
+    *,
+    heads: int,
+    kernel: torch.Tensor | None,
+    gain: torch.Tensor | None,
+    window: tuple[int, ...] | None,
+    dilation: tuple[int, ...],
+    score: str = "direct",
+    pos: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    query_weight: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_weight: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    value_weight: torch.Tensor | None = None,
+    value_bias: torch.Tensor | None = None,
+    output_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Conv+ of x (B, C, *S) -> (B, C_out, *S); see the module docstring for the four steps.
+
+    ``window``/``dilation`` are tuples of len(S) ints (window None = global attention); ``gain=None`` drops
+    the attention term, ``kernel=None`` the convolution term. Weight shapes: value (K*d, C), query/key
+    (K*Dq, C), output (C_out, K*d), kernel (K, d, *kernel_size), gain/temperature (K,), pos (C, *S).
+    """
+    channels = value_weight.shape[1] if value_weight is not None else None
+    check_input(x, len(dilation), channels)
+    one_of("score", score, SCORES)
+    if (value_weight is None or score == "direct") and x.shape[1] % heads:
+        raise ValueError(f"heads ({heads}) must divide the input channels, got input shape {tuple(x.shape)}")
+    spatial = tuple(x.shape[2:])
+    mix_fn = backends.resolve(backend, spatial, x.device, window, dilation)
+    v = values(x, heads, value_weight, value_bias)
+    q = k = None
+    if gain is not None:
+        q, k = score_features(x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias)
+    z = mix_fn(q, k, v, kernel, gain, window, dilation)
+    return project_out(z, output_weight, bias)

@@ -1,0 +1,60 @@
+"""The attention neighborhood N(i) of spec section 2, in the two forms the backends need.
+
+N(i) = grid points j with |j - i| <= (w // 2) * dilation in every dim, j - i a multiple of the dilation,
+j inside the grid; all j when the window is None.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def reachable_halves(
+    spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[int, ...]:
+    """Per dim, how many dilated steps of the window can land inside a grid of size ``spatial``.
+
+    A window larger than the grid is clipped: offsets that leave the grid from every position are dropped.
+    """
+    return tuple(min(w // 2, (s - 1) // r) for s, w, r in zip(spatial, window, dilation, strict=True))
+
+
+def covers_grid(spatial: tuple[int, ...], window: tuple[int, ...] | None, dilation: tuple[int, ...]) -> bool:
+    """True when N(i) is the whole grid for every i (the neighborhood attention is global attention)."""
+    if window is None:
+        return True
+    return all(s == 1 or (r == 1 and w // 2 >= s - 1) for s, w, r in zip(spatial, window, dilation, strict=True))
+
+
+def window_offsets(halves: tuple[int, ...], dilation: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """All offsets j - i of a (clipped) window, row-major: a list of W tuples of n ints."""
+    ranges = [range(-h * r, h * r + 1, r) for h, r in zip(halves, dilation, strict=True)]
+    return list(itertools.product(*ranges))
+
+
+def offset_validity(
+    spatial: tuple[int, ...], offsets: list[tuple[int, ...]], device: torch.device
+) -> torch.Tensor:
+    """(*S, W) bool: whether position i + offset lies inside the grid, for each position and offset."""
+    n = len(spatial)
+    valid = torch.ones((*spatial, len(offsets)), dtype=torch.bool, device=device)
+    for dim, size in enumerate(spatial):
+        coord = torch.arange(size, device=device).view([size if d == dim else 1 for d in range(n)] + [1])
+        shift = torch.tensor([o[dim] for o in offsets], device=device)
+        target = coord + shift
+        valid &= (target >= 0) & (target < size)
+    return valid
+
+
+def neighborhood_mask(
+    spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """(N, N) bool, N = prod(spatial), row-major: entry (i, j) is True when j is in N(i)."""
+    grids = torch.meshgrid(*[torch.arange(s, device=device) for s in spatial], indexing="ij")
+    coords = torch.stack([g.reshape(-1) for g in grids], dim=-1)  # (N, n)
+    delta = coords[None, :, :] - coords[:, None, :]  # (N, N, n): j - i
+    reach = torch.tensor([(w // 2) * r for w, r in zip(window, dilation, strict=True)], device=device)
+    step = torch.tensor(dilation, device=device)
+    return ((delta.abs() <= reach) & (delta % step == 0)).all(dim=-1)

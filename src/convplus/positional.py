@@ -1,0 +1,40 @@
+"""Absolute positional encodings P of the grid (spec section 2: x^ = x + P)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_INTERPOLATION = {1: "linear", 2: "bicubic", 3: "trilinear"}
+
+
+def sincos_encoding(
+    channels: int, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Fixed n-d sine-cosine encoding, shape (channels, *spatial).
+
+    The channels are split evenly between the n dims; each dim gets pairs of sin/cos of its integer
+    coordinate at geometrically spaced frequencies 1 / 10000^(f / F). Channels left over (channels not a
+    multiple of 2n) are zero.
+    """
+    n = len(spatial)
+    freqs = channels // (2 * n)
+    enc = torch.zeros((channels, *spatial), dtype=torch.float32, device=device)
+    if freqs == 0:
+        return enc.to(dtype)
+    omega = 1.0 / 10000 ** (torch.arange(freqs, dtype=torch.float32, device=device) / freqs)
+    for dim, size in enumerate(spatial):
+        angle = torch.arange(size, dtype=torch.float32, device=device)[None, :] * omega[:, None]  # (F, size)
+        shape = [freqs] + [size if d == dim else 1 for d in range(n)]
+        start = 2 * freqs * dim
+        enc[start : start + freqs] = torch.sin(angle).view(shape)
+        enc[start + freqs : start + 2 * freqs] = torch.cos(angle).view(shape)
+    return enc.to(dtype)
+
+
+def resize_learned(table: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """A learned table (C, *T) resampled to (C, *spatial) (linear / bicubic / trilinear), as timm does."""
+    if tuple(table.shape[1:]) == tuple(spatial):
+        return table
+    mode = _INTERPOLATION[len(spatial)]
+    return F.interpolate(table[None], size=spatial, mode=mode, align_corners=False)[0]
