@@ -105,9 +105,20 @@ def from_attention(
     overrides.setdefault("kernel_size", 3 if window is None else window)
     has_bias = mha.in_proj_bias is not None
     module = cls(
-        embed, embed, window=window, heads=heads, head_dim=mha.head_dim, qk_dim=mha.head_dim,
-        dilation=dilation, score="qk", pos="none", proj=True, bias=has_bias, **overrides,
-        device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype,
+        embed,
+        embed,
+        window=window,
+        heads=heads,
+        head_dim=mha.head_dim,
+        qk_dim=mha.head_dim,
+        dilation=dilation,
+        score="qk",
+        pos="none",
+        proj=True,
+        bias=has_bias,
+        **overrides,
+        device=mha.in_proj_weight.device,
+        dtype=mha.in_proj_weight.dtype,
     )
     with torch.no_grad():
         for weight, source in zip(

@@ -90,9 +90,7 @@ class _ConvPlusNd(nn.Module):
         self.out_channels = positive_int("out_channels", in_channels if out_channels is None else out_channels)
         self.heads = positive_int("heads", heads)
         if head_dim is None and self.out_channels % self.heads:
-            raise ValueError(
-                f"heads ({heads}) must divide out_channels ({self.out_channels}) unless head_dim is given"
-            )
+            raise ValueError(f"heads ({heads}) must divide out_channels ({self.out_channels}) unless head_dim is given")
         self.head_dim = positive_int("head_dim", self.out_channels // self.heads if head_dim is None else head_dim)
         self.kernel_size = odd_sizes("kernel_size", kernel_size, n)
         if isinstance(window, str):
@@ -113,9 +111,7 @@ class _ConvPlusNd(nn.Module):
                 f"out_channels={self.out_channels}"
             )
         if attention and score == "direct" and self.in_channels % self.heads:
-            raise ValueError(
-                f"score='direct' needs heads ({self.heads}) to divide in_channels ({self.in_channels})"
-            )
+            raise ValueError(f"score='direct' needs heads ({self.heads}) to divide in_channels ({self.in_channels})")
         self.qk_dim = positive_int("qk_dim", self.head_dim if qk_dim is None else qk_dim)
         factory = {"device": device, "dtype": dtype}
 

@@ -11,9 +11,7 @@ import itertools
 import torch
 
 
-def reachable_halves(
-    spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...]
-) -> tuple[int, ...]:
+def reachable_halves(spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
     """Per dim, how many dilated steps of the window can land inside a grid of size ``spatial``.
 
     A window larger than the grid is clipped: offsets that leave the grid from every position are dropped.
@@ -34,9 +32,7 @@ def window_offsets(halves: tuple[int, ...], dilation: tuple[int, ...]) -> list[t
     return list(itertools.product(*ranges))
 
 
-def offset_validity(
-    spatial: tuple[int, ...], offsets: list[tuple[int, ...]], device: torch.device
-) -> torch.Tensor:
+def offset_validity(spatial: tuple[int, ...], offsets: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
     """(*S, W) bool: whether position i + offset lies inside the grid, for each position and offset."""
     n = len(spatial)
     valid = torch.ones((*spatial, len(offsets)), dtype=torch.bool, device=device)

@@ -8,9 +8,7 @@ import torch.nn.functional as F
 _INTERPOLATION = {1: "linear", 2: "bicubic", 3: "trilinear"}
 
 
-def sincos_encoding(
-    channels: int, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+def sincos_encoding(channels: int, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Fixed n-d sine-cosine encoding, shape (channels, *spatial).
 
     The channels are split evenly between the n dims; each dim gets pairs of sin/cos of its integer

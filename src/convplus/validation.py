@@ -19,8 +19,10 @@ def as_tuple(name: str, value: int | Sequence[int], n: int) -> tuple[int, ...]:
         raise TypeError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
     if isinstance(value, int):
         return (value,) * n
-    if isinstance(value, torch.Size | Sequence) and len(value) == n and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    if (
+        isinstance(value, torch.Size | Sequence)
+        and len(value) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         return tuple(value)
     raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")

@@ -43,7 +43,5 @@ def mix(
         )  # (B, K, *S, W)
         valid = offset_validity(spatial, offsets, v.device)
         probs = softmax_probs(scores.masked_fill(~valid, float("-inf")), v.dtype)
-        attention = sum(
-            probs[..., w].unsqueeze(2) * _shifted(v_pad, pads, o, spatial) for w, o in enumerate(offsets)
-        )
+        attention = sum(probs[..., w].unsqueeze(2) * _shifted(v_pad, pads, o, spatial) for w, o in enumerate(offsets))
     return blend(attention, gain, v, kernel, dilation)
