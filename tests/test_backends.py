@@ -1,0 +1,124 @@
+"""Every registered backend matches 'reference', forward and backward, on random shapes and settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convplus import backends
+
+from .conftest import MODULES
+
+
+def _runnable_backends() -> list[str]:
+    """Registered backends other than 'reference' that can run on this machine (CPU)."""
+    names = []
+    for name in backends.BACKENDS:
+        try:
+            backends.resolve(name, (4, 4), torch.device("cpu"), (3, 3), (1, 1))
+        except ValueError:
+            continue
+        if name != "reference":
+            names.append(name)
+    return names
+
+
+FAST_BACKENDS = _runnable_backends()
+
+
+@st.composite
+def configs(draw):
+    n = draw(st.integers(1, 3))
+    max_side = {1: 9, 2: 6, 3: 4}[n]
+    grid = tuple(draw(st.lists(st.integers(1, max_side), min_size=n, max_size=n)))
+    heads = draw(st.sampled_from([1, 2]))
+    head_dim = draw(st.integers(1, 3))
+    proj = draw(st.booleans())
+    channels = heads * head_dim if not proj else draw(st.sampled_from([2, 4]))
+    kernel = draw(st.sampled_from([1, 3, 5]))
+    return {
+        "n": n,
+        "grid": grid,
+        "batch": draw(st.integers(1, 2)),
+        "kwargs": {
+            "in_channels": channels,
+            "out_channels": channels if not proj else draw(st.integers(1, 5)),
+            "heads": heads,
+            "head_dim": head_dim,
+            "kernel_size": kernel,
+            "window": draw(st.sampled_from([1, 3, 5, None, kernel])),
+            "dilation": draw(st.sampled_from([1, 2])),
+            "score": draw(st.sampled_from(["direct", "qk"])),
+            "pos": draw(st.sampled_from(["sincos", "learned", "none"])),
+            "pos_size": draw(st.integers(1, 5)),
+            "proj": proj,
+            "bias": draw(st.booleans()),
+            "convolution": draw(st.booleans()),
+            "qk_dim": draw(st.sampled_from([None, 2])),
+        },
+    }
+
+
+def _forward_backward(module, x):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    grads = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
+    module.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs())
+def test_backend_matches_reference(backend, config):
+    kwargs = config["kwargs"]
+    if kwargs["score"] == "direct" and kwargs["in_channels"] % kwargs["heads"]:
+        kwargs["score"] = "qk"
+    if backend == "local" and kwargs["window"] is None:
+        kwargs["window"] = 5
+    module = MODULES[config["n"]](**kwargs, dtype=torch.float64)
+    with torch.no_grad():  # random, non-trivial gains and kernels
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(config["batch"], kwargs["in_channels"], *config["grid"], dtype=torch.float64)
+    module.backend = "reference"
+    y_ref, g_ref = _forward_backward(module, x)
+    module.backend = backend
+    y, g = _forward_backward(module, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize(
+    ("n", "grid", "kwargs"),
+    [
+        (1, (5,), {"kernel_size": 3, "window": 3, "score": "direct", "pos": "learned", "pos_size": 4}),
+        (2, (3, 4), {"kernel_size": 3, "window": 3, "dilation": 2, "score": "qk", "pos": "sincos"}),
+        (3, (2, 2, 3), {"kernel_size": 1, "window": 3, "score": "direct", "pos": "none"}),
+    ],
+)
+def test_gradcheck(backend, n, grid, kwargs):
+    module = MODULES[n](4, 3, heads=2, head_dim=2, dtype=torch.float64, **kwargs)
+    names, params = zip(*module.named_parameters(), strict=True)
+    x = torch.randn(1, 4, *grid, dtype=torch.float64, requires_grad=True)
+    module.backend = backend
+
+    def fn(x, *ps):
+        return torch.func.functional_call(module, dict(zip(names, ps, strict=True)), (x,))
+
+    inputs = (x, *[p.detach().requires_grad_(True) for p in params])
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_auto_picks_global_when_window_covers_grid_and_local_otherwise():
+    cpu = torch.device("cpu")
+    assert backends.select((5, 5), cpu, None, (1, 1)) == "global"
+    assert backends.select((3, 3), cpu, (7, 7), (1, 1)) == "global"
+    assert backends.select((20, 20), cpu, (7, 7), (1, 1)) != "reference"
+    assert backends.select((20, 20), cpu, (7, 7), (1, 1)) != "global"
