@@ -67,7 +67,9 @@ def main() -> None:
         for side in sides:
             out = subprocess.run(
                 [sys.executable, __file__, "--case", backend, str(side), "--repeats", str(args.repeats)],
-                check=True, capture_output=True, text=True,
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             result = json.loads(out.strip().splitlines()[-1])
             results.setdefault(backend, []).append((side * side, result))

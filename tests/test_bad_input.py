@@ -61,14 +61,29 @@ def test_unavailable_backend_is_refused_before_compute():
 def test_triton_without_gpu_is_refused():
     x = torch.randn(1, 8, 4, 4)
     with pytest.raises(ValueError, match="triton"):
-        conv_plus(x, heads=2, kernel=torch.randn(2, 4, 3, 3), gain=torch.ones(2), window=(3, 3), dilation=(1, 1),
-                  temperature=torch.ones(2), backend="triton")
+        conv_plus(
+            x,
+            heads=2,
+            kernel=torch.randn(2, 4, 3, 3),
+            gain=torch.ones(2),
+            window=(3, 3),
+            dilation=(1, 1),
+            temperature=torch.ones(2),
+            backend="triton",
+        )
 
 
 def test_functional_heads_must_divide_channels_for_direct():
     with pytest.raises(ValueError, match=r"heads \(3\) must divide the input channels"):
-        conv_plus(torch.randn(1, 8, 4), heads=3, kernel=None, gain=torch.ones(3), window=(3,), dilation=(1,),
-                  temperature=torch.ones(3))
+        conv_plus(
+            torch.randn(1, 8, 4),
+            heads=3,
+            kernel=None,
+            gain=torch.ones(3),
+            window=(3,),
+            dilation=(1,),
+            temperature=torch.ones(3),
+        )
 
 
 @pytest.mark.parametrize(
