@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("convplus.models.convert",)
 
 
 def build_parser() -> argparse.ArgumentParser:

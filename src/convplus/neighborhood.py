@@ -40,7 +40,7 @@ def offset_validity(spatial: tuple[int, ...], offsets: list[tuple[int, ...]], de
         coord = torch.arange(size, device=device).view([size if d == dim else 1 for d in range(n)] + [1])
         shift = torch.tensor([o[dim] for o in offsets], device=device)
         target = coord + shift
-        valid &= (target >= 0) & (target < size)
+        valid = valid & (target >= 0) & (target < size)
     return valid
 
 
