@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(PY) -m convplus.demo
+	$(PY) -m convplus.train.compare
 
 test: install
 	$(VENV)/bin/ruff check .

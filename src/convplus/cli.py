@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("convplus.models.convert",)
+COMMANDS: tuple[str, ...] = ("convplus.train.cli", "convplus.models.convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

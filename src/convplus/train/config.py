@@ -1,0 +1,97 @@
+"""The settings of one training run: a dataclass that the CLI flags and YAML files both fill."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``convplus train`` (the CLI flag is the field name with dashes)."""
+
+    model: str = "convplus_convnextv2_atto"
+    data: str = "digits"
+    img_size: int = 32
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    opt: str = "adamw"
+    sched: str = "cosine"
+    warmup_epochs: int = 1
+    drop_path: float = 0.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema: float = 0.0
+    amp: str = "none"
+    seed: int = 0
+    deterministic: bool = False
+    workers: int = 0
+    output: str = "runs/train"
+    resume: bool = False
+    overwrite: bool = False
+    pretrained_file: str | None = None
+    replace_convplus: bool = False
+    convplus_stages: list[int] | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    convplus_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+    quiet: bool = False
+
+    HELP: ClassVar[dict[str, str]] = {
+        "model": "any timm model name (convplus_convnextv2_* included)",
+        "data": "digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | synthetic:NAME",
+        "amp": "none | bf16 | fp16 (fp16 on CUDA only)",
+        "ema": "EMA decay of the weights (0 = off), evaluated alongside the model",
+        "resume": "continue the run in --output from its last checkpoint",
+        "overwrite": "replace a different run in --output",
+        "replace_convplus": "replace ConvNeXt depthwise convs with Conv+ (exact from_conv unless --convplus-kwargs)",
+        "convplus_stages": "stage indices to convert (default: all)",
+        "model_kwargs": "JSON dict for timm.create_model, e.g. '{\"depths\": [1,1,1,1]}'",
+        "convplus_kwargs": 'JSON dict of Conv+ settings for fresh layers, e.g. \'{"heads": 4, "window": null}\'',
+        "max_train_samples": "use only the first N training images (quick runs)",
+        "max_val_samples": "use only the first N validation images",
+        "quiet": "no progress bars or per-epoch lines",
+    }
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return cls(**(yaml.safe_load(Path(path).read_text()) or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--img-size``, ``--replace-convplus``, ...), plus ``--config FILE``."""
+    parser.add_argument("--config", help="YAML file of settings; flags given on the command line win")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = TrainConfig.HELP.get(f.name, "")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif f.name in ("model_kwargs", "convplus_kwargs"):
+            parser.add_argument(flag, type=json.loads, default=None, help=help_text)
+        elif f.name == "convplus_stages":
+            parser.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
+            parser.add_argument(flag, type=kind, default=None, help=help_text or f"(default {f.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of a YAML file (if any), overridden by the flags that were given."""
+    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None
+    }
+    return dataclasses.replace(config, **given)
