@@ -1,0 +1,1 @@
+"""Generated datasets (``synthetic:NAME`` in the trainer)."""
