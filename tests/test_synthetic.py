@@ -48,10 +48,11 @@ def test_longrange_label_is_recoverable_from_the_whole_image():
 
     x, y = generate("longrange", "val", size=100)
     for image, label in zip(x, y, strict=True):
-        scores = np.array([[(image[i : i + 4, j : j + 4] * (2 * g - 1)).sum() for g in GLYPHS]
-                           for i in range(29) for j in range(29)])  # (positions, glyphs)
+        scores = np.array(
+            [[(image[i : i + 4, j : j + 4] * (2 * g - 1)).sum() for g in GLYPHS] for i in range(29) for j in range(29)]
+        )  # (positions, glyphs)
         best = np.unravel_index(np.argsort(scores.max(1))[::-1], (29, 29))
         first = (best[0][0], best[1][0])
         second = next((a, b) for a, b in zip(*best, strict=True) if max(abs(a - first[0]), abs(b - first[1])) >= 16)
-        glyph = lambda p: scores[p[0] * 29 + p[1]].argmax()  # noqa: E731
-        assert (glyph(first) == glyph(second)) == bool(label)
+        glyphs = [scores[p[0] * 29 + p[1]].argmax() for p in (first, second)]
+        assert (glyphs[0] == glyphs[1]) == bool(label)

@@ -14,11 +14,8 @@ from .modules import _ConvPlusNd
 
 
 @torch.no_grad()
-def layer_behaviour(model: nn.Module, images: torch.Tensor) -> list[dict]:
-    """Per Conv+ layer (model order): name, gains (K,) list, attention energy share in [0, 1].
-
-    images: (B, C, H, W) on the model's device. Returns [] for a model without Conv+ layers.
-    """
+def capture_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input (B, C, *S) of every Conv+ layer when ``model`` (eval mode) runs on ``images``."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         module.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0]))
@@ -33,9 +30,18 @@ def layer_behaviour(model: nn.Module, images: torch.Tensor) -> list[dict]:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
+    return inputs
+
+
+@torch.no_grad()
+def layer_behaviour(model: nn.Module, images: torch.Tensor) -> list[dict]:
+    """Per Conv+ layer (model order): name, gains (K,) list, attention energy share in [0, 1].
+
+    images: (B, C, H, W) on the model's device. Returns [] for a model without Conv+ layers.
+    """
     modules = dict(model.named_modules())
     stats = []
-    for name, x in inputs.items():
+    for name, x in capture_inputs(model, images).items():
         module = modules[name]
         terms = module.decompose(x)
         attention = terms["attention"].float().square().sum().item()
@@ -44,3 +50,21 @@ def layer_behaviour(model: nn.Module, images: torch.Tensor) -> list[dict]:
         total = attention + convolution
         stats.append({"name": name, "gains": gains, "attention_share": attention / total if total else 0.0})
     return stats
+
+
+@torch.no_grad()
+def attention_distance(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Per Conv+ layer with an attention term: mean over queries, heads and images of sum_j A(i, j) |j - i|,
+    the expected Euclidean distance (in that layer's grid cells) between a query and what it attends to."""
+    modules = dict(model.named_modules())
+    distances = {}
+    for name, x in capture_inputs(model, images).items():
+        module = modules[name]
+        if module.gain is None:
+            continue
+        probs = module.attention_probs(x)  # (B, K, N, N)
+        grids = torch.meshgrid(*[torch.arange(s, dtype=probs.dtype) for s in x.shape[2:]], indexing="ij")
+        coords = torch.stack([g.reshape(-1) for g in grids], dim=-1)
+        distance = torch.cdist(coords, coords)  # (N, N)
+        distances[name] = (probs * distance).sum(-1).mean().item()
+    return distances
