@@ -25,7 +25,8 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 bench: install
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/local_vs_reference.py
+	$(PY) benchmarks/model_table.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
