@@ -14,13 +14,14 @@ import torch
 
 from ..neighborhood import covers_grid
 from . import global_attention, local, reference
+from .terms import with_convolution_term
 
 MixFn = Callable[..., torch.Tensor]
 
 BACKENDS: dict[str, MixFn] = {
-    "reference": reference.mix,
-    "local": local.mix,
-    "global": global_attention.mix,
+    "reference": with_convolution_term(reference.attend),
+    "local": with_convolution_term(local.attend),
+    "global": with_convolution_term(global_attention.attend),
 }
 """Backend name -> mix function. Fast backends register themselves here when they can run."""
 

@@ -10,31 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from ..neighborhood import covers_grid, neighborhood_mask
-from .terms import blend
 
 
-def mix(
-    q: torch.Tensor | None,
-    k: torch.Tensor | None,
-    v: torch.Tensor,
-    kernel: torch.Tensor | None,
-    gain: torch.Tensor | None,
-    window: tuple[int, ...] | None,
-    dilation: tuple[int, ...],
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, ...] | None, dilation: tuple[int, ...]
 ) -> torch.Tensor:
-    """z (B, K, D, *S) = g * sum_{j in N(i)} A(i, j) V_j + conv term (see ``convplus.functional.mix``)."""
-    attention = None
-    if gain is not None:
-        spatial = tuple(v.shape[3:])
-        mask = None
-        if not covers_grid(spatial, window, dilation):
-            mask = neighborhood_mask(spatial, window, dilation, v.device)
-        out = F.scaled_dot_product_attention(
-            q.flatten(3).transpose(2, 3),
-            k.flatten(3).transpose(2, 3),
-            v.flatten(3).transpose(2, 3),
-            attn_mask=mask,
-            scale=1.0,
-        )  # (B, K, N, D)
-        attention = out.transpose(2, 3).reshape(v.shape)
-    return blend(attention, gain, v, kernel, dilation)
+    """sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
+    spatial = tuple(v.shape[3:])
+    mask = None if covers_grid(spatial, window, dilation) else neighborhood_mask(spatial, window, dilation, v.device)
+    out = F.scaled_dot_product_attention(
+        q.flatten(3).transpose(2, 3),
+        k.flatten(3).transpose(2, 3),
+        v.flatten(3).transpose(2, 3),
+        attn_mask=mask,
+        scale=1.0,
+    )  # (B, K, N, D)
+    return out.transpose(2, 3).reshape(v.shape)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..neighborhood import offset_validity, reachable_halves, window_offsets
-from .terms import blend, softmax_probs
+from .terms import softmax_probs
 
 
 def _shifted(padded: torch.Tensor, pads: tuple[int, ...], offset: tuple[int, ...], spatial: tuple[int, ...]):
@@ -20,28 +20,17 @@ def _shifted(padded: torch.Tensor, pads: tuple[int, ...], offset: tuple[int, ...
     return padded[(Ellipsis, *index)]
 
 
-def mix(
-    q: torch.Tensor | None,
-    k: torch.Tensor | None,
-    v: torch.Tensor,
-    kernel: torch.Tensor | None,
-    gain: torch.Tensor | None,
-    window: tuple[int, ...] | None,
-    dilation: tuple[int, ...],
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, ...] | None, dilation: tuple[int, ...]
 ) -> torch.Tensor:
-    """z (B, K, D, *S) = g * sum_{j in N(i)} A(i, j) V_j + conv term (see ``convplus.functional.mix``)."""
-    attention = None
-    if gain is not None:
-        spatial = tuple(v.shape[3:])
-        halves = reachable_halves(spatial, window, dilation)
-        pads = tuple(h * r for h, r in zip(halves, dilation, strict=True))
-        pad_arg = [p for pad in reversed(pads) for p in (pad, pad)]
-        k_pad, v_pad = F.pad(k, pad_arg), F.pad(v, pad_arg)
-        offsets = window_offsets(halves, dilation)
-        scores = torch.stack(
-            [(q * _shifted(k_pad, pads, o, spatial)).sum(dim=2) for o in offsets], dim=-1
-        )  # (B, K, *S, W)
-        valid = offset_validity(spatial, offsets, v.device)
-        probs = softmax_probs(scores.masked_fill(~valid, float("-inf")), v.dtype)
-        attention = sum(probs[..., w].unsqueeze(2) * _shifted(v_pad, pads, o, spatial) for w, o in enumerate(offsets))
-    return blend(attention, gain, v, kernel, dilation)
+    """sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
+    spatial = tuple(v.shape[3:])
+    halves = reachable_halves(spatial, window, dilation)
+    pads = tuple(h * r for h, r in zip(halves, dilation, strict=True))
+    pad_arg = [p for pad in reversed(pads) for p in (pad, pad)]
+    k_pad, v_pad = F.pad(k, pad_arg), F.pad(v, pad_arg)
+    offsets = window_offsets(halves, dilation)
+    scores = torch.stack([(q * _shifted(k_pad, pads, o, spatial)).sum(dim=2) for o in offsets], dim=-1)
+    valid = offset_validity(spatial, offsets, v.device)  # scores: (B, K, *S, W)
+    probs = softmax_probs(scores.masked_fill(~valid, float("-inf")), v.dtype)
+    return sum(probs[..., w].unsqueeze(2) * _shifted(v_pad, pads, o, spatial) for w, o in enumerate(offsets))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..neighborhood import neighborhood_mask
-from .terms import blend, softmax_probs
+from .terms import softmax_probs
 
 
 def attention_probs(
@@ -23,18 +23,9 @@ def attention_probs(
     return softmax_probs(scores, q.dtype)
 
 
-def mix(
-    q: torch.Tensor | None,
-    k: torch.Tensor | None,
-    v: torch.Tensor,
-    kernel: torch.Tensor | None,
-    gain: torch.Tensor | None,
-    window: tuple[int, ...] | None,
-    dilation: tuple[int, ...],
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, ...] | None, dilation: tuple[int, ...]
 ) -> torch.Tensor:
-    """z (B, K, D, *S) = g * sum_j A(i, j) V_j + conv term (see ``convplus.functional.mix``)."""
-    attention = None
-    if gain is not None:
-        probs = attention_probs(q, k, window, dilation)
-        attention = torch.einsum("bkij,bkcj->bkci", probs, v.flatten(3)).view(v.shape)
-    return blend(attention, gain, v, kernel, dilation)
+    """sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
+    probs = attention_probs(q, k, window, dilation)
+    return torch.einsum("bkij,bkcj->bkci", probs, v.flatten(3)).view(v.shape)

@@ -5,6 +5,8 @@ Shapes: q, k (B, K, Dq, *S); v (B, K, D, *S); kernel (K, D, *kernel_size); gain 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,18 @@ def blend(
     if z is None:
         z = torch.zeros_like(v)
     return z
+
+
+def with_convolution_term(attend: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A backend's ``mix`` from its attention term ``attend(q, k, v, window, dilation) -> (B, K, D, *S)``:
+    z = g * attend(...) + conv term, skipping the attention when there is no gain."""
+
+    def mix(q, k, v, kernel, gain, window, dilation) -> torch.Tensor:
+        attention = attend(q, k, v, window, dilation) if gain is not None else None
+        return blend(attention, gain, v, kernel, dilation)
+
+    mix.__doc__ = f"z = g * ({attend.__module__}.attend) + depthwise conv term; see convplus.backends."
+    return mix
 
 
 def softmax_probs(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
