@@ -33,8 +33,10 @@ def main() -> None:
     rows = []
     for size in SIZES:
         plain, conv_plus = measure(f"convnextv2_{size}"), measure(f"convplus_convnextv2_{size}")
-        rows.append(f"| {size} | {plain[0] / 1e6:.2f}M | {conv_plus[0] / 1e6:.2f}M | {plain[1] / 1e9:.2f} | "
-                    f"{conv_plus[1] / 1e9:.2f} | {conv_plus[1] / plain[1]:.2f}x |")
+        rows.append(
+            f"| {size} | {plain[0] / 1e6:.2f}M | {conv_plus[0] / 1e6:.2f}M | {plain[1] / 1e9:.2f} | "
+            f"{conv_plus[1] / 1e9:.2f} | {conv_plus[1] / plain[1]:.2f}x |"
+        )
         print(rows[-1], flush=True)
     template = Path(__file__).with_name("models_template.md").read_text()
     stages = "\n".join(f"| {i} | {cfg} |" for i, cfg in enumerate(STAGE_CONFIGS))

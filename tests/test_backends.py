@@ -77,7 +77,7 @@ def test_backend_matches_reference(backend, config):
     kwargs = config["kwargs"]
     if kwargs["score"] == "direct" and kwargs["in_channels"] % kwargs["heads"]:
         kwargs["score"] = "qk"
-    if backend == "local" and kwargs["window"] is None:
+    if backend in ("local", "cpu") and kwargs["window"] is None:
         kwargs["window"] = 5
     module = MODULES[config["n"]](**kwargs, dtype=torch.float64)
     with torch.no_grad():  # random, non-trivial gains and kernels
@@ -116,9 +116,17 @@ def test_gradcheck(backend, n, grid, kwargs):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-def test_auto_picks_global_when_window_covers_grid_and_local_otherwise():
+def test_auto_picks_global_when_window_covers_grid_and_the_cpu_kernel_otherwise():
     cpu = torch.device("cpu")
     assert backends.select((5, 5), cpu, None, (1, 1)) == "global"
     assert backends.select((3, 3), cpu, (7, 7), (1, 1)) == "global"
-    assert backends.select((20, 20), cpu, (7, 7), (1, 1)) != "reference"
-    assert backends.select((20, 20), cpu, (7, 7), (1, 1)) != "global"
+    assert backends.select((20, 20), cpu, (7, 7), (1, 1)) == "cpu"
+    assert backends.select((20, 20), torch.device("meta"), (7, 7), (1, 1)) == "local"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_backend_falls_back_to_the_loop_for_other_dtypes(dtype):
+    module = MODULES[2](8, heads=2, kernel_size=5, backend="cpu", dtype=torch.float32)
+    x = torch.randn(2, 8, 9, 10)
+    expected = module(x)
+    assert (module.to(dtype)(x.to(dtype)).float() - expected).abs().max() < 0.1

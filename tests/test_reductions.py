@@ -90,7 +90,7 @@ def test_neighborhood_attention(n, grid, window, dilation):
     x = torch.randn(2, 8, *grid)
     mask = _neighborhood_mask(grid, window, dilation)
     expected, _ = mha(_flat(x), _flat(x), _flat(x), attn_mask=mask, need_weights=False)
-    for backend in ("reference", "local", "global"):
+    for backend in ("reference", "local", "global", "cpu"):
         module.backend = backend
         assert rel_err(_flat(module(x)), expected) <= TOL, backend
 

@@ -27,7 +27,7 @@ def _windowed_flops(module: _ConvPlusNd, x: torch.Tensor) -> int:
     name = module.backend
     if name == "auto":
         name = backends.select(spatial, x.device, module.window, module.dilation)
-    if name != "local":
+    if name not in ("local", "cpu"):
         return 0
     offsets = math.prod(2 * h + 1 for h in reachable_halves(spatial, module.window, module.dilation))
     qk_dim = module.in_channels // module.heads if module.score == "direct" else module.qk_dim

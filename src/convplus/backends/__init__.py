@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ..neighborhood import covers_grid
-from . import global_attention, local, reference
+from . import cpu_kernel, global_attention, local, reference
 from .terms import with_convolution_term
 
 MixFn = Callable[..., torch.Tensor]
@@ -22,6 +22,7 @@ BACKENDS: dict[str, MixFn] = {
     "reference": with_convolution_term(reference.attend),
     "local": with_convolution_term(local.attend),
     "global": with_convolution_term(global_attention.attend),
+    "cpu": with_convolution_term(cpu_kernel.attend),
 }
 """Backend name -> mix function. Fast backends register themselves here when they can run."""
 
@@ -31,9 +32,13 @@ CHOICES = ("auto", *BACKENDS)
 def select(
     spatial: tuple[int, ...], device: torch.device, window: tuple[int, ...] | None, dilation: tuple[int, ...]
 ) -> str:
-    """The backend ``backend="auto"`` uses for a grid of this size on this device, with this window."""
+    """The backend ``backend="auto"`` uses for a grid of this size on this device, with this window:
+    'global' (SDPA) when the window covers the grid, else the fused C++ kernel on CPU if it builds here
+    (not under torch.compile / torch.export, which trace the 'local' PyTorch loop instead), else 'local'."""
     if covers_grid(spatial, window, dilation):
         return "global"
+    if device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.unavailable_reason() is None:
+        return "cpu"
     return "local"
 
 
@@ -50,6 +55,12 @@ def resolve(
         name = select(spatial, device, window, dilation)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}, got {name!r}")
-    if name == "local" and window is None:
-        raise ValueError("backend 'local' needs a finite window, got window=None; use 'global' or 'auto'")
+    if name in ("local", "cpu") and window is None:
+        raise ValueError(f"backend {name!r} needs a finite window, got window=None; use 'global' or 'auto'")
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' runs on CPU tensors, got device {device}; use 'local' or 'auto'")
+        reason = cpu_kernel.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend 'cpu' cannot run here: {reason}; use 'local'")
     return BACKENDS[name]
