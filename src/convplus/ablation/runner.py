@@ -58,7 +58,7 @@ def run_variant(task: str, variant, seed: int, recipe: Recipe, root: Path) -> di
         output=str(output),
         overwrite=True,
         quiet=True,
-        model_kwargs=dict(BACKBONE),
+        model_kwargs={**BACKBONE, **variant.model_kwargs},
         replace_convplus=variant.replace_convplus,
         convplus_kwargs=variant.convplus_kwargs,
         max_train_samples=recipe.max_train_samples,

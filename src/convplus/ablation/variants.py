@@ -22,6 +22,7 @@ class Variant:
     name: str
     description: str
     model: str = "convnextv2_atto"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     replace_convplus: bool = False
     convplus_kwargs: dict[str, Any] = field(default_factory=dict)
     finetune_from: str | None = None  # train this variant first, then convert exactly and fine-tune
@@ -48,9 +49,10 @@ VARIANTS: tuple[Variant, ...] = (
         convplus_kwargs={"heads": 4, "window": 7},
     ),
     Variant(
-        "convplus-global-last",
-        "Conv+ (learned blend), local in stages 0-2, global in the last stage",
+        "convplus-global-late",
+        "Conv+ (learned blend), local in stage 0, global in stages 1-3",
         model="convplus_convnextv2_atto",
+        model_kwargs={"global_stages": [1, 2, 3]},
     ),
     Variant(
         "conv-to-convplus",

@@ -22,13 +22,24 @@ from .replace import convnext_blocks, replace_convplus
 
 SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
 LOCAL = {"kernel_size": 7, "window": 7, "heads": 4, "score": "direct", "pos": "sincos", "proj": False}
-STAGE_CONFIGS: tuple[dict, ...] = (LOCAL, LOCAL, LOCAL, {**LOCAL, "window": None})
-"""Conv+ settings per stage of the registered models."""
+GLOBAL_STAGES = (3,)
 
 
-def convplus_convnextv2(size: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """``convnextv2_<size>`` with Conv+ mixers (``STAGE_CONFIGS``); timm kwargs (num_classes, drop_path_rate,
-    features_only, out_indices, ...) pass through. Weights come from a local file: see ``load_pretrained``."""
+def stage_configs(global_stages: tuple[int, ...] = GLOBAL_STAGES) -> tuple[dict, ...]:
+    """Conv+ settings per stage: ``LOCAL``, with window=None (global attention) in ``global_stages``."""
+    return tuple({**LOCAL, "window": None} if stage in global_stages else LOCAL for stage in range(4))
+
+
+STAGE_CONFIGS = stage_configs()
+"""Conv+ settings per stage of the registered models (by default)."""
+
+
+def convplus_convnextv2(
+    size: str, pretrained: bool = False, global_stages: tuple[int, ...] = GLOBAL_STAGES, **kwargs
+) -> nn.Module:
+    """``convnextv2_<size>`` with Conv+ mixers (``stage_configs(global_stages)``); timm kwargs (num_classes,
+    drop_path_rate, features_only, out_indices, ...) pass through. Weights come from a local file: see
+    ``load_pretrained``."""
     if pretrained:
         raise ValueError(
             "convplus models have no downloadable weights: create with pretrained=False and load a local "
@@ -37,14 +48,16 @@ def convplus_convnextv2(size: str, pretrained: bool = False, **kwargs) -> nn.Mod
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     model = timm.create_model(f"convnextv2_{size}", pretrained=False, **kwargs)
+    configs = stage_configs(tuple(global_stages))
     present = {stage for stage, _, _ in convnext_blocks(model)}  # features_only may drop late stages
     for stage in sorted(present):
-        replace_convplus(model, stages=[stage], **STAGE_CONFIGS[stage])
+        replace_convplus(model, stages=[stage], **configs[stage])
     return model
 
 
 def _register(size: str) -> None:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        """kwargs: timm's ConvNeXt arguments, and ``global_stages`` (default (3,))."""
         return convplus_convnextv2(size, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = f"convplus_convnextv2_{size}"

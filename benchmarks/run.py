@@ -1,0 +1,254 @@
+"""The Conv+ speed suite (``make bench``): every figure is a ratio against a baseline timed in the same
+run (median of repeats). Writes docs/performance.md and docs/scaling.png.
+
+    python benchmarks/run.py [--quick] [--threads N] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from baselines import flex_neighborhood_attention, unfold_neighborhood_attention
+
+import convplus  # noqa: F401
+from convplus import ConvPlus2d
+from convplus.backends import cpu_kernel, global_attention
+
+ATTO_STAGES = [(40, 56), (80, 28), (160, 14), (320, 7)]
+TINY_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
+
+
+def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> float:
+    """Median seconds of fn() (+ .sum().backward()) after one warm-up call."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        out = fn()
+        if backward:
+            out.float().sum().backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_rates(repeats: int) -> tuple[float, float]:
+    """Measured float32 matmul GFLOP/s (2048^3) and copy GB/s (read + write of 256 MiB)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    matmul = timed(lambda: a @ b, False, repeats)
+    src = torch.empty(64 * 2**20)
+    dst = torch.empty_like(src)
+    copy = timed(lambda: dst.copy_(src), False, repeats)
+    return 2 * 2048**3 / matmul / 1e9, 2 * src.numel() * 4 / copy / 1e9
+
+
+def mixer_cases(batch: int, channels: int, side: int, heads: int = 4, window: int = 7) -> dict[str, Callable]:
+    """name -> (backward) -> callable running one mixer on a fresh input that requires grad."""
+    x = torch.randn(batch, channels, side, side, requires_grad=True)
+    dw = torch.nn.Conv2d(channels, channels, window, padding=window // 2, groups=channels)
+    cases = {"depthwise conv 7x7 (baseline)": lambda: dw(x)}
+    for backend in ("cpu", "local"):
+        module = ConvPlus2d(channels, kernel_size=window, heads=heads, proj=False, backend=backend)
+        cases[f"Conv+ mixer, backend '{backend}'"] = lambda m=module: m(x)
+    qkv = [torch.randn(batch, heads, channels // heads, side, side, requires_grad=True) for _ in range(3)]
+    cases["attention term only: fused C++ kernel"] = lambda: cpu_kernel.attend(*qkv, (window,) * 2, (1, 1))
+    cases["attention term only: unfold neighborhood attention"] = lambda: unfold_neighborhood_attention(*qkv, window)
+    cases["attention term only: global SDPA"] = lambda: global_attention.attend(*qkv, None, (1, 1))
+    return cases, qkv
+
+
+def mixer_table(batch: int, channels: int, side: int, repeats: int) -> list[str]:
+    cases, qkv = mixer_cases(batch, channels, side)
+    rows = [
+        f"### Mixer, {batch}x{channels}x{side}x{side}, window 7, 4 heads, proj=False",
+        "",
+        "| case | forward (ms) | forward ratio | fwd+bwd (ms) | fwd+bwd ratio |",
+        "|---|---|---|---|---|",
+    ]
+    base = None
+    for name, fn in cases.items():
+        fwd, both = _no_grad(fn, repeats), timed(fn, True, repeats)
+        base = base or (fwd, both)
+        rows.append(f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | {both * 1e3:.1f} | {both / base[1]:.2f}x |")
+        print(rows[-1], flush=True)
+    # FlexAttention on CPU has no backward in this torch: forward only, on inputs without grad
+    try:
+        flex = flex_neighborhood_attention(7, side, side)
+        plain = [t.detach() for t in qkv]
+        fwd = _no_grad(lambda: flex(*plain), repeats)
+        rows.append(
+            f"| attention term only: FlexAttention (compiled, block mask) | {fwd * 1e3:.1f} | "
+            f"{fwd / base[0]:.2f}x | no CPU backward | — |"
+        )
+    except Exception as error:  # report why it could not run instead of failing the suite
+        rows.append(
+            f"| FlexAttention | could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]} |||||"
+        )
+    print(rows[-1], flush=True)
+    rows += [
+        "",
+        "NATTEN: not measured. natten 0.21.7 on PyPI is a source distribution that builds CUDA kernels; "
+        "there is no CPU wheel to install on this machine.",
+    ]
+    return rows
+
+
+def _no_grad(fn: Callable, repeats: int) -> float:
+    with torch.no_grad():
+        return timed(fn, False, repeats)
+
+
+def stage_table(stages: list[tuple[int, int]], batch: int, repeats: int, matmul: float, copy: float) -> list[str]:
+    rows = [
+        "| stage (C x H x W) | dwconv fwd (ms) | Conv+ fwd ratio | dwconv fwd+bwd (ms) | Conv+ fwd+bwd ratio | "
+        "Conv+ fwd GFLOP/s | Conv+ fwd GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for channels, side in stages:
+        cases, _ = mixer_cases(batch, channels, side)
+        dw, cp = cases["depthwise conv 7x7 (baseline)"], cases["Conv+ mixer, backend 'cpu'"]
+        dw_f, cp_f = _no_grad(dw, repeats), _no_grad(cp, repeats)
+        dw_b, cp_b = timed(dw, True, repeats), timed(cp, True, repeats)
+        n = batch * channels * side * side
+        flops = n * 49 * 2 * 3  # scores, aggregation, conv term: one 49-tap multiply-add each
+        bytes_moved = n * 4 * (3 + 1) + batch * 4 * side * side * 49 * 4  # read x thrice, write y; probabilities
+        rows.append(
+            f"| {channels}x{side}x{side} | {dw_f * 1e3:.2f} | {cp_f / dw_f:.2f}x | {dw_b * 1e3:.2f} | "
+            f"{cp_b / dw_b:.2f}x | {flops / cp_f / 1e9:.1f} | {bytes_moved / cp_f / 1e9:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    rows += [
+        "",
+        f"Machine ceilings measured in the same run: float32 matmul {matmul:.0f} GFLOP/s, copy {copy:.1f} GB/s.",
+    ]
+    return rows
+
+
+def model_table(batch: int, side: int, repeats: int) -> list[str]:
+    rows = ["| model | inference (ms) | ratio | train step (ms) | ratio |", "|---|---|---|---|---|"]
+    base = None
+    for name in ("convnextv2_atto", "convplus_convnextv2_atto"):
+        torch.manual_seed(0)
+        model = timm.create_model(name)
+        x = torch.randn(batch, 3, side, side)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model.eval()
+        infer = _no_grad(lambda m=model, x=x: m(x), max(3, repeats // 2))
+        model.train()
+
+        def step(m=model, opt=optimizer, x=x):
+            opt.zero_grad()
+            loss = m(x).logsumexp(1).mean()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        train_step = timed(step, False, max(3, repeats // 2))
+        base = base or (infer, train_step)
+        rows.append(
+            f"| {name} | {infer * 1e3:.0f} | {infer / base[0]:.2f}x | {train_step * 1e3:.0f} | "
+            f"{train_step / base[1]:.2f}x |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def scaling(sides: list[int], repeats: int, path: Path) -> list[str]:
+    """Forward time vs positions for dwconv, Conv+ local (C++ kernel) and Conv+ global (SDPA), 1x16 channels."""
+    results: dict[str, list[tuple[int, float]]] = {"dwconv 7x7": [], "Conv+ local (window 7)": [], "Conv+ global": []}
+    for side in sides:
+        cases, _ = mixer_cases(1, 16, side)
+        glob = ConvPlus2d(16, kernel_size=7, window=None, heads=4, proj=False)
+        x = torch.randn(1, 16, side, side)
+        results["dwconv 7x7"].append((side * side, _no_grad(cases["depthwise conv 7x7 (baseline)"], repeats)))
+        results["Conv+ local (window 7)"].append((side * side, _no_grad(cases["Conv+ mixer, backend 'cpu'"], repeats)))
+        if side <= 128:  # global attention's N x N work grows quadratically
+            results["Conv+ global"].append((side * side, _no_grad(lambda g=glob, x=x: g(x), repeats)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in results.items():
+        ax.loglog([n for n, _ in points], [t * 1e3 for _, t in points], "o-", label=name)
+    ax.set(
+        xlabel="positions N (grid side^2)", ylabel="forward time (ms)", title="Scaling with image size (1x16 channels)"
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    rows = ["| grid | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for i, side in enumerate(sides):
+        cells = [f"{pts[i][1] * 1e3:.2f}" if i < len(pts) else "—" for pts in results.values()]
+        rows.append(f"| {side}x{side} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batch and fewer cases")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=Path("docs/performance.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cpu_kernel.extension()  # build outside the timings
+    batch = 2 if args.quick else 8
+    matmul, copy = machine_rates(args.repeats)
+    sections = [
+        "# Performance",
+        "",
+        f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}` on "
+        f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}, {date.today().isoformat()}. "
+        f"Times are medians of {args.repeats} repeats after a warm-up; ratios are against the first row of each table, "
+        "timed in the same run.",
+        "",
+        *mixer_table(batch, 64, 56, args.repeats),
+        "",
+        f"### ConvNeXt V2 atto stage shapes at 224x224, batch {batch} (Conv+ mixer with the C++ kernel vs dwconv)",
+        "",
+        *stage_table(ATTO_STAGES, batch, args.repeats, matmul, copy),
+        "",
+    ]
+    if not args.quick:
+        sections += [
+            "### ConvNeXt V2 tiny stage shapes, batch 8",
+            "",
+            *stage_table(TINY_STAGES, batch, args.repeats, matmul, copy),
+            "",
+        ]
+    sections += [
+        f"### Whole model at 224x224, batch {batch}",
+        "",
+        *model_table(batch, 224, args.repeats),
+        "",
+        "### Scaling (forward, batch 1, 16 channels)",
+        "",
+        *scaling(
+            [32, 64, 128, 256, 512] if not args.quick else [32, 64, 128],
+            args.repeats,
+            args.output.parent / "scaling.png",
+        ),
+        "",
+        "![scaling](scaling.png)",
+        "",
+    ]
+    args.output.write_text("\n".join(sections) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
