@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ..neighborhood import covers_grid
-from . import cpu_kernel, global_attention, local, reference
+from . import cpu_kernel, global_attention, local, reference, triton_backend
 from .terms import with_convolution_term
 
 MixFn = Callable[..., torch.Tensor]
@@ -23,6 +23,7 @@ BACKENDS: dict[str, MixFn] = {
     "local": with_convolution_term(local.attend),
     "global": with_convolution_term(global_attention.attend),
     "cpu": with_convolution_term(cpu_kernel.attend),
+    "triton": with_convolution_term(triton_backend.attend),
 }
 """Backend name -> mix function. Fast backends register themselves here when they can run."""
 
@@ -33,10 +34,13 @@ def select(
     spatial: tuple[int, ...], device: torch.device, window: tuple[int, ...] | None, dilation: tuple[int, ...]
 ) -> str:
     """The backend ``backend="auto"`` uses for a grid of this size on this device, with this window:
-    'global' (SDPA) when the window covers the grid, else the fused C++ kernel on CPU if it builds here
-    (not under torch.compile / torch.export, which trace the 'local' PyTorch loop instead), else 'local'."""
+    'global' (SDPA) when the window covers the grid; else the Triton kernels on CUDA, the fused C++ kernel
+    on CPU if it builds here (not under torch.compile / torch.export, which trace the 'local' PyTorch loop
+    instead), else 'local'."""
     if covers_grid(spatial, window, dilation):
         return "global"
+    if device.type == "cuda" and triton_backend.unavailable_reason(device) is None:
+        return "triton"
     if device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.unavailable_reason() is None:
         return "cpu"
     return "local"
@@ -55,7 +59,7 @@ def resolve(
         name = select(spatial, device, window, dilation)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}, got {name!r}")
-    if name in ("local", "cpu") and window is None:
+    if name in ("local", "cpu", "triton") and window is None:
         raise ValueError(f"backend {name!r} needs a finite window, got window=None; use 'global' or 'auto'")
     if name == "cpu":
         if device.type != "cpu":
@@ -63,4 +67,8 @@ def resolve(
         reason = cpu_kernel.unavailable_reason()
         if reason is not None:
             raise ValueError(f"backend 'cpu' cannot run here: {reason}; use 'local'")
+    if name == "triton":
+        reason = triton_backend.unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend 'triton' cannot run here: {reason}")
     return BACKENDS[name]
