@@ -216,6 +216,11 @@ def main() -> None:
         f"Times are medians of {args.repeats} repeats after a warm-up; ratios are against the first row of each table, "
         "timed in the same run.",
         "",
+        "**GPU: missing.** No GPU was lent to the session that wrote this suite. The Triton kernels "
+        "(`backend='triton'`, the attention term; the conv term still runs as a separate cuDNN depthwise conv) are "
+        "checked for correctness only, in Triton's CPU interpreter (tests/test_triton.py); their GPU timings "
+        "against cuDNN, FlexAttention and NATTEN are still to be measured.",
+        "",
         *mixer_table(batch, 64, 56, args.repeats),
         "",
         f"### ConvNeXt V2 atto stage shapes at 224x224, batch {batch} (Conv+ mixer with the C++ kernel vs dwconv)",
