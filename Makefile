@@ -25,6 +25,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 bench: install
+	$(PY) benchmarks/run.py
 	$(PY) benchmarks/local_vs_reference.py
 	$(PY) benchmarks/model_table.py
 
