@@ -21,6 +21,16 @@ def _coords(n, H, X):
 
 
 @triton.jit
+def _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X):
+    """Whether position (t, y, x) + offset w is a valid key, and its flat index."""
+    tt = t + tl.load(off_ptr + 3 * w)
+    yy = y + tl.load(off_ptr + 3 * w + 1)
+    xx = x + tl.load(off_ptr + 3 * w + 2)
+    ok = n_ok & (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < X)
+    return ok, (tt * H + yy) * X + xx
+
+
+@triton.jit
 def _forward(
     q_ptr,
     k_ptr,
@@ -52,11 +62,7 @@ def _forward(
     denom = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for w in range(W):
-        tt = t + tl.load(off_ptr + 3 * w)
-        yy = y + tl.load(off_ptr + 3 * w + 1)
-        xx = x + tl.load(off_ptr + 3 * w + 2)
-        ok = n_ok & (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < X)
-        j = (tt * H + yy) * X + xx
+        ok, j = _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X)
         k = tl.load(
             k_ptr + bk * DQ * N + dq[None, :] * N + j[:, None], mask=ok[:, None] & (dq[None, :] < DQ), other=0.0
         ).to(tl.float32)
@@ -117,11 +123,7 @@ def _backward(
     delta = tl.load(delta_ptr + bk * N + n, mask=n_ok, other=0.0)
     grad_q = tl.zeros((BLOCK_N, BLOCK_DQ), tl.float32)
     for w in range(W):
-        tt = t + tl.load(off_ptr + 3 * w)
-        yy = y + tl.load(off_ptr + 3 * w + 1)
-        xx = x + tl.load(off_ptr + 3 * w + 2)
-        ok = n_ok & (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < X)
-        j = (tt * H + yy) * X + xx
+        ok, j = _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X)
         k_mask = ok[:, None] & (dq[None, :] < DQ)
         w_mask = ok[:, None] & (dv[None, :] < D)
         k = tl.load(k_ptr + bk * DQ * N + dq[None, :] * N + j[:, None], mask=k_mask, other=0.0).to(tl.float32)
