@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from convplus import backends
 
-from .conftest import MODULES
+from .conftest import MODULES, rel_err
 
 
 def _runnable_backends() -> list[str]:
@@ -130,3 +130,31 @@ def test_cpu_backend_falls_back_to_the_loop_for_other_dtypes(dtype):
     x = torch.randn(2, 8, 9, 10)
     expected = module(x)
     assert (module.to(dtype)(x.to(dtype)).float() - expected).abs().max() < 0.1
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("n", "grid", "kwargs"),
+    [  # rows wider than one register tile (64 floats / 32 doubles), a partial last tile, halos of 2 and 6
+        (1, (150,), {"kernel_size": 5, "window": 5}),
+        (2, (3, 37), {"kernel_size": 3, "window": 7, "dilation": 2}),
+        (3, (2, 3, 70), {"kernel_size": 3, "window": 3}),
+        (2, (9, 40), {"kernel_size": 7, "window": 3}),  # the kernel reaches past the window: not fused
+    ],
+)
+def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
+    module = MODULES[n](8, heads=2, dtype=dtype, **kwargs)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 8, *grid, dtype=dtype)
+    results = {}
+    for backend in ("local", "cpu"):
+        module.backend = backend
+        results[backend] = _forward_backward(module, x)
+    (y_local, g_local), (y_cpu, g_cpu) = results["local"], results["cpu"]
+    limit = 1e-4 if dtype == torch.float32 else 1e-11  # sums of thousands of terms, some cancelling
+    assert rel_err(y_cpu, y_local) < limit
+    for name in g_local:
+        assert rel_err(g_cpu[name], g_local[name]) < limit, name

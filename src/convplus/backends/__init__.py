@@ -22,7 +22,7 @@ BACKENDS: dict[str, MixFn] = {
     "reference": with_convolution_term(reference.attend),
     "local": with_convolution_term(local.attend),
     "global": with_convolution_term(global_attention.attend),
-    "cpu": with_convolution_term(cpu_kernel.attend),
+    "cpu": cpu_kernel.mix,
     "triton": with_convolution_term(triton_backend.attend),
 }
 """Backend name -> mix function. Fast backends register themselves here when they can run."""

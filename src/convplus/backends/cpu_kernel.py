@@ -1,14 +1,17 @@
-"""The 'cpu' backend: the windowed attention term in one fused C++ kernel (OpenMP over rows, vectorised
-over the contiguous width), forward and backward; compiled with the system's C++ compiler on first use
-(``torch.utils.cpp_extension``, cached afterwards).
+"""The 'cpu' backend: the windowed mixing step in one fused C++ kernel, forward and backward: the attention
+term, its gain and the depthwise convolution term in a single pass over the window,
+z_i = sum_w (g * P_w(i) + r(o_w)) * v_{i + o_w}. Parallel over rows, SIMD register tiles over the contiguous
+width; compiled with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached afterwards).
 
-It computes what the 'local' backend computes. Under ``torch.compile`` / ``torch.export`` (which cannot
-trace into the kernel) and for dtypes other than float32/float64 it runs the 'local' PyTorch loop instead.
+It computes what the 'local' backend computes. Under ``torch.compile`` / ``torch.export`` (which cannot trace
+into the kernel) and for dtypes other than float32/float64 it runs the 'local' PyTorch loop instead; a
+convolution kernel that reaches past the attention window runs as a separate depthwise conv.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +19,7 @@ import torch
 
 from ..neighborhood import reachable_halves, window_offsets
 from . import local
+from .terms import convolution_term, with_convolution_term
 
 SOURCE = Path(__file__).with_name("csrc") / "local_attention.cpp"
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -27,9 +31,9 @@ def extension() -> ModuleType:
     from torch.utils import cpp_extension
 
     return cpp_extension.load(
-        name="convplus_local_cpu",
+        name="convplus_window_mix_cpu",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
@@ -44,20 +48,21 @@ def unavailable_reason() -> str | None:
     return None
 
 
-class _WindowedAttention(torch.autograd.Function):
-    """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), offsets (W, 3) -> (BK, D, T, H, X)."""
+class _WindowMix(torch.autograd.Function):
+    """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), taps (K, D, W) or empty, offsets (W, 3)
+    -> z (BK, D, T, H, X)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, offsets):
-        out, probs = extension().forward(q, k, v, offsets)
-        ctx.save_for_backward(q, k, v, probs, offsets)
+    def forward(ctx, q, k, v, gain, taps, offsets):
+        out, probs = extension().forward(q, k, v, gain, taps, offsets, any(ctx.needs_input_grad))
+        ctx.save_for_backward(q, k, v, gain, taps, probs, offsets)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs, offsets = ctx.saved_tensors
-        dq, dk, dv = extension().backward(q, k, v, probs, grad_out.contiguous(), offsets)
-        return dq, dk, dv, None
+        q, k, v, gain, taps, probs, offsets = ctx.saved_tensors
+        dq, dk, dv, dgain, dtaps = extension().backward(q, k, v, gain, taps, probs, grad_out.contiguous(), offsets)
+        return dq, dk, dv, dgain, dtaps if taps.numel() else None, None
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:
@@ -66,14 +71,78 @@ def _as_3d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], t.shape[2], *([1] * (3 - len(spatial))), *spatial).contiguous()
 
 
+@functools.lru_cache(maxsize=256)
+def _tap_index(
+    kernel_size: tuple[int, ...], offsets: tuple[tuple[int, ...], ...], dilation: tuple[int, ...]
+) -> torch.Tensor:
+    """(W,) int64: each window offset's index in the flattened kernel, or prod(kernel_size) (the zero slot the
+    caller appends) where the kernel has no tap at that offset."""
+    index = []
+    for offset in offsets:
+        steps = [o // r + k // 2 for o, r, k in zip(offset, dilation, kernel_size, strict=True)]
+        flat = 0
+        for step, size in zip(steps, kernel_size, strict=True):
+            flat = flat * size + step
+        inside = all(0 <= step < size for step, size in zip(steps, kernel_size, strict=True))
+        index.append(flat if inside else math.prod(kernel_size))
+    return torch.tensor(index, dtype=torch.int64)
+
+
+def _taps(
+    kernel: torch.Tensor,
+    offsets: list[tuple[int, ...]],
+    halves: tuple[int, ...],
+    spatial: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> torch.Tensor | None:
+    """kernel (K, D, *kernel_size) -> its taps at the window offsets (K, D, W), zero where the kernel has none;
+    None when the kernel reaches grid positions outside the window (the conv term then runs on its own)."""
+    kernel_size = tuple(kernel.shape[2:])
+    reach = reachable_halves(spatial, kernel_size, dilation)
+    if any(r > h for r, h in zip(reach, halves, strict=True)):
+        return None
+    index = _tap_index(kernel_size, tuple(offsets), dilation)
+    flat = torch.cat([kernel.flatten(2), kernel.new_zeros(*kernel.shape[:2], 1)], dim=2)
+    return flat[:, :, index]
+
+
+def _window_mix(q, k, v, gain, taps, offsets) -> torch.Tensor:
+    """The kernel on (B, K, C, *S) tensors; taps None: attention term only."""
+    padded = [(0,) * (3 - len(o)) + o for o in offsets]
+    taps = v.new_zeros(0) if taps is None else taps.to(v.dtype).contiguous()
+    out = _WindowMix.apply(
+        _as_3d(q), _as_3d(k), _as_3d(v), gain.to(v.dtype), taps, torch.tensor(padded, dtype=torch.int64)
+    )
+    return out.view(v.shape)
+
+
+def _runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
+    return not torch.compiler.is_compiling() and v.dtype in KERNEL_DTYPES and q.dtype == v.dtype
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, ...] | None, dilation: tuple[int, ...]
 ) -> torch.Tensor:
-    """sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
-    if torch.compiler.is_compiling() or v.dtype not in KERNEL_DTYPES or q.dtype != v.dtype:
+    """The attention term alone, sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
+    if not _runs_here(q, v):
         return local.attend(q, k, v, window, dilation)
     spatial = tuple(v.shape[3:])
     offsets = window_offsets(reachable_halves(spatial, window, dilation), dilation)
-    padded = [(0,) * (3 - len(spatial)) + o for o in offsets]
-    out = _WindowedAttention.apply(_as_3d(q), _as_3d(k), _as_3d(v), torch.tensor(padded, dtype=torch.int64))
-    return out.view(v.shape)
+    return _window_mix(q, k, v, v.new_ones(v.shape[1]), None, offsets)
+
+
+_unfused = with_convolution_term(local.attend)
+
+
+def mix(q, k, v, kernel, gain, window, dilation) -> torch.Tensor:
+    """z = g * attention term + depthwise conv term in one kernel; see convplus.backends for the signature."""
+    if gain is None or not _runs_here(q, v):
+        return _unfused(q, k, v, kernel, gain, window, dilation)
+    spatial = tuple(v.shape[3:])
+    halves = reachable_halves(spatial, window, dilation)
+    offsets = window_offsets(halves, dilation)
+    taps = None if kernel is None else _taps(kernel, offsets, halves, spatial, dilation)
+    z = _window_mix(q, k, v, gain, taps, offsets)
+    if kernel is not None and taps is None:
+        z = z + convolution_term(v, kernel, dilation)
+    return z

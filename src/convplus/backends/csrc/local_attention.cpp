@@ -1,195 +1,411 @@
-// Windowed (neighborhood) attention term of Conv+ on CPU: forward and backward, fused over the window.
+// The windowed Conv+ mixing step on CPU, forward and backward, with the attention term and the depthwise
+// convolution term fused in one pass over the window:
 //
-// Layout: q, k (B*K, Dq, T, H, X), v (B*K, D, T, H, X), contiguous (channels first, n-d grids padded to 3
-// spatial dims with size 1). offsets (W, 3) int64: the window's offsets j - i that can land in the grid.
-// Scores and softmax probabilities are (B*K, T, H, W, X): for a fixed row (t, y) and offset, the X positions
-// are contiguous, so every inner loop runs over x and vectorizes.
+//   z[d, i] = sum_w (g * P[w, i] + r[d, w]) * v[d, i + o_w],   P[., i] = softmax_w(<q[:, i], k[:, i + o_w]>)
+//
+// (offsets o_w whose key leaves the grid are excluded from the softmax; the convolution term sees zeros there).
+//
+// Layout: q, k (B*K, Dq, T, H, X), v (B*K, D, T, H, X), contiguous, channels first; 1-d and 2-d grids are padded
+// to 3 spatial dims with size 1. gain (K,); taps r (K, D, W), or an empty tensor for no convolution term;
+// offsets (W, 3) int64, row-major over (t, y, x). Head of slice bk is bk % K.
+//
+// Every inner loop runs over x in register tiles of whole SIMD vectors. The rows a query row needs are copied
+// into per-thread buffers with a zero halo of max|o_x| on each side and zero columns up to a whole number of
+// vectors, so the tiles never test a bound: out-of-grid keys read zeros (and get -inf scores).
 #include <torch/extension.h>
+
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-struct Grid {
-  int64_t T, H, X, N;
+constexpr int64_t kVectorBytes = 64;
+constexpr int kTile = 4;  // vectors per register tile
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t width = kVectorBytes / sizeof(T);
 };
 
-// Range [x0, x1) of x for which x + ox stays in [0, X).
-inline void x_range(int64_t X, int64_t ox, int64_t& x0, int64_t& x1) {
-  x0 = std::max<int64_t>(0, -ox);
-  x1 = std::min<int64_t>(X, X - ox);
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
 }
 
-template <typename scalar_t>
-void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const int64_t* off, int64_t W,
-                    int64_t BK, int64_t Dq, int64_t D, Grid g, scalar_t* out, scalar_t* probs) {
-  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
-#pragma omp parallel for collapse(3) schedule(static)
-  for (int64_t bk = 0; bk < BK; ++bk)
-    for (int64_t t = 0; t < g.T; ++t)
-      for (int64_t y = 0; y < g.H; ++y) {
-        scalar_t* p = probs + ((bk * g.T + t) * g.H + y) * W * g.X;  // (W, X)
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t ot = off[3 * w], oy = off[3 * w + 1], ox = off[3 * w + 2];
-          scalar_t* pw = p + w * g.X;
-          int64_t x0, x1;
-          x_range(g.X, ox, x0, x1);
-          const bool row_ok = t + ot >= 0 && t + ot < g.T && y + oy >= 0 && y + oy < g.H;
-          for (int64_t x = 0; x < g.X; ++x) pw[x] = (row_ok && x >= x0 && x < x1) ? scalar_t(0) : neg_inf;
-          if (!row_ok) continue;
-          for (int64_t d = 0; d < Dq; ++d) {
-            const scalar_t* qr = q + ((bk * Dq + d) * g.T + t) * g.H * g.X + y * g.X;
-            const scalar_t* kr = k + ((bk * Dq + d) * g.T + t + ot) * g.H * g.X + (y + oy) * g.X + ox;
-            for (int64_t x = x0; x < x1; ++x) pw[x] += qr[x] * kr[x];
-          }
-        }
-        // softmax over w for every x
-        std::vector<scalar_t> mx(g.X, neg_inf), sum(g.X, scalar_t(0));
-        for (int64_t w = 0; w < W; ++w)
-          for (int64_t x = 0; x < g.X; ++x) mx[x] = std::max(mx[x], p[w * g.X + x]);
-        for (int64_t w = 0; w < W; ++w)
-          for (int64_t x = 0; x < g.X; ++x) {
-            const scalar_t e = std::exp(p[w * g.X + x] - mx[x]);
-            p[w * g.X + x] = e;
-            sum[x] += e;
-          }
-        for (int64_t w = 0; w < W; ++w)
-          for (int64_t x = 0; x < g.X; ++x) p[w * g.X + x] /= sum[x];
-        // aggregation: out[d, t, y, x] = sum_w p[w, x] v[d, t + ot, y + oy, x + ox]
-        for (int64_t d = 0; d < D; ++d) {
-          scalar_t* o = out + ((bk * D + d) * g.T + t) * g.H * g.X + y * g.X;
-          for (int64_t x = 0; x < g.X; ++x) o[x] = 0;
-          for (int64_t w = 0; w < W; ++w) {
-            const int64_t ot = off[3 * w], oy = off[3 * w + 1], ox = off[3 * w + 2];
-            if (t + ot < 0 || t + ot >= g.T || y + oy < 0 || y + oy >= g.H) continue;
-            int64_t x0, x1;
-            x_range(g.X, ox, x0, x1);
-            const scalar_t* vr = v + ((bk * D + d) * g.T + t + ot) * g.H * g.X + (y + oy) * g.X + ox;
-            const scalar_t* pw = p + w * g.X;
-            for (int64_t x = x0; x < x1; ++x) o[x] += pw[x] * vr[x];
-          }
-        }
-      }
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
 }
 
-template <typename scalar_t>
-void backward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* probs,
-                     const scalar_t* gout, const int64_t* off, int64_t W, int64_t BK, int64_t Dq, int64_t D, Grid g,
-                     scalar_t* gs, scalar_t* gq, scalar_t* gk, scalar_t* gv) {
-  // pass 1, per query row: dP[w, x] = <gout[:, i], v[:, i + o_w]>, dS = P * (dP - sum_w P dP); and
-  // dq[:, i] = sum_w dS[w, x] k[:, i + o_w].
-#pragma omp parallel for collapse(3) schedule(static)
-  for (int64_t bk = 0; bk < BK; ++bk)
-    for (int64_t t = 0; t < g.T; ++t)
-      for (int64_t y = 0; y < g.H; ++y) {
-        const int64_t row = ((bk * g.T + t) * g.H + y) * W * g.X;
-        const scalar_t* p = probs + row;
-        scalar_t* s = gs + row;
-        std::vector<scalar_t> dot(g.X, scalar_t(0));
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t ot = off[3 * w], oy = off[3 * w + 1], ox = off[3 * w + 2];
-          scalar_t* sw = s + w * g.X;
-          for (int64_t x = 0; x < g.X; ++x) sw[x] = 0;
-          if (t + ot < 0 || t + ot >= g.T || y + oy < 0 || y + oy >= g.H) continue;
-          int64_t x0, x1;
-          x_range(g.X, ox, x0, x1);
-          for (int64_t d = 0; d < D; ++d) {
-            const scalar_t* go = gout + ((bk * D + d) * g.T + t) * g.H * g.X + y * g.X;
-            const scalar_t* vr = v + ((bk * D + d) * g.T + t + ot) * g.H * g.X + (y + oy) * g.X + ox;
-            for (int64_t x = x0; x < x1; ++x) sw[x] += go[x] * vr[x];
-          }
-          const scalar_t* pw = p + w * g.X;
-          for (int64_t x = 0; x < g.X; ++x) dot[x] += pw[x] * sw[x];
-        }
-        for (int64_t w = 0; w < W; ++w)
-          for (int64_t x = 0; x < g.X; ++x) s[w * g.X + x] = p[w * g.X + x] * (s[w * g.X + x] - dot[x]);
-        for (int64_t d = 0; d < Dq; ++d) {
-          scalar_t* dq = gq + ((bk * Dq + d) * g.T + t) * g.H * g.X + y * g.X;
-          for (int64_t x = 0; x < g.X; ++x) dq[x] = 0;
-          for (int64_t w = 0; w < W; ++w) {
-            const int64_t ot = off[3 * w], oy = off[3 * w + 1], ox = off[3 * w + 2];
-            if (t + ot < 0 || t + ot >= g.T || y + oy < 0 || y + oy >= g.H) continue;
-            int64_t x0, x1;
-            x_range(g.X, ox, x0, x1);
-            const scalar_t* kr = k + ((bk * Dq + d) * g.T + t + ot) * g.H * g.X + (y + oy) * g.X + ox;
-            const scalar_t* sw = s + w * g.X;
-            for (int64_t x = x0; x < x1; ++x) dq[x] += sw[x] * kr[x];
-          }
-        }
-      }
-  // pass 2, per key row j (gather form, no write conflicts): with i = j - o_w,
-  // dk[:, j] = sum_w dS[i, w] q[:, i] and dv[:, j] = sum_w P[i, w] gout[:, i].
-#pragma omp parallel for collapse(3) schedule(static)
-  for (int64_t bk = 0; bk < BK; ++bk)
-    for (int64_t t = 0; t < g.T; ++t)
-      for (int64_t y = 0; y < g.H; ++y) {
-        for (int64_t d = 0; d < Dq; ++d) {
-          scalar_t* dk = gk + ((bk * Dq + d) * g.T + t) * g.H * g.X + y * g.X;
-          for (int64_t x = 0; x < g.X; ++x) dk[x] = 0;
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          scalar_t* dv = gv + ((bk * D + d) * g.T + t) * g.H * g.X + y * g.X;
-          for (int64_t x = 0; x < g.X; ++x) dv[x] = 0;
-        }
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t ot = off[3 * w], oy = off[3 * w + 1], ox = off[3 * w + 2];
-          const int64_t ti = t - ot, yi = y - oy;  // the query row that reaches this key row through o_w
-          if (ti < 0 || ti >= g.T || yi < 0 || yi >= g.H) continue;
-          int64_t x0, x1;  // key x such that query x - ox is in the grid
-          x_range(g.X, -ox, x0, x1);
-          const int64_t row = ((bk * g.T + ti) * g.H + yi) * W * g.X + w * g.X - ox;
-          const scalar_t* sw = gs + row;
-          const scalar_t* pw = probs + row;
-          for (int64_t d = 0; d < Dq; ++d) {
-            scalar_t* dk = gk + ((bk * Dq + d) * g.T + t) * g.H * g.X + y * g.X;
-            const scalar_t* qr = q + ((bk * Dq + d) * g.T + ti) * g.H * g.X + yi * g.X - ox;
-            for (int64_t x = x0; x < x1; ++x) dk[x] += sw[x] * qr[x];
-          }
-          for (int64_t d = 0; d < D; ++d) {
-            scalar_t* dv = gv + ((bk * D + d) * g.T + t) * g.H * g.X + y * g.X;
-            const scalar_t* go = gout + ((bk * D + d) * g.T + ti) * g.H * g.X + yi * g.X - ox;
-            for (int64_t x = x0; x < x1; ++x) dv[x] += pw[x] * go[x];
-          }
-        }
-      }
+template <typename V, typename T>
+inline T horizontal_sum(const V& v) {
+  T s = 0;
+  for (int64_t j = 0; j < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++j) s += v[j];
+  return s;
 }
 
-Grid grid_of(const torch::Tensor& t) { return {t.size(2), t.size(3), t.size(4), t.size(2) * t.size(3) * t.size(4)}; }
+// e^x for a vector: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial (degree 7 for float,
+// 12 for double: below one ulp of error from the truncation), 2^n from the exponent bits. Exactly 0 for
+// x = -inf (masked scores) and below the smallest normal result; NaN stays NaN.
+template <typename V, typename T>
+inline V exp_vec(V x) {
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I ivec __attribute__((vector_size(sizeof(V))));
+  constexpr int mantissa = sizeof(T) == 4 ? 23 : 52;
+  constexpr I bias = sizeof(T) == 4 ? 127 : 1023;
+  constexpr int degree = sizeof(T) == 4 ? 7 : 12;
+  const T lo = sizeof(T) == 4 ? T(-87.0) : T(-708.0), hi = sizeof(T) == 4 ? T(88.0) : T(709.0);
+  const T ln2_hi = T(0.693145751953125), ln2_lo = T(1.42860682030941723212e-6);
+  const V xc = x < lo ? V{} + lo : (x > hi ? V{} + hi : x);
+  const V y = xc * T(1.4426950408889634);
+  const ivec n = __builtin_convertvector(y < T(0) ? y - T(0.5) : y + T(0.5), ivec);
+  const V nf = __builtin_convertvector(n, V);
+  const V r = (xc - nf * ln2_hi) - nf * ln2_lo;
+  T coefficient = 1;
+  for (int i = 1; i <= degree; ++i) coefficient /= i;
+  V poly = V{} + coefficient;
+  for (int i = degree - 1; i >= 0; --i) {
+    coefficient *= (i + 1);
+    poly = poly * r + coefficient;
+  }
+  const V scale = (V)((n + bias) << mantissa);
+  return x < lo ? V{} : poly * scale;
+}
 
-std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor offsets) {
-  const Grid g = grid_of(q);
-  const int64_t W = offsets.size(0), BK = q.size(0), Dq = q.size(1), D = v.size(1);
+// Sizes, the window's offsets, and the distinct (t, y) row offsets they use.
+struct Geometry {
+  int64_t BK, K, Dq, D, T, H, X, N;
+  int64_t W, halo, Xr, Xp;  // offsets; max |o_x|; X rounded up to whole vectors; Xr + 2 * halo
+  std::vector<int64_t> ox, row;  // per offset: x offset, index of its (t, y) row offset
+  std::vector<int64_t> rt, ry;   // distinct (t, y) row offsets
+
+  Geometry(const torch::Tensor& q, const torch::Tensor& v, const torch::Tensor& offsets, int64_t heads,
+           int64_t width)
+      : BK(q.size(0)), K(heads), Dq(q.size(1)), D(v.size(1)), T(q.size(2)), H(q.size(3)), X(q.size(4)),
+        N(T * H * X), W(offsets.size(0)), halo(0) {
+    const auto off = offsets.accessor<int64_t, 2>();
+    for (int64_t w = 0; w < W; ++w) {
+      halo = std::max(halo, std::abs(off[w][2]));
+      ox.push_back(off[w][2]);
+      int64_t r = 0;
+      while (r < static_cast<int64_t>(rt.size()) && !(rt[r] == off[w][0] && ry[r] == off[w][1])) ++r;
+      if (r == static_cast<int64_t>(rt.size())) {
+        rt.push_back(off[w][0]);
+        ry.push_back(off[w][1]);
+      }
+      row.push_back(r);
+    }
+    Xr = (X + width - 1) / width * width;
+    Xp = Xr + 2 * halo;
+  }
+
+  int64_t rows() const { return static_cast<int64_t>(rt.size()); }
+  bool row_in_grid(int64_t t, int64_t y) const { return t >= 0 && t < T && y >= 0 && y < H; }
+};
+
+// Copies row (t, y) of src (BK, C, T, H, X) at slice bk into buf (C, Xp) at column halo; the caller zeroes buf
+// once, so the columns outside stay zero.
+template <typename T>
+void gather_row(const T* src, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* buf) {
+  for (int64_t c = 0; c < C; ++c)
+    std::memcpy(buf + c * g.Xp + g.halo, src + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, g.X * sizeof(T));
+}
+
+// Copies the rows (t + sign * rt[r], y + sign * ry[r]) into buf (rows, C, Xp); valid[r]: whether row r is in
+// the grid (rows outside are not copied).
+template <typename T>
+void gather_rows(const T* src, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, int64_t sign,
+                 T* buf, std::vector<char>& valid) {
+  for (int64_t r = 0; r < g.rows(); ++r) {
+    const int64_t tt = t + sign * g.rt[r], yy = y + sign * g.ry[r];
+    valid[r] = g.row_in_grid(tt, yy);
+    if (valid[r]) gather_row(src, C, g, bk, tt, yy, buf + r * C * g.Xp);
+  }
+}
+
+// out[x] = sum_c a[c * stride + x] * b[c * stride + x] for the n * width values of x from 0; with row_sums,
+// also sums[c] += sum_x a[c * stride + x] * b[c * stride + x].
+template <typename T, int n, bool row_sums>
+inline void channel_dot_tile(const T* a, const T* b, int64_t C, int64_t stride, T* out, double* sums) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t L = Simd<T>::width;
+  V acc[n] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    V part = {};
+    for (int j = 0; j < n; ++j) {
+      const V prod = load<V>(a + c * stride + j * L) * load<V>(b + c * stride + j * L);
+      acc[j] += prod;
+      if constexpr (row_sums) part += prod;
+    }
+    if constexpr (row_sums) sums[c] += horizontal_sum<V, T>(part);
+  }
+  for (int j = 0; j < n; ++j) store(out + j * L, acc[j]);
+}
+
+template <typename T, bool row_sums>
+void channel_dot(const T* a, const T* b, int64_t C, int64_t stride, int64_t Xr, T* out, double* sums) {
+  constexpr int64_t L = Simd<T>::width;
+  for (int64_t x = 0; x < Xr; x += kTile * L) {
+    switch (std::min<int64_t>(kTile, (Xr - x) / L)) {
+      case 4: channel_dot_tile<T, 4, row_sums>(a + x, b + x, C, stride, out + x, sums); break;
+      case 3: channel_dot_tile<T, 3, row_sums>(a + x, b + x, C, stride, out + x, sums); break;
+      case 2: channel_dot_tile<T, 2, row_sums>(a + x, b + x, C, stride, out + x, sums); break;
+      default: channel_dot_tile<T, 1, row_sums>(a + x, b + x, C, stride, out + x, sums); break;
+    }
+  }
+}
+
+// The weighted sum over the window: out[x] = sum_{m < M} (scale * weight[m][x] + taps[m]) * value[m][shift + x],
+// for n * width values of x from x0 (taps may be null: no convolution term).
+template <typename T, int n>
+inline void window_sum_tile(const T* const* weight, T scale, const T* const* value, int64_t shift, const T* taps,
+                            int64_t M, int64_t x0, T* out) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t L = Simd<T>::width;
+  V acc[n] = {};
+  for (int64_t m = 0; m < M; ++m) {
+    const T tap = taps ? taps[m] : T(0);
+    for (int j = 0; j < n; ++j) acc[j] += (load<V>(weight[m] + x0 + j * L) * scale + tap) * load<V>(value[m] + shift + x0 + j * L);
+  }
+  for (int j = 0; j < n; ++j) store(out + x0 + j * L, acc[j]);
+}
+
+template <typename T>
+void window_sum(const T* const* weight, T scale, const T* const* value, int64_t shift, const T* taps, int64_t M,
+                int64_t Xr, T* out) {
+  constexpr int64_t L = Simd<T>::width;
+  for (int64_t x = 0; x < Xr; x += kTile * L) {
+    switch (std::min<int64_t>(kTile, (Xr - x) / L)) {
+      case 4: window_sum_tile<T, 4>(weight, scale, value, shift, taps, M, x, out); break;
+      case 3: window_sum_tile<T, 3>(weight, scale, value, shift, taps, M, x, out); break;
+      case 2: window_sum_tile<T, 2>(weight, scale, value, shift, taps, M, x, out); break;
+      default: window_sum_tile<T, 1>(weight, scale, value, shift, taps, M, x, out); break;
+    }
+  }
+}
+
+inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }
+
+// In place, for each column x of p (W, Xr): softmax over w; columns from X on become 0.
+template <typename T>
+void softmax_columns(T* p, int64_t W, int64_t X, int64_t Xr) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t L = Simd<T>::width;
+  for (int64_t x = 0; x < Xr; x += L) {
+    V top = load<V>(p + x);
+    for (int64_t w = 1; w < W; ++w) {
+      const V s = load<V>(p + w * Xr + x);
+      top = s > top ? s : top;
+    }
+    V sum = {};
+    for (int64_t w = 0; w < W; ++w) {
+      const V e = exp_vec<V, T>(load<V>(p + w * Xr + x) - top);
+      store(p + w * Xr + x, e);
+      sum += e;
+    }
+    V inverse = T(1) / sum;
+    for (int64_t j = 0; j < L; ++j)
+      if (x + j >= X) inverse[j] = 0;
+    for (int64_t w = 0; w < W; ++w) store(p + w * Xr + x, load<V>(p + w * Xr + x) * inverse);
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* taps, const Geometry& g, T* out,
+                    T* probs) {
+  const int64_t rows_total = g.BK * g.T * g.H;
+  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> qb(g.Dq * g.Xp, T(0)), kb(g.rows() * g.Dq * g.Xp, T(0)), vb(g.rows() * g.D * g.Xp, T(0));
+    std::vector<T> p(g.W * g.Xr), orow(g.Xr);
+    std::vector<char> valid(g.rows());
+    std::vector<const T*> weight(g.W), value(g.W);
+    std::vector<T> tap(g.W);
+    std::vector<int64_t> live(g.W);
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
+      gather_row(q, g.Dq, g, bk, t, y, qb.data());
+      gather_rows(k, g.Dq, g, bk, t, y, 1, kb.data(), valid);
+      gather_rows(v, g.D, g, bk, t, y, 1, vb.data(), valid);
+      // scores, -inf where the key leaves the grid
+      for (int64_t w = 0; w < g.W; ++w) {
+        T* pw = p.data() + w * g.Xr;
+        if (!valid[g.row[w]]) {
+          std::fill(pw, pw + g.Xr, neg_inf);
+          continue;
+        }
+        channel_dot<T, false>(qb.data() + g.halo, kb.data() + g.row[w] * g.Dq * g.Xp + g.halo + g.ox[w], g.Dq,
+                              g.Xp, g.Xr, pw, nullptr);
+        for (int64_t x = 0; x < std::min(-g.ox[w], g.X); ++x) pw[x] = neg_inf;
+        for (int64_t x = std::max<int64_t>(g.X - g.ox[w], 0); x < g.X; ++x) pw[x] = neg_inf;
+      }
+      softmax_columns(p.data(), g.W, g.X, g.Xr);
+      if (probs) std::memcpy(probs + index * g.W * g.Xr, p.data(), g.W * g.Xr * sizeof(T));
+      // z[d] = sum_w (g * P[w] + r[d, w]) * v[d, i + o_w]
+      int64_t M = 0;
+      for (int64_t w = 0; w < g.W; ++w)
+        if (valid[g.row[w]]) {
+          weight[M] = p.data() + w * g.Xr;
+          value[M] = vb.data() + g.row[w] * g.D * g.Xp + g.halo + g.ox[w];
+          live[M++] = w;
+        }
+      for (int64_t d = 0; d < g.D; ++d) {
+        if (taps)
+          for (int64_t m = 0; m < M; ++m) tap[m] = taps[(h * g.D + d) * g.W + live[m]];
+        window_sum<T>(weight.data(), gain[h], value.data(), d * g.Xp, taps ? tap.data() : nullptr, M, g.Xr,
+                      orow.data());
+        std::memcpy(out + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* taps, const T* probs,
+                     const T* gout, const Geometry& g, T* gscore, T* gq, T* gk, T* gv, double* ggain,
+                     double* gtaps) {
+  const int64_t rows_total = g.BK * g.T * g.H;
+  std::mutex reduce;
+  // pass 1, per query row i: dP[w] = <gout[:, i], v[:, i + o_w]> (and dr[d, w] = sum_i gout[d, i] v[d, i + o_w]),
+  // dgain += sum_w P dP, dS = g P (dP - sum_w P dP), dq[:, i] = sum_w dS[w] k[:, i + o_w].
+  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> gb(g.D * g.Xp, T(0)), kb(g.rows() * g.Dq * g.Xp, T(0)), vb(g.rows() * g.D * g.Xp, T(0));
+    std::vector<T> dp(g.W * g.Xr), dot(g.Xr), orow(g.Xr);
+    std::vector<char> valid(g.rows());
+    std::vector<const T*> weight(g.W), value(g.W);
+    std::vector<double> local_gain(g.K, 0.0), local_taps(taps ? g.K * g.D * g.W : 0, 0.0), sums(g.D);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
+      gather_row(gout, g.D, g, bk, t, y, gb.data());
+      gather_rows(k, g.Dq, g, bk, t, y, 1, kb.data(), valid);
+      gather_rows(v, g.D, g, bk, t, y, 1, vb.data(), valid);
+      const T* p = probs + index * g.W * g.Xr;
+      T* s = gscore + index * g.W * g.Xr;
+      std::fill(dot.begin(), dot.end(), T(0));
+      int64_t M = 0;
+      for (int64_t w = 0; w < g.W; ++w) {
+        T* dpw = dp.data() + w * g.Xr;
+        if (!valid[g.row[w]]) {
+          std::fill(dpw, dpw + g.Xr, T(0));
+          continue;
+        }
+        const T* vrow = vb.data() + g.row[w] * g.D * g.Xp + g.halo + g.ox[w];
+        if (taps) {
+          std::fill(sums.begin(), sums.end(), 0.0);
+          channel_dot<T, true>(gb.data() + g.halo, vrow, g.D, g.Xp, g.Xr, dpw, sums.data());
+          for (int64_t d = 0; d < g.D; ++d) local_taps[(h * g.D + d) * g.W + w] += sums[d];
+        } else {
+          channel_dot<T, false>(gb.data() + g.halo, vrow, g.D, g.Xp, g.Xr, dpw, nullptr);
+        }
+        for (int64_t x = 0; x < g.Xr; ++x) dot[x] += p[w * g.Xr + x] * dpw[x];
+        weight[M] = s + w * g.Xr;
+        value[M] = kb.data() + g.row[w] * g.Dq * g.Xp + g.halo + g.ox[w];
+        ++M;
+      }
+      double dgain = 0;
+      for (int64_t x = 0; x < g.Xr; ++x) dgain += dot[x];
+      local_gain[h] += dgain;
+      const T gh = gain[h];
+      for (int64_t w = 0; w < g.W; ++w)
+        for (int64_t x = 0; x < g.Xr; ++x) s[w * g.Xr + x] = gh * p[w * g.Xr + x] * (dp[w * g.Xr + x] - dot[x]);
+      for (int64_t d = 0; d < g.Dq; ++d) {
+        window_sum<T>(weight.data(), T(1), value.data(), d * g.Xp, nullptr, M, g.Xr, orow.data());
+        std::memcpy(gq + ((bk * g.Dq + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
+      }
+    }
+    std::lock_guard<std::mutex> lock(reduce);
+    for (int64_t i = 0; i < g.K; ++i) ggain[i] += local_gain[i];
+    for (size_t i = 0; i < local_taps.size(); ++i) gtaps[i] += local_taps[i];
+  });
+  // pass 2, per key row j, gathering from the query rows i = j - o_w (no write conflicts):
+  // dk[:, j] = sum_w dS[i, w] q[:, i], dv[d, j] = sum_w (g P[i, w] + r[d, w]) gout[d, i].
+  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> qb(g.rows() * g.Dq * g.Xp, T(0)), gb(g.rows() * g.D * g.Xp, T(0));
+    std::vector<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), orow(g.Xr), tap(g.W);
+    std::vector<char> valid(g.rows());
+    std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W);
+    std::vector<int64_t> live(g.W);
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
+      gather_rows(q, g.Dq, g, bk, t, y, -1, qb.data(), valid);
+      gather_rows(gout, g.D, g, bk, t, y, -1, gb.data(), valid);
+      const T gh = gain[h];
+      int64_t M = 0;
+      for (int64_t w = 0; w < g.W; ++w) {
+        if (!valid[g.row[w]]) continue;
+        const int64_t query_row = (bk * g.T + t - g.rt[g.row[w]]) * g.H + y - g.ry[g.row[w]];
+        const T* srow = gscore + (query_row * g.W + w) * g.Xr;
+        const T* prow = probs + (query_row * g.W + w) * g.Xr;
+        T* sdst = sb.data() + w * g.Xp + g.halo;
+        T* pdst = pb.data() + w * g.Xp + g.halo;
+        std::memcpy(sdst, srow, g.X * sizeof(T));
+        std::memcpy(pdst, prow, g.X * sizeof(T));
+        const int64_t shift = g.halo - g.ox[w];
+        sw[M] = sb.data() + w * g.Xp + shift;
+        pw[M] = pb.data() + w * g.Xp + shift;
+        qb_rows[M] = qb.data() + g.row[w] * g.Dq * g.Xp + shift;
+        gb_rows[M] = gb.data() + g.row[w] * g.D * g.Xp + shift;
+        live[M] = w;
+        ++M;
+      }
+      for (int64_t d = 0; d < g.Dq; ++d) {
+        window_sum<T>(sw.data(), T(1), qb_rows.data(), d * g.Xp, nullptr, M, g.Xr, orow.data());
+        std::memcpy(gk + ((bk * g.Dq + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
+      }
+      for (int64_t d = 0; d < g.D; ++d) {
+        if (taps)
+          for (int64_t m = 0; m < M; ++m) tap[m] = taps[(h * g.D + d) * g.W + live[m]];
+        window_sum<T>(pw.data(), gh, gb_rows.data(), d * g.Xp, taps ? tap.data() : nullptr, M, g.Xr, orow.data());
+        std::memcpy(gv + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
+                                   torch::Tensor taps, torch::Tensor offsets, bool save_probs) {
+  const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
   auto out = torch::empty_like(v);
-  auto probs = torch::empty({BK, g.T, g.H, W, g.X}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_local_forward", [&] {
+  auto probs = torch::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_window_mix_forward", [&] {
     forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                             offsets.data_ptr<int64_t>(), W, BK, Dq, D, g, out.data_ptr<scalar_t>(),
-                             probs.data_ptr<scalar_t>());
+                             gain.data_ptr<scalar_t>(), taps.numel() ? taps.data_ptr<scalar_t>() : nullptr, g,
+                             out.data_ptr<scalar_t>(), save_probs ? probs.data_ptr<scalar_t>() : nullptr);
   });
   return {out, probs};
 }
 
-std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor probs,
-                                    torch::Tensor gout, torch::Tensor offsets) {
-  const Grid g = grid_of(q);
-  const int64_t W = offsets.size(0), BK = q.size(0), Dq = q.size(1), D = v.size(1);
-  auto gs = torch::empty_like(probs);
+std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
+                                    torch::Tensor taps, torch::Tensor probs, torch::Tensor gout,
+                                    torch::Tensor offsets) {
+  const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
+  auto gscore = torch::empty_like(probs);
   auto gq = torch::empty_like(q), gk = torch::empty_like(k), gv = torch::empty_like(v);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_local_backward", [&] {
+  auto acc = q.options().dtype(torch::kFloat64);
+  auto ggain = torch::zeros({g.K}, acc), gtaps = torch::zeros({taps.numel() ? g.K * g.D * g.W : 0}, acc);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_window_mix_backward", [&] {
     backward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                              probs.data_ptr<scalar_t>(), gout.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), W,
-                              BK, Dq, D, g, gs.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(),
-                              gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>());
+                              gain.data_ptr<scalar_t>(), taps.numel() ? taps.data_ptr<scalar_t>() : nullptr,
+                              probs.data_ptr<scalar_t>(), gout.data_ptr<scalar_t>(), g, gscore.data_ptr<scalar_t>(),
+                              gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
+                              ggain.data_ptr<double>(), gtaps.data_ptr<double>());
   });
-  return {gq, gk, gv};
+  return {gq, gk, gv, ggain.to(q.scalar_type()), gtaps.to(q.scalar_type()).view_as(taps)};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "Conv+ windowed attention term, forward: (out, probs)");
-  m.def("backward", &backward, "Conv+ windowed attention term, backward: (dq, dk, dv)");
+  m.def("forward", &forward, "Conv+ windowed mix, forward: (z, probs)");
+  m.def("backward", &backward, "Conv+ windowed mix, backward: (dq, dk, dv, dgain, dtaps)");
 }
