@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convplus import backends
+from convplus import backends, functional
 
 from .conftest import MODULES, rel_err
 
@@ -158,3 +158,24 @@ def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
     assert rel_err(y_cpu, y_local) < limit
     for name in g_local:
         assert rel_err(g_cpu[name], g_local[name]) < limit, name
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_fused_direct_score_features_match_the_pytorch_ones(with_pos):
+    x = torch.randn(3, 6, 5, 300, dtype=torch.float64)  # more positions than one block of the kernel
+    x[0, :, 1, 2] = 0  # a zero feature vector: the clamped norm
+    pos = torch.randn(6, 5, 300, dtype=torch.float64) if with_pos else None
+    if with_pos:
+        pos[:, 1, 2] = 0
+    temperature = torch.tensor([3.0, 0.5], dtype=torch.float64)
+    results = []
+    for fused in (False, True):
+        inputs = [t.clone().requires_grad_(True) for t in (x, temperature, *([pos] if with_pos else []))]
+        q, k = functional.score_features(
+            inputs[0], 2, "direct", inputs[2] if with_pos else None, inputs[1], fused=fused
+        )
+        (q * torch.linspace(-1, 1, q.numel(), dtype=q.dtype).view_as(q) + k.square()).sum().backward()
+        results.append([q.detach(), k.detach(), *[t.grad for t in inputs]])
+    for fused_value, value in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fused_value, value, rtol=1e-10, atol=1e-12)

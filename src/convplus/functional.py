@@ -15,6 +15,7 @@ import math
 import torch
 
 from . import backends
+from .backends import cpu_kernel
 from .validation import SCORES, check_input, one_of
 
 
@@ -48,13 +49,19 @@ def score_features(
     query_bias: torch.Tensor | None = None,
     key_weight: torch.Tensor | None = None,
     key_bias: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k (B, K, Dq, *S) with <q_i, k_j> = s_k(i, j), from x (B, C, *S) and pos P (C, *S).
 
     'direct': q = tau_k * nrm(slice_k(x^)), k = nrm(slice_k(x^)), Dq = C / K (temperature: (K,) > 0).
     'qk':     q = (Q x^ + b_q) / sqrt(Dq), k = K x^ + b_k, weights (K*Dq, C).
+    ``fused``: compute 'direct' with the CPU backend's one-pass kernel where it runs (same result).
     """
     one_of("score", score, SCORES)
+    if fused and score == "direct":
+        features = cpu_kernel.direct_score_features(x, heads, pos, temperature)
+        if features is not None:
+            return features
     x_hat = x if pos is None else x + pos.to(x.dtype)
     if score == "direct":
         sliced = split_heads(x_hat, heads)  # x / max(||x||, 1e-12), as F.normalize, but ~5x faster on dim 2
@@ -132,6 +139,9 @@ def conv_plus(
     v = values(x, heads, value_weight, value_bias)
     q = k = None
     if gain is not None:
-        q, k = score_features(x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias)
+        fused = mix_fn is backends.BACKENDS["cpu"]
+        q, k = score_features(
+            x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias, fused=fused
+        )
     z = mix_fn(q, k, v, kernel, gain, window, dilation)
     return project_out(z, output_weight, bias)

@@ -21,7 +21,7 @@ from ..neighborhood import reachable_halves, window_offsets
 from . import local
 from .terms import convolution_term, with_convolution_term
 
-SOURCE = Path(__file__).with_name("csrc") / "local_attention.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "window_mix.cpp", "direct_score.cpp")]
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -31,8 +31,8 @@ def extension() -> ModuleType:
     from torch.utils import cpp_extension
 
     return cpp_extension.load(
-        name="convplus_window_mix_cpu",
-        sources=[str(SOURCE)],
+        name="convplus_cpu_kernels",
+        sources=[str(source) for source in SOURCES],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -54,15 +54,54 @@ class _WindowMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gain, taps, offsets):
-        out, probs = extension().forward(q, k, v, gain, taps, offsets, any(ctx.needs_input_grad))
+        out, probs = extension().window_mix_forward(q, k, v, gain, taps, offsets, any(ctx.needs_input_grad))
         ctx.save_for_backward(q, k, v, gain, taps, probs, offsets)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, gain, taps, probs, offsets = ctx.saved_tensors
-        dq, dk, dv, dgain, dtaps = extension().backward(q, k, v, gain, taps, probs, grad_out.contiguous(), offsets)
+        dq, dk, dv, dgain, dtaps = extension().window_mix_backward(
+            q, k, v, gain, taps, probs, grad_out.contiguous(), offsets
+        )
         return dq, dk, dv, dgain, dtaps if taps.numel() else None, None
+
+
+class _DirectScore(torch.autograd.Function):
+    """x (B, K, D, N), pos (K, D, N) or empty, temperature (K,) -> q = tau * k, k = unit(x + pos)."""
+
+    @staticmethod
+    def forward(ctx, x, pos, temperature):
+        q, k, inverse_norm = extension().direct_score_forward(x, pos, temperature)
+        ctx.save_for_backward(k, inverse_norm, temperature)
+        ctx.with_pos = pos.numel() > 0
+        return q, k
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        k, inverse_norm, temperature = ctx.saved_tensors
+        grad_q = torch.zeros_like(k) if grad_q is None else grad_q.contiguous()
+        grad_k = torch.zeros_like(k) if grad_k is None else grad_k.contiguous()
+        dx, dpos, dtemperature = extension().direct_score_backward(
+            grad_q, grad_k, k, inverse_norm, temperature, ctx.with_pos
+        )
+        return dx, dpos if ctx.with_pos else None, dtemperature
+
+
+def direct_score_features(
+    x: torch.Tensor, heads: int, pos: torch.Tensor | None, temperature: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The 'direct' score features of ``convplus.functional.score_features`` in one fused pass (forward and
+    backward): x (B, C, *S), pos (C, *S) or None, temperature (K,) -> q, k (B, K, C/K, *S); None where the
+    kernel does not run (not CPU, another dtype, under torch.compile)."""
+    if x.device.type != "cpu" or not _runs_here(x, x) or unavailable_reason() is not None:
+        return None
+    batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    flat = x.reshape(batch, heads, channels // heads, -1).contiguous()
+    pos = x.new_zeros(0) if pos is None else pos.to(x.dtype).reshape(heads, channels // heads, -1).contiguous()
+    q, k = _DirectScore.apply(flat, pos, temperature.to(x.dtype))
+    shape = (batch, heads, channels // heads, *spatial)
+    return q.view(shape), k.view(shape)
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:

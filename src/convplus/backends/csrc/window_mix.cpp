@@ -12,7 +12,7 @@
 // Every inner loop runs over x in register tiles of whole SIMD vectors. The rows a query row needs are copied
 // into per-thread buffers with a zero halo of max|o_x| on each side and zero columns up to a whole number of
 // vectors, so the tiles never test a bound: out-of-grid keys read zeros (and get -inf scores).
-#include <torch/extension.h>
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+namespace convplus {
 namespace {
 
 constexpr int64_t kVectorBytes = 64;
@@ -372,7 +373,9 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   });
 }
 
-std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
+}  // namespace
+
+std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                    torch::Tensor taps, torch::Tensor offsets, bool save_probs) {
   const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
   auto out = torch::empty_like(v);
@@ -385,7 +388,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   return {out, probs};
 }
 
-std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
+std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                     torch::Tensor taps, torch::Tensor probs, torch::Tensor gout,
                                     torch::Tensor offsets) {
   const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
@@ -403,9 +406,4 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
   return {gq, gk, gv, ggain.to(q.scalar_type()), gtaps.to(q.scalar_type()).view_as(taps)};
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "Conv+ windowed mix, forward: (z, probs)");
-  m.def("backward", &backward, "Conv+ windowed mix, backward: (dq, dk, dv, dgain, dtaps)");
-}
+}  // namespace convplus

@@ -1,0 +1,11 @@
+// Python bindings of the convplus CPU kernels (built by convplus.backends.cpu_kernel.extension()).
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("window_mix_forward", &convplus::window_mix_forward, "Conv+ windowed mix, forward: (z, probs)");
+  m.def("window_mix_backward", &convplus::window_mix_backward,
+        "Conv+ windowed mix, backward: (dq, dk, dv, dgain, dtaps)");
+  m.def("direct_score_forward", &convplus::direct_score_forward, "'direct' score features: (q, k, inverse_norm)");
+  m.def("direct_score_backward", &convplus::direct_score_backward,
+        "'direct' score features, backward: (dx, dpos, dtemperature)");
+}

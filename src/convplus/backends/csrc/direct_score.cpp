@@ -1,0 +1,136 @@
+// The 'direct' score features of Conv+ on CPU, forward and backward in one pass each:
+//
+//   k = x^ / max(||x^||, 1e-12) over each head's channel slice,  q = tau_h * k,  x^ = x + P.
+//
+// Layout: x (B, K, D, N) contiguous, pos (K, D, N) or empty, temperature (K,). The norm is over D for every
+// position; every loop runs over a block of contiguous positions and vectorizes.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <vector>
+
+namespace convplus {
+namespace {
+
+constexpr int64_t kBlock = 256;  // positions per task
+constexpr double kMinSquaredNorm = 1e-24;
+
+template <typename T>
+void forward_kernel(const T* x, const T* pos, const T* temperature, int64_t B, int64_t K, int64_t D, int64_t N,
+                    T* q, T* k, T* inverse_norm) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * K * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(kBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bk = task / blocks, h = bk % K, n0 = task % blocks * kBlock, len = std::min(kBlock, N - n0);
+      const int64_t base = bk * D * N + n0;
+      std::fill(sum.begin(), sum.end(), T(0));
+      for (int64_t d = 0; d < D; ++d) {
+        const T* __restrict__ xr = x + base + d * N;
+        const T* __restrict__ pr = pos ? pos + (h * D + d) * N + n0 : nullptr;
+        T* __restrict__ kr = k + base + d * N;
+        for (int64_t i = 0; i < len; ++i) {
+          const T value = pr ? xr[i] + pr[i] : xr[i];
+          kr[i] = value;
+          sum[i] += value * value;
+        }
+      }
+      T* inv = inverse_norm + bk * N + n0;
+      for (int64_t i = 0; i < len; ++i) inv[i] = T(1) / std::sqrt(std::max(sum[i], T(kMinSquaredNorm)));
+      const T tau = temperature[h];
+      for (int64_t d = 0; d < D; ++d) {
+        T* __restrict__ kr = k + base + d * N;
+        T* __restrict__ qr = q + base + d * N;
+        for (int64_t i = 0; i < len; ++i) {
+          kr[i] *= inv[i];
+          qr[i] = tau * kr[i];
+        }
+      }
+    }
+  });
+}
+
+// dx^ = (du - k <k, du>) / ||x^|| with du = tau dq + dk (just du / 1e-12 where the norm was clamped);
+// dP = sum_b dx^; dtau_h = sum dq * k.
+template <typename T>
+void backward_kernel(const T* gq, const T* gk, const T* k, const T* inverse_norm, const T* temperature, int64_t B,
+                     int64_t K, int64_t D, int64_t N, T* gx, T* gpos, double* gtemperature) {
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  std::mutex reduce;
+  at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> dot(kBlock), tau_part(kBlock);
+    std::vector<double> local(K, 0.0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / blocks, n0 = task % blocks * kBlock, len = std::min(kBlock, N - n0);
+      const T tau = temperature[h];
+      if (gpos)
+        for (int64_t d = 0; d < D; ++d) std::fill_n(gpos + (h * D + d) * N + n0, len, T(0));
+      std::fill(tau_part.begin(), tau_part.end(), T(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t base = (b * K + h) * D * N + n0;
+        const T* inv = inverse_norm + (b * K + h) * N + n0;
+        std::fill(dot.begin(), dot.end(), T(0));
+        for (int64_t d = 0; d < D; ++d) {
+          const T* __restrict__ qg = gq + base + d * N;
+          const T* __restrict__ kg = gk + base + d * N;
+          const T* __restrict__ kr = k + base + d * N;
+          for (int64_t i = 0; i < len; ++i) {
+            dot[i] += kr[i] * (tau * qg[i] + kg[i]);
+            tau_part[i] += qg[i] * kr[i];
+          }
+        }
+        for (int64_t i = 0; i < len; ++i)
+          if (inv[i] * inv[i] * T(kMinSquaredNorm) >= T(1)) dot[i] = 0;  // clamped norm: no projection
+        for (int64_t d = 0; d < D; ++d) {
+          const T* __restrict__ qg = gq + base + d * N;
+          const T* __restrict__ kg = gk + base + d * N;
+          const T* __restrict__ kr = k + base + d * N;
+          T* __restrict__ xg = gx + base + d * N;
+          for (int64_t i = 0; i < len; ++i) xg[i] = inv[i] * (tau * qg[i] + kg[i] - kr[i] * dot[i]);
+          if (gpos) {
+            T* __restrict__ pg = gpos + (h * D + d) * N + n0;
+            for (int64_t i = 0; i < len; ++i) pg[i] += xg[i];
+          }
+        }
+      }
+      for (int64_t i = 0; i < len; ++i) local[h] += tau_part[i];
+    }
+    std::lock_guard<std::mutex> lock(reduce);
+    for (int64_t h = 0; h < K; ++h) gtemperature[h] += local[h];
+  });
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> direct_score_forward(torch::Tensor x, torch::Tensor pos, torch::Tensor temperature) {
+  const int64_t B = x.size(0), K = x.size(1), D = x.size(2), N = x.size(3);
+  auto q = torch::empty_like(x), k = torch::empty_like(x), inverse_norm = torch::empty({B, K, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convplus_direct_score_forward", [&] {
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), pos.numel() ? pos.data_ptr<scalar_t>() : nullptr,
+                             temperature.data_ptr<scalar_t>(), B, K, D, N, q.data_ptr<scalar_t>(),
+                             k.data_ptr<scalar_t>(), inverse_norm.data_ptr<scalar_t>());
+  });
+  return {q, k, inverse_norm};
+}
+
+std::vector<torch::Tensor> direct_score_backward(torch::Tensor gq, torch::Tensor gk, torch::Tensor k,
+                                                 torch::Tensor inverse_norm, torch::Tensor temperature,
+                                                 bool with_pos) {
+  const int64_t B = k.size(0), K = k.size(1), D = k.size(2), N = k.size(3);
+  auto gx = torch::empty_like(k);
+  auto gpos = torch::empty({with_pos ? K : 0, D, N}, k.options());
+  auto gtemperature = torch::zeros({K}, k.options().dtype(torch::kFloat64));
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "convplus_direct_score_backward", [&] {
+    backward_kernel<scalar_t>(gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                              inverse_norm.data_ptr<scalar_t>(), temperature.data_ptr<scalar_t>(), B, K, D, N,
+                              gx.data_ptr<scalar_t>(), with_pos ? gpos.data_ptr<scalar_t>() : nullptr,
+                              gtemperature.data_ptr<double>());
+  });
+  return {gx, gpos, gtemperature.to(k.scalar_type())};
+}
+
+}  // namespace convplus

@@ -1,0 +1,22 @@
+// The C++ CPU kernels of convplus (see the .cpp file of each for its layout and math).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace convplus {
+
+// Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dtaps).
+std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
+                                              torch::Tensor taps, torch::Tensor offsets, bool save_probs);
+std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
+                                               torch::Tensor taps, torch::Tensor probs, torch::Tensor gout,
+                                               torch::Tensor offsets);
+
+// 'direct' score features (direct_score.cpp): (q, k, inverse_norm) and (dx, dpos, dtemperature).
+std::vector<torch::Tensor> direct_score_forward(torch::Tensor x, torch::Tensor pos, torch::Tensor temperature);
+std::vector<torch::Tensor> direct_score_backward(torch::Tensor gq, torch::Tensor gk, torch::Tensor k,
+                                                 torch::Tensor inverse_norm, torch::Tensor temperature, bool with_pos);
+
+}  // namespace convplus
