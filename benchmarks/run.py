@@ -1,5 +1,6 @@
-"""The Conv+ speed suite (``make bench``): every figure is a ratio against a baseline timed in the same
-run (median of repeats). Writes docs/performance.md and docs/scaling.png.
+"""The Conv+ speed suite (``make bench``): every figure is a ratio against a baseline timed in the same run
+(median of repeats). Writes docs/performance.md (ending with the issue's targets, met or not, computed from
+the tables) and docs/scaling.png.
 
     python benchmarks/run.py [--quick] [--threads N] [--repeats 5]
 """
@@ -7,6 +8,7 @@ run (median of repeats). Writes docs/performance.md and docs/scaling.png.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import sys
@@ -31,6 +33,9 @@ from convplus.backends import cpu_kernel, global_attention
 
 ATTO_STAGES = [(40, 56), (80, 28), (160, 14), (320, 7)]
 TINY_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
+DWCONV, CONVPLUS = "depthwise conv 7x7 (baseline)", "Conv+ mixer, backend 'cpu'"
+ATTENTION, UNFOLD = "attention term only: fused C++ kernel", "attention term only: unfold neighborhood attention"
+FLEX = "attention term only: FlexAttention (compiled, block mask)"
 
 
 def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> float:
@@ -46,6 +51,25 @@ def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> float
     return statistics.median(times)
 
 
+def _no_grad(fn: Callable, repeats: int) -> float:
+    with torch.no_grad():
+        return timed(fn, False, repeats)
+
+
+def activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes a training step keeps for one call: the output plus the distinct tensors saved for backward."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    saved.pop(out.untyped_storage().data_ptr(), None)
+    return sum(saved.values()) + out.untyped_storage().nbytes()
+
+
 def machine_rates(repeats: int) -> tuple[float, float]:
     """Measured float32 matmul GFLOP/s (2048^3) and copy GB/s (read + write of 256 MiB)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -56,63 +80,59 @@ def machine_rates(repeats: int) -> tuple[float, float]:
     return 2 * 2048**3 / matmul / 1e9, 2 * src.numel() * 4 / copy / 1e9
 
 
-def mixer_cases(batch: int, channels: int, side: int, heads: int = 4, window: int = 7) -> dict[str, Callable]:
-    """name -> (backward) -> callable running one mixer on a fresh input that requires grad."""
+def mixer_cases(batch: int, channels: int, side: int, heads: int = 4, window: int = 7) -> tuple[dict, list]:
+    """name -> callable running one mixer on a fixed input that requires grad; and the (q, k, v) it uses."""
     x = torch.randn(batch, channels, side, side, requires_grad=True)
     dw = torch.nn.Conv2d(channels, channels, window, padding=window // 2, groups=channels)
-    cases = {"depthwise conv 7x7 (baseline)": lambda: dw(x)}
+    cases = {DWCONV: lambda: dw(x)}
     for backend in ("cpu", "local"):
         module = ConvPlus2d(channels, kernel_size=window, heads=heads, proj=False, backend=backend)
         cases[f"Conv+ mixer, backend '{backend}'"] = lambda m=module: m(x)
     qkv = [torch.randn(batch, heads, channels // heads, side, side, requires_grad=True) for _ in range(3)]
-    cases["attention term only: fused C++ kernel"] = lambda: cpu_kernel.attend(*qkv, (window,) * 2, (1, 1))
-    cases["attention term only: unfold neighborhood attention"] = lambda: unfold_neighborhood_attention(*qkv, window)
+    cases[ATTENTION] = lambda: cpu_kernel.attend(*qkv, (window,) * 2, (1, 1))
+    cases[UNFOLD] = lambda: unfold_neighborhood_attention(*qkv, window)
     cases["attention term only: global SDPA"] = lambda: global_attention.attend(*qkv, None, (1, 1))
     return cases, qkv
 
 
-def mixer_table(batch: int, channels: int, side: int, repeats: int) -> list[str]:
+def mixer_table(batch: int, channels: int, side: int, repeats: int, results: dict) -> list[str]:
     cases, qkv = mixer_cases(batch, channels, side)
     rows = [
         f"### Mixer, {batch}x{channels}x{side}x{side}, window 7, 4 heads, proj=False",
         "",
-        "| case | forward (ms) | forward ratio | fwd+bwd (ms) | fwd+bwd ratio |",
-        "|---|---|---|---|---|",
+        "| case | forward (ms) | forward ratio | fwd+bwd (ms) | fwd+bwd ratio | activation memory (MiB) |",
+        "|---|---|---|---|---|---|",
     ]
     base = None
     for name, fn in cases.items():
-        fwd, both = _no_grad(fn, repeats), timed(fn, True, repeats)
+        fwd, both, memory = _no_grad(fn, repeats), timed(fn, True, repeats), activation_bytes(fn) / 2**20
         base = base or (fwd, both)
-        rows.append(f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | {both * 1e3:.1f} | {both / base[1]:.2f}x |")
+        results[name] = (fwd, both)
+        rows.append(
+            f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | {both * 1e3:.1f} | {both / base[1]:.2f}x | "
+            f"{memory:.0f} |"
+        )
         print(rows[-1], flush=True)
-    # FlexAttention on CPU has no backward in this torch: forward only, on inputs without grad
-    try:
+    try:  # FlexAttention on CPU has no backward in this torch: forward only, on inputs without grad
         flex = flex_neighborhood_attention(7, side, side)
         plain = [t.detach() for t in qkv]
         fwd = _no_grad(lambda: flex(*plain), repeats)
-        rows.append(
-            f"| attention term only: FlexAttention (compiled, block mask) | {fwd * 1e3:.1f} | "
-            f"{fwd / base[0]:.2f}x | no CPU backward | — |"
-        )
+        results[FLEX] = (fwd, math.nan)
+        rows.append(f"| {FLEX} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | no CPU backward | — | — |")
     except Exception as error:  # report why it could not run instead of failing the suite
-        rows.append(
-            f"| FlexAttention | could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]} |||||"
-        )
+        rows.append(f"| FlexAttention | could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]} |")
     print(rows[-1], flush=True)
     rows += [
         "",
-        "NATTEN: not measured. natten 0.21.7 on PyPI is a source distribution that builds CUDA kernels; "
-        "there is no CPU wheel to install on this machine.",
+        "Activation memory: the output plus the distinct tensors saved for backward (what a training step keeps).",
+        "The unfold baseline zero-pads the border keys instead of excluding them; it is a speed peer only.",
+        "NATTEN: not measured. natten on PyPI is a source distribution that builds CUDA kernels; there is no CPU "
+        "build to install on this machine.",
     ]
     return rows
 
 
-def _no_grad(fn: Callable, repeats: int) -> float:
-    with torch.no_grad():
-        return timed(fn, False, repeats)
-
-
-def stage_table(stages: list[tuple[int, int]], batch: int, repeats: int, matmul: float, copy: float) -> list[str]:
+def stage_table(stages: list[tuple[int, int]], batch: int, repeats: int, rates: tuple[float, float]) -> list[str]:
     rows = [
         "| stage (C x H x W) | dwconv fwd (ms) | Conv+ fwd ratio | dwconv fwd+bwd (ms) | Conv+ fwd+bwd ratio | "
         "Conv+ fwd GFLOP/s | Conv+ fwd GB/s |",
@@ -120,12 +140,12 @@ def stage_table(stages: list[tuple[int, int]], batch: int, repeats: int, matmul:
     ]
     for channels, side in stages:
         cases, _ = mixer_cases(batch, channels, side)
-        dw, cp = cases["depthwise conv 7x7 (baseline)"], cases["Conv+ mixer, backend 'cpu'"]
+        dw, cp = cases[DWCONV], cases[CONVPLUS]
         dw_f, cp_f = _no_grad(dw, repeats), _no_grad(cp, repeats)
         dw_b, cp_b = timed(dw, True, repeats), timed(cp, True, repeats)
         n = batch * channels * side * side
         flops = n * 49 * 2 * 3  # scores, aggregation, conv term: one 49-tap multiply-add each
-        bytes_moved = n * 4 * (3 + 1) + batch * 4 * side * side * 49 * 4  # read x thrice, write y; probabilities
+        bytes_moved = n * 4 * 3  # read x (as the features and the values), write z
         rows.append(
             f"| {channels}x{side}x{side} | {dw_f * 1e3:.2f} | {cp_f / dw_f:.2f}x | {dw_b * 1e3:.2f} | "
             f"{cp_b / dw_b:.2f}x | {flops / cp_f / 1e9:.1f} | {bytes_moved / cp_f / 1e9:.1f} |"
@@ -133,12 +153,14 @@ def stage_table(stages: list[tuple[int, int]], batch: int, repeats: int, matmul:
         print(rows[-1], flush=True)
     rows += [
         "",
-        f"Machine ceilings measured in the same run: float32 matmul {matmul:.0f} GFLOP/s, copy {copy:.1f} GB/s.",
+        f"Machine ceilings measured in the same run: float32 matmul {rates[0]:.0f} GFLOP/s, copy {rates[1]:.1f} GB/s. "
+        "FLOPs count the three 49-tap multiply-adds per value (scores, aggregation, conv term); bytes the "
+        "compulsory traffic (input read, output written).",
     ]
     return rows
 
 
-def model_table(batch: int, side: int, repeats: int) -> list[str]:
+def model_table(batch: int, side: int, repeats: int, results: dict) -> list[str]:
     rows = ["| model | inference (ms) | ratio | train step (ms) | ratio |", "|---|---|---|---|---|"]
     base = None
     for name in ("convnextv2_atto", "convplus_convnextv2_atto"):
@@ -147,7 +169,7 @@ def model_table(batch: int, side: int, repeats: int) -> list[str]:
         x = torch.randn(batch, 3, side, side)
         optimizer = torch.optim.AdamW(model.parameters())
         model.eval()
-        infer = _no_grad(lambda m=model, x=x: m(x), max(3, repeats // 2))
+        infer = _no_grad(lambda m=model, x=x: m(x), repeats)
         model.train()
 
         def step(m=model, opt=optimizer, x=x):
@@ -157,8 +179,9 @@ def model_table(batch: int, side: int, repeats: int) -> list[str]:
             opt.step()
             return loss.detach()
 
-        train_step = timed(step, False, max(3, repeats // 2))
+        train_step = timed(step, False, repeats)
         base = base or (infer, train_step)
+        results[name] = (infer, train_step)
         rows.append(
             f"| {name} | {infer * 1e3:.0f} | {infer / base[0]:.2f}x | {train_step * 1e3:.0f} | "
             f"{train_step / base[1]:.2f}x |"
@@ -167,19 +190,26 @@ def model_table(batch: int, side: int, repeats: int) -> list[str]:
     return rows
 
 
-def scaling(sides: list[int], repeats: int, path: Path) -> list[str]:
+def fitted_exponent(points: list[tuple[int, float]]) -> float:
+    """p in time ~ N^p, least squares on log-log points."""
+    xs, ys = [math.log(n) for n, _ in points], [math.log(t) for _, t in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
+def scaling(sides: list[int], repeats: int, path: Path, results: dict) -> list[str]:
     """Forward time vs positions for dwconv, Conv+ local (C++ kernel) and Conv+ global (SDPA), 1x16 channels."""
-    results: dict[str, list[tuple[int, float]]] = {"dwconv 7x7": [], "Conv+ local (window 7)": [], "Conv+ global": []}
+    curves: dict[str, list[tuple[int, float]]] = {"dwconv 7x7": [], "Conv+ local (window 7)": [], "Conv+ global": []}
     for side in sides:
         cases, _ = mixer_cases(1, 16, side)
         glob = ConvPlus2d(16, kernel_size=7, window=None, heads=4, proj=False)
         x = torch.randn(1, 16, side, side)
-        results["dwconv 7x7"].append((side * side, _no_grad(cases["depthwise conv 7x7 (baseline)"], repeats)))
-        results["Conv+ local (window 7)"].append((side * side, _no_grad(cases["Conv+ mixer, backend 'cpu'"], repeats)))
+        curves["dwconv 7x7"].append((side * side, _no_grad(cases[DWCONV], repeats)))
+        curves["Conv+ local (window 7)"].append((side * side, _no_grad(cases[CONVPLUS], repeats)))
         if side <= 128:  # global attention's N x N work grows quadratically
-            results["Conv+ global"].append((side * side, _no_grad(lambda g=glob, x=x: g(x), repeats)))
+            curves["Conv+ global"].append((side * side, _no_grad(lambda g=glob, x=x: g(x), repeats)))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in results.items():
+    for name, points in curves.items():
         ax.loglog([n for n, _ in points], [t * 1e3 for _, t in points], "o-", label=name)
     ax.set(
         xlabel="positions N (grid side^2)", ylabel="forward time (ms)", title="Scaling with image size (1x16 channels)"
@@ -189,16 +219,56 @@ def scaling(sides: list[int], repeats: int, path: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    rows = ["| grid | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    rows = ["| grid | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
     for i, side in enumerate(sides):
-        cells = [f"{pts[i][1] * 1e3:.2f}" if i < len(pts) else "—" for pts in results.values()]
+        cells = [f"{pts[i][1] * 1e3:.2f}" if i < len(pts) else "—" for pts in curves.values()]
         rows.append(f"| {side}x{side} | " + " | ".join(cells) + " |")
+    exponents = {name: fitted_exponent(points[1:]) for name, points in curves.items()}
+    results["scaling"] = exponents
+    fits = ", ".join(f"{name} p = {p:.2f}" for name, p in exponents.items())
+    rows += ["", f"Fitted time ~ N^p from the second size on: {fits}."]
     return rows
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's CPU targets, met or not, from the numbers measured above."""
+    dw, cp, att, unf = (results[k] for k in (DWCONV, CONVPLUS, ATTENTION, UNFOLD))
+    plain, plus = results["convnextv2_atto"], results["convplus_convnextv2_atto"]
+    local_p = results["scaling"]["Conv+ local (window 7)"]
+    rows = [
+        ("mixer forward <= 6x depthwise conv", f"{cp[0] / dw[0]:.2f}x", cp[0] / dw[0] <= 6),
+        ("mixer forward+backward <= 2.5x depthwise conv", f"{cp[1] / dw[1]:.2f}x", cp[1] / dw[1] <= 2.5),
+        (
+            ">= 5x faster than unfold neighborhood attention",
+            f"attention term {unf[0] / att[0]:.1f}x (forward), {unf[1] / att[1]:.1f}x (fwd+bwd); whole mixer "
+            f"{unf[0] / cp[0]:.1f}x, {unf[1] / cp[1]:.1f}x",
+            min(unf[0] / att[0], unf[1] / att[1]) >= 5,
+        ),
+    ]
+    if FLEX in results:
+        flex = results[FLEX][0]
+        rows.append(
+            (
+                "faster than FlexAttention",
+                f"attention term {flex / att[0]:.1f}x faster (forward; no CPU backward)",
+                att[0] < flex,
+            )
+        )
+    rows += [
+        ("faster than NATTEN", "not measured: NATTEN has no CPU build here", None),
+        ("whole model train step <= 1.5x plain atto", f"{plus[1] / plain[1]:.2f}x", plus[1] / plain[1] <= 1.5),
+        ("whole model inference <= 2x plain atto", f"{plus[0] / plain[0]:.2f}x", plus[0] / plain[0] <= 2),
+        ("linear in image size (windowed Conv+)", f"time ~ N^{local_p:.2f}", local_p < 1.15),
+    ]
+    verdict = {True: "yes", False: "**no**", None: "unknown"}
+    lines = ["| target | measured | met? |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {verdict[met]} |" for name, value, met in rows]
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller batch and fewer cases")
+    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer cases")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=Path("docs/performance.md"))
@@ -206,39 +276,42 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cpu_kernel.extension()  # build outside the timings
-    batch = 2 if args.quick else 8
-    matmul, copy = machine_rates(args.repeats)
+    mixer_batch, batch = (2, 2) if args.quick else (8, 16)
+    rates = machine_rates(args.repeats)
+    results: dict = {}
+    command = f"python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}"
     sections = [
         "# Performance",
         "",
-        f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}` on "
-        f"{platform.machine()} CPU, {args.threads} thread(s), torch {torch.__version__}, {date.today().isoformat()}. "
-        f"Times are medians of {args.repeats} repeats after a warm-up; ratios are against the first row of each table, "
-        "timed in the same run.",
+        f"Command: `{command}` on {platform.machine()} CPU ({platform.processor() or 'unknown model'}), "
+        f"{args.threads} thread(s), torch {torch.__version__}, {date.today().isoformat()}. Times are medians of "
+        f"{args.repeats} repeats after a warm-up; ratios are against the first row of each table, timed in the same "
+        "run. Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks on CPU): attention term, gain and "
+        "depthwise conv term in one pass over the window.",
         "",
-        "**GPU: missing.** No GPU was lent to the session that wrote this suite. The Triton kernels "
-        "(`backend='triton'`, the attention term; the conv term still runs as a separate cuDNN depthwise conv) are "
-        "checked for correctness only, in Triton's CPU interpreter (tests/test_triton.py); their GPU timings "
-        "against cuDNN, FlexAttention and NATTEN are still to be measured.",
+        "**GPU: missing.** No GPU was lent to the sessions that built this suite. The Triton kernels "
+        "(`backend='triton'`, what 'auto' picks on CUDA) are checked for correctness only, in Triton's CPU "
+        "interpreter (tests/test_triton.py); their timings against cuDNN, FlexAttention and NATTEN are still to be "
+        "measured.",
         "",
-        *mixer_table(batch, 64, 56, args.repeats),
+        *mixer_table(mixer_batch, 64, 56, args.repeats, results),
         "",
-        f"### ConvNeXt V2 atto stage shapes at 224x224, batch {batch} (Conv+ mixer with the C++ kernel vs dwconv)",
+        f"### ConvNeXt V2 atto stage shapes at 224x224, batch {batch}",
         "",
-        *stage_table(ATTO_STAGES, batch, args.repeats, matmul, copy),
+        *stage_table(ATTO_STAGES, batch, args.repeats, rates),
         "",
     ]
     if not args.quick:
         sections += [
-            "### ConvNeXt V2 tiny stage shapes, batch 8",
+            f"### ConvNeXt V2 tiny stage shapes, batch {batch}",
             "",
-            *stage_table(TINY_STAGES, batch, args.repeats, matmul, copy),
+            *stage_table(TINY_STAGES, batch, args.repeats, rates),
             "",
         ]
     sections += [
-        f"### Whole model at 224x224, batch {batch}",
+        f"### Whole model at 224x224, batch {batch} (train step: forward, backward, AdamW step)",
         "",
-        *model_table(batch, 224, args.repeats),
+        *model_table(batch, 224, args.repeats, results),
         "",
         "### Scaling (forward, batch 1, 16 channels)",
         "",
@@ -246,12 +319,18 @@ def main() -> None:
             [32, 64, 128, 256, 512] if not args.quick else [32, 64, 128],
             args.repeats,
             args.output.parent / "scaling.png",
+            results,
         ),
         "",
         "![scaling](scaling.png)",
         "",
+        "## Against the targets (CPU)",
+        "",
+        *targets(results),
+        "",
     ]
     args.output.write_text("\n".join(sections) + "\n")
+    print("\n".join(targets(results)))
     print(f"wrote {args.output}")
 
 

@@ -139,3 +139,19 @@ def test_fresh_initialisation_is_documented_values():
     torch.testing.assert_close(module.temperature, torch.full((4,), 10.0))
     assert module.kernel.shape == (4, 2, 7, 7) and module.kernel.abs().max() <= 1 / 7
     assert torch.count_nonzero(module.bias) == 0
+
+
+@pytest.mark.parametrize(("n", "layout"), [(2, torch.channels_last), (3, torch.channels_last_3d)])
+def test_channels_last_input_keeps_its_layout_in_output_and_gradient(n, layout):
+    module = MODULES[n](8, heads=2, kernel_size=3)
+    x = torch.randn(2, 8, *([5] * n), requires_grad=True)
+    outputs, grads = {}, {}
+    for name, fmt in (("last", layout), ("plain", torch.contiguous_format)):
+        inner = (x * 1).contiguous(memory_format=fmt)  # not a leaf: the gradient reaching it is the module's
+        inner.register_hook(lambda grad, name=name: grads.__setitem__(name, grad))
+        outputs[name] = module(inner)
+        outputs[name].backward(torch.ones_like(outputs[name]))
+    assert outputs["last"].is_contiguous(memory_format=layout)
+    assert grads["last"].is_contiguous(memory_format=layout)
+    torch.testing.assert_close(outputs["last"], outputs["plain"])
+    torch.testing.assert_close(grads["last"], grads["plain"])

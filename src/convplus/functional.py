@@ -136,6 +136,9 @@ def conv_plus(
         raise ValueError(f"heads ({heads}) must divide the input channels, got input shape {tuple(x.shape)}")
     spatial = tuple(x.shape[2:])
     mix_fn = backends.resolve(backend, spatial, x.device, window, dilation)
+    layout = channels_last_format(x)
+    if layout is not None:  # compute on a contiguous copy; output and input gradient keep x's layout
+        x = _ContiguousKeepingGradLayout.apply(x, layout)
     v = values(x, heads, value_weight, value_bias)
     q = k = None
     if gain is not None:
@@ -144,4 +147,28 @@ def conv_plus(
             x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias, fused=fused
         )
     z = mix_fn(q, k, v, kernel, gain, window, dilation)
-    return project_out(z, output_weight, bias)
+    y = project_out(z, output_weight, bias)
+    return y if layout is None else y.contiguous(memory_format=layout)
+
+
+def channels_last_format(x: torch.Tensor) -> torch.memory_format | None:
+    """torch.channels_last (4-d) or torch.channels_last_3d (5-d) when x is stored channels-last (and is not
+    also plainly contiguous) outside torch.compile, else None."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if x.dim() not in formats or x.is_contiguous() or torch.compiler.is_compiling():
+        return None
+    return formats[x.dim()] if x.is_contiguous(memory_format=formats[x.dim()]) else None
+
+
+class _ContiguousKeepingGradLayout(torch.autograd.Function):
+    """x.contiguous(), with the gradient returned in ``layout`` (x's memory format): a channels-last network
+    (timm's ConvNeXt) then never meets a mixed-layout gradient, which PyTorch's CPU kernels run slowly."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+        ctx.layout = layout
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.contiguous(memory_format=ctx.layout), None

@@ -89,6 +89,7 @@ struct Geometry {
   int64_t W, halo, Xr, Xp;  // offsets; max |o_x|; X rounded up to whole vectors; Xr + 2 * halo
   std::vector<int64_t> ox, row;  // per offset: x offset, index of its (t, y) row offset
   std::vector<int64_t> rt, ry;   // distinct (t, y) row offsets
+  int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
 
   Geometry(const torch::Tensor& q, const torch::Tensor& v, const torch::Tensor& offsets, int64_t heads,
            int64_t width)
@@ -106,6 +107,8 @@ struct Geometry {
       }
       row.push_back(r);
     }
+    span_t = *std::max_element(rt.begin(), rt.end()) - *std::min_element(rt.begin(), rt.end()) + 1;
+    span_y = *std::max_element(ry.begin(), ry.end()) - *std::min_element(ry.begin(), ry.end()) + 1;
     Xr = (X + width - 1) / width * width;
     Xp = Xr + 2 * halo;
   }
@@ -122,17 +125,43 @@ void gather_row(const T* src, int64_t C, const Geometry& g, int64_t bk, int64_t 
     std::memcpy(buf + c * g.Xp + g.halo, src + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, g.X * sizeof(T));
 }
 
-// Copies the rows (t + sign * rt[r], y + sign * ry[r]) into buf (rows, C, Xp); valid[r]: whether row r is in
-// the grid (rows outside are not copied).
+// The rows around a query (or key) row, copied into padded (C, Xp) buffers and kept while later rows still use
+// them: consecutive rows share all but one of their neighbor rows, so each source row is copied about once.
+// Direct-mapped on (t mod span_t, y mod span_y): the rows one query needs never share a slot.
 template <typename T>
-void gather_rows(const T* src, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, int64_t sign,
-                 T* buf, std::vector<char>& valid) {
-  for (int64_t r = 0; r < g.rows(); ++r) {
-    const int64_t tt = t + sign * g.rt[r], yy = y + sign * g.ry[r];
-    valid[r] = g.row_in_grid(tt, yy);
-    if (valid[r]) gather_row(src, C, g, bk, tt, yy, buf + r * C * g.Xp);
+class RowCache {
+ public:
+  RowCache(const T* src, int64_t C, const Geometry& g)
+      : src_(src), C_(C), g_(g), data_(g.span_t * g.span_y * C * g.Xp, T(0)), tag_(g.span_t * g.span_y, -1),
+        rows_(g.rows()), valid_(g.rows()) {}
+
+  // Points rows()[r] at row (t + sign * rt[r], y + sign * ry[r]) of slice bk for every r with valid()[r].
+  void gather(int64_t bk, int64_t t, int64_t y, int64_t sign) {
+    for (int64_t r = 0; r < g_.rows(); ++r) {
+      const int64_t tt = t + sign * g_.rt[r], yy = y + sign * g_.ry[r];
+      valid_[r] = g_.row_in_grid(tt, yy);
+      if (!valid_[r]) continue;
+      const int64_t slot = tt % g_.span_t * g_.span_y + yy % g_.span_y, id = (bk * g_.T + tt) * g_.H + yy;
+      T* buf = data_.data() + slot * C_ * g_.Xp;
+      if (tag_[slot] != id) {
+        gather_row(src_, C_, g_, bk, tt, yy, buf);
+        tag_[slot] = id;
+      }
+      rows_[r] = buf;
+    }
   }
-}
+  const T* row(int64_t r) const { return rows_[r]; }
+  bool valid(int64_t r) const { return valid_[r]; }
+
+ private:
+  const T* src_;
+  int64_t C_;
+  const Geometry& g_;
+  std::vector<T> data_;
+  std::vector<int64_t> tag_;
+  std::vector<const T*> rows_;
+  std::vector<char> valid_;
+};
 
 // out[x] = sum_c a[c * stride + x] * b[c * stride + x] for the n * width values of x from 0; with row_sums,
 // also sums[c] += sum_x a[c * stride + x] * b[c * stride + x].
@@ -226,9 +255,8 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* 
                     T* probs) {
   const int64_t rows_total = g.BK * g.T * g.H;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qb(g.Dq * g.Xp, T(0)), kb(g.rows() * g.Dq * g.Xp, T(0)), vb(g.rows() * g.D * g.Xp, T(0));
-    std::vector<T> p(g.W * g.Xr), orow(g.Xr);
-    std::vector<char> valid(g.rows());
+    std::vector<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), orow(g.Xr);
+    RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W);
     std::vector<T> tap(g.W);
     std::vector<int64_t> live(g.W);
@@ -236,17 +264,17 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* 
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       gather_row(q, g.Dq, g, bk, t, y, qb.data());
-      gather_rows(k, g.Dq, g, bk, t, y, 1, kb.data(), valid);
-      gather_rows(v, g.D, g, bk, t, y, 1, vb.data(), valid);
+      kc.gather(bk, t, y, 1);
+      vc.gather(bk, t, y, 1);
       // scores, -inf where the key leaves the grid
       for (int64_t w = 0; w < g.W; ++w) {
         T* pw = p.data() + w * g.Xr;
-        if (!valid[g.row[w]]) {
+        if (!kc.valid(g.row[w])) {
           std::fill(pw, pw + g.Xr, neg_inf);
           continue;
         }
-        channel_dot<T, false>(qb.data() + g.halo, kb.data() + g.row[w] * g.Dq * g.Xp + g.halo + g.ox[w], g.Dq,
-                              g.Xp, g.Xr, pw, nullptr);
+        channel_dot<T, false>(qb.data() + g.halo, kc.row(g.row[w]) + g.halo + g.ox[w], g.Dq, g.Xp, g.Xr, pw,
+                              nullptr);
         for (int64_t x = 0; x < std::min(-g.ox[w], g.X); ++x) pw[x] = neg_inf;
         for (int64_t x = std::max<int64_t>(g.X - g.ox[w], 0); x < g.X; ++x) pw[x] = neg_inf;
       }
@@ -255,9 +283,9 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* 
       // z[d] = sum_w (g * P[w] + r[d, w]) * v[d, i + o_w]
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w)
-        if (valid[g.row[w]]) {
+        if (vc.valid(g.row[w])) {
           weight[M] = p.data() + w * g.Xr;
-          value[M] = vb.data() + g.row[w] * g.D * g.Xp + g.halo + g.ox[w];
+          value[M] = vc.row(g.row[w]) + g.halo + g.ox[w];
           live[M++] = w;
         }
       for (int64_t d = 0; d < g.D; ++d) {
@@ -280,27 +308,26 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   // pass 1, per query row i: dP[w] = <gout[:, i], v[:, i + o_w]> (and dr[d, w] = sum_i gout[d, i] v[d, i + o_w]),
   // dgain += sum_w P dP, dS = g P (dP - sum_w P dP), dq[:, i] = sum_w dS[w] k[:, i + o_w].
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> gb(g.D * g.Xp, T(0)), kb(g.rows() * g.Dq * g.Xp, T(0)), vb(g.rows() * g.D * g.Xp, T(0));
-    std::vector<T> dp(g.W * g.Xr), dot(g.Xr), orow(g.Xr);
-    std::vector<char> valid(g.rows());
+    std::vector<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), orow(g.Xr);
+    RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W);
     std::vector<double> local_gain(g.K, 0.0), local_taps(taps ? g.K * g.D * g.W : 0, 0.0), sums(g.D);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       gather_row(gout, g.D, g, bk, t, y, gb.data());
-      gather_rows(k, g.Dq, g, bk, t, y, 1, kb.data(), valid);
-      gather_rows(v, g.D, g, bk, t, y, 1, vb.data(), valid);
+      kc.gather(bk, t, y, 1);
+      vc.gather(bk, t, y, 1);
       const T* p = probs + index * g.W * g.Xr;
       T* s = gscore + index * g.W * g.Xr;
       std::fill(dot.begin(), dot.end(), T(0));
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w) {
         T* dpw = dp.data() + w * g.Xr;
-        if (!valid[g.row[w]]) {
+        if (!vc.valid(g.row[w])) {
           std::fill(dpw, dpw + g.Xr, T(0));
           continue;
         }
-        const T* vrow = vb.data() + g.row[w] * g.D * g.Xp + g.halo + g.ox[w];
+        const T* vrow = vc.row(g.row[w]) + g.halo + g.ox[w];
         if (taps) {
           std::fill(sums.begin(), sums.end(), 0.0);
           channel_dot<T, true>(gb.data() + g.halo, vrow, g.D, g.Xp, g.Xr, dpw, sums.data());
@@ -310,7 +337,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
         }
         for (int64_t x = 0; x < g.Xr; ++x) dot[x] += p[w * g.Xr + x] * dpw[x];
         weight[M] = s + w * g.Xr;
-        value[M] = kb.data() + g.row[w] * g.Dq * g.Xp + g.halo + g.ox[w];
+        value[M] = kc.row(g.row[w]) + g.halo + g.ox[w];
         ++M;
       }
       double dgain = 0;
@@ -331,19 +358,18 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   // pass 2, per key row j, gathering from the query rows i = j - o_w (no write conflicts):
   // dk[:, j] = sum_w dS[i, w] q[:, i], dv[d, j] = sum_w (g P[i, w] + r[d, w]) gout[d, i].
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qb(g.rows() * g.Dq * g.Xp, T(0)), gb(g.rows() * g.D * g.Xp, T(0));
+    RowCache<T> qc(q, g.Dq, g), gc(gout, g.D, g);
     std::vector<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), orow(g.Xr), tap(g.W);
-    std::vector<char> valid(g.rows());
     std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W);
     std::vector<int64_t> live(g.W);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
-      gather_rows(q, g.Dq, g, bk, t, y, -1, qb.data(), valid);
-      gather_rows(gout, g.D, g, bk, t, y, -1, gb.data(), valid);
+      qc.gather(bk, t, y, -1);
+      gc.gather(bk, t, y, -1);
       const T gh = gain[h];
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w) {
-        if (!valid[g.row[w]]) continue;
+        if (!qc.valid(g.row[w])) continue;
         const int64_t query_row = (bk * g.T + t - g.rt[g.row[w]]) * g.H + y - g.ry[g.row[w]];
         const T* srow = gscore + (query_row * g.W + w) * g.Xr;
         const T* prow = probs + (query_row * g.W + w) * g.Xr;
@@ -354,8 +380,8 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
         const int64_t shift = g.halo - g.ox[w];
         sw[M] = sb.data() + w * g.Xp + shift;
         pw[M] = pb.data() + w * g.Xp + shift;
-        qb_rows[M] = qb.data() + g.row[w] * g.Dq * g.Xp + shift;
-        gb_rows[M] = gb.data() + g.row[w] * g.D * g.Xp + shift;
+        qb_rows[M] = qc.row(g.row[w]) + shift;
+        gb_rows[M] = gc.row(g.row[w]) + shift;
         live[M] = w;
         ++M;
       }
