@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +11,14 @@ _INTERPOLATION = {1: "linear", 2: "bicubic", 3: "trilinear"}
 
 
 def sincos_encoding(channels: int, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Fixed n-d sine-cosine encoding, shape (channels, *spatial); see ``_sincos``. Cached per arguments outside
+    torch.compile (treat the result as read-only)."""
+    if torch.compiler.is_compiling():
+        return _sincos(channels, spatial, dtype, device)
+    return _cached_sincos(channels, spatial, dtype, device)
+
+
+def _sincos(channels: int, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Fixed n-d sine-cosine encoding, shape (channels, *spatial).
 
     The channels are split evenly between the n dims; each dim gets pairs of sin/cos of its integer
@@ -28,6 +38,9 @@ def sincos_encoding(channels: int, spatial: tuple[int, ...], dtype: torch.dtype,
         enc[start : start + freqs] = torch.sin(angle).view(shape)
         enc[start + freqs : start + 2 * freqs] = torch.cos(angle).view(shape)
     return enc.to(dtype)
+
+
+_cached_sincos = functools.lru_cache(maxsize=64)(_sincos)
 
 
 def resize_learned(table: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

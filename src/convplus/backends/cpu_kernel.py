@@ -11,7 +11,6 @@ convolution kernel that reaches past the attention window runs as a separate dep
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from types import ModuleType
 
@@ -49,22 +48,23 @@ def unavailable_reason() -> str | None:
 
 
 class _WindowMix(torch.autograd.Function):
-    """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), taps (K, D, W) or empty, offsets (W, 3)
-    -> z (BK, D, T, H, X)."""
+    """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), kernel (K, D, P) or empty, tap_index (W,),
+    offsets (W, 3) -> z (BK, D, T, H, X)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gain, taps, offsets):
-        out, probs = extension().window_mix_forward(q, k, v, gain, taps, offsets, any(ctx.needs_input_grad))
-        ctx.save_for_backward(q, k, v, gain, taps, probs, offsets)
+    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets):
+        save = any(ctx.needs_input_grad)
+        out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, save)
+        ctx.save_for_backward(q, k, v, gain, kernel, tap_index, probs, offsets)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, gain, taps, probs, offsets = ctx.saved_tensors
-        dq, dk, dv, dgain, dtaps = extension().window_mix_backward(
-            q, k, v, gain, taps, probs, grad_out.contiguous(), offsets
+        q, k, v, gain, kernel, tap_index, probs, offsets = ctx.saved_tensors
+        dq, dk, dv, dgain, dkernel = extension().window_mix_backward(
+            q, k, v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
         )
-        return dq, dk, dv, dgain, dtaps if taps.numel() else None, None
+        return dq, dk, dv, dgain, dkernel if kernel.numel() else None, None, None
 
 
 class _DirectScore(torch.autograd.Function):
@@ -111,47 +111,46 @@ def _as_3d(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
+def _window(
+    spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[tuple[int, ...], torch.Tensor]:
+    """The clipped window on this grid: its reachable halves and its offsets as a (W, 3) int64 tensor (n-d
+    offsets padded to 3 dims at the front)."""
+    halves = reachable_halves(spatial, window, dilation)
+    offsets = [(0,) * (3 - len(o)) + o for o in window_offsets(halves, dilation)]
+    return halves, torch.tensor(offsets, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=256)
 def _tap_index(
-    kernel_size: tuple[int, ...], offsets: tuple[tuple[int, ...], ...], dilation: tuple[int, ...]
-) -> torch.Tensor:
-    """(W,) int64: each window offset's index in the flattened kernel, or prod(kernel_size) (the zero slot the
-    caller appends) where the kernel has no tap at that offset."""
-    index = []
-    for offset in offsets:
-        steps = [o // r + k // 2 for o, r, k in zip(offset, dilation, kernel_size, strict=True)]
-        flat = 0
-        for step, size in zip(steps, kernel_size, strict=True):
-            flat = flat * size + step
-        inside = all(0 <= step < size for step, size in zip(steps, kernel_size, strict=True))
-        index.append(flat if inside else math.prod(kernel_size))
-    return torch.tensor(index, dtype=torch.int64)
-
-
-def _taps(
-    kernel: torch.Tensor,
-    offsets: list[tuple[int, ...]],
-    halves: tuple[int, ...],
-    spatial: tuple[int, ...],
-    dilation: tuple[int, ...],
+    spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...], kernel_size: tuple[int, ...]
 ) -> torch.Tensor | None:
-    """kernel (K, D, *kernel_size) -> its taps at the window offsets (K, D, W), zero where the kernel has none;
+    """(W,) int64: for each window offset, its entry in the flattened kernel, -1 where the kernel has no tap;
     None when the kernel reaches grid positions outside the window (the conv term then runs on its own)."""
-    kernel_size = tuple(kernel.shape[2:])
+    halves, offsets = _window(spatial, window, dilation)
     reach = reachable_halves(spatial, kernel_size, dilation)
     if any(r > h for r, h in zip(reach, halves, strict=True)):
         return None
-    index = _tap_index(kernel_size, tuple(offsets), dilation)
-    flat = torch.cat([kernel.flatten(2), kernel.new_zeros(*kernel.shape[:2], 1)], dim=2)
-    return flat[:, :, index]
+    index = []
+    for offset in offsets[:, 3 - len(spatial) :].tolist():
+        steps = [o // r + k // 2 for o, r, k in zip(offset, dilation, kernel_size, strict=True)]
+        inside = all(0 <= step < size for step, size in zip(steps, kernel_size, strict=True))
+        index.append(_flat_index(steps, kernel_size) if inside else -1)
+    return torch.tensor(index, dtype=torch.int64)
 
 
-def _window_mix(q, k, v, gain, taps, offsets) -> torch.Tensor:
-    """The kernel on (B, K, C, *S) tensors; taps None: attention term only."""
-    padded = [(0,) * (3 - len(o)) + o for o in offsets]
-    taps = v.new_zeros(0) if taps is None else taps.to(v.dtype).contiguous()
-    out = _WindowMix.apply(
-        _as_3d(q), _as_3d(k), _as_3d(v), gain.to(v.dtype), taps, torch.tensor(padded, dtype=torch.int64)
-    )
+def _flat_index(steps: list[int], size: tuple[int, ...]) -> int:
+    flat = 0
+    for step, extent in zip(steps, size, strict=True):
+        flat = flat * extent + step
+    return flat
+
+
+def _window_mix(q, k, v, gain, kernel, tap_index, offsets) -> torch.Tensor:
+    """The kernel on (B, K, C, *S) tensors; kernel None: attention term only."""
+    kernel = v.new_zeros(0) if kernel is None else kernel.to(v.dtype).flatten(2).contiguous()
+    tap_index = offsets.new_zeros(0) if tap_index is None else tap_index
+    out = _WindowMix.apply(_as_3d(q), _as_3d(k), _as_3d(v), gain.to(v.dtype), kernel, tap_index, offsets)
     return out.view(v.shape)
 
 
@@ -165,9 +164,8 @@ def attend(
     """The attention term alone, sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
     if not _runs_here(q, v):
         return local.attend(q, k, v, window, dilation)
-    spatial = tuple(v.shape[3:])
-    offsets = window_offsets(reachable_halves(spatial, window, dilation), dilation)
-    return _window_mix(q, k, v, v.new_ones(v.shape[1]), None, offsets)
+    _, offsets = _window(tuple(v.shape[3:]), window, dilation)
+    return _window_mix(q, k, v, v.new_ones(v.shape[1]), None, None, offsets)
 
 
 _unfused = with_convolution_term(local.attend)
@@ -178,10 +176,8 @@ def mix(q, k, v, kernel, gain, window, dilation) -> torch.Tensor:
     if gain is None or not _runs_here(q, v):
         return _unfused(q, k, v, kernel, gain, window, dilation)
     spatial = tuple(v.shape[3:])
-    halves = reachable_halves(spatial, window, dilation)
-    offsets = window_offsets(halves, dilation)
-    taps = None if kernel is None else _taps(kernel, offsets, halves, spatial, dilation)
-    z = _window_mix(q, k, v, gain, taps, offsets)
-    if kernel is not None and taps is None:
-        z = z + convolution_term(v, kernel, dilation)
-    return z
+    _, offsets = _window(spatial, window, dilation)
+    tap_index = None if kernel is None else _tap_index(spatial, window, dilation, tuple(kernel.shape[2:]))
+    if kernel is not None and tap_index is None:  # the kernel reaches past the window: a separate conv term
+        return _window_mix(q, k, v, gain, None, None, offsets) + convolution_term(v, kernel, dilation)
+    return _window_mix(q, k, v, gain, kernel, tap_index, offsets)

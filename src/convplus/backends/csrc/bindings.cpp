@@ -4,7 +4,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_mix_forward", &convplus::window_mix_forward, "Conv+ windowed mix, forward: (z, probs)");
   m.def("window_mix_backward", &convplus::window_mix_backward,
-        "Conv+ windowed mix, backward: (dq, dk, dv, dgain, dtaps)");
+        "Conv+ windowed mix, backward: (dq, dk, dv, dgain, dkernel)");
   m.def("direct_score_forward", &convplus::direct_score_forward, "'direct' score features: (q, k, inverse_norm)");
   m.def("direct_score_backward", &convplus::direct_score_backward,
         "'direct' score features, backward: (dx, dpos, dtemperature)");

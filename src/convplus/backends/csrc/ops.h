@@ -7,12 +7,13 @@
 
 namespace convplus {
 
-// Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dtaps).
+// Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dkernel).
 std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
-                                              torch::Tensor taps, torch::Tensor offsets, bool save_probs);
+                                              torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
+                                              bool save_probs);
 std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
-                                               torch::Tensor taps, torch::Tensor probs, torch::Tensor gout,
-                                               torch::Tensor offsets);
+                                               torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor probs,
+                                               torch::Tensor gout, torch::Tensor offsets);
 
 // 'direct' score features (direct_score.cpp): (q, k, inverse_norm) and (dx, dpos, dtemperature).
 std::vector<torch::Tensor> direct_score_forward(torch::Tensor x, torch::Tensor pos, torch::Tensor temperature);

@@ -6,7 +6,8 @@
 // (offsets o_w whose key leaves the grid are excluded from the softmax; the convolution term sees zeros there).
 //
 // Layout: q, k (B*K, Dq, T, H, X), v (B*K, D, T, H, X), contiguous, channels first; 1-d and 2-d grids are padded
-// to 3 spatial dims with size 1. gain (K,); taps r (K, D, W), or an empty tensor for no convolution term;
+// to 3 spatial dims with size 1. gain (K,); kernel (K, D, P) flattened, or empty for no convolution term, and
+// tap_index (W,): the kernel entry at each window offset (-1: none), giving the taps r (K, D, W);
 // offsets (W, 3) int64, row-major over (t, y, x). Head of slice bk is bk % K.
 //
 // Every inner loop runs over x in register tiles of whole SIMD vectors. The rows a query row needs are copied
@@ -399,11 +400,21 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   });
 }
 
+// taps (K, D, W): the kernel's value at each window offset, 0 where tap_index is -1. kernel (K, D, P).
+torch::Tensor taps_at_offsets(const torch::Tensor& kernel, const torch::Tensor& tap_index) {
+  const int64_t W = tap_index.size(0);
+  auto padded = torch::cat({kernel, kernel.new_zeros({kernel.size(0), kernel.size(1), 1})}, 2);
+  auto index = torch::where(tap_index < 0, kernel.size(2), tap_index);
+  return padded.index_select(2, index).contiguous().view({kernel.size(0), kernel.size(1), W});
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
-                                   torch::Tensor taps, torch::Tensor offsets, bool save_probs) {
+                                              torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
+                                              bool save_probs) {
   const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
+  auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto out = torch::empty_like(v);
   auto probs = torch::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_window_mix_forward", [&] {
@@ -415,9 +426,10 @@ std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, 
 }
 
 std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
-                                    torch::Tensor taps, torch::Tensor probs, torch::Tensor gout,
-                                    torch::Tensor offsets) {
+                                               torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor probs,
+                                               torch::Tensor gout, torch::Tensor offsets) {
   const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
+  auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto gscore = torch::empty_like(probs);
   auto gq = torch::empty_like(q), gk = torch::empty_like(k), gv = torch::empty_like(v);
   auto acc = q.options().dtype(torch::kFloat64);
@@ -429,7 +441,13 @@ std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k,
                               gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
                               ggain.data_ptr<double>(), gtaps.data_ptr<double>());
   });
-  return {gq, gk, gv, ggain.to(q.scalar_type()), gtaps.to(q.scalar_type()).view_as(taps)};
+  auto gkernel = torch::zeros_like(kernel, acc);
+  if (kernel.numel()) {  // each tap's gradient back to its kernel entry
+    auto index = tap_index.clamp_min(0).view({1, 1, g.W}).expand({g.K, g.D, g.W});
+    auto grad = gtaps.view({g.K, g.D, g.W}) * (tap_index >= 0).to(torch::kFloat64);
+    gkernel.scatter_add_(2, index, grad);
+  }
+  return {gq, gk, gv, ggain.to(q.scalar_type()), gkernel.to(q.scalar_type())};
 }
 
 }  // namespace convplus
