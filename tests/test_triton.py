@@ -24,6 +24,9 @@ cases = [
     (ConvPlus1d, (1, 4, 9), dict(kernel_size=5, window=5, heads=1, proj=False), torch.float32, 1e-5),
     (ConvPlus3d, (1, 4, 3, 4, 3), dict(kernel_size=3, window=3, heads=2), torch.float32, 1e-5),
     (ConvPlus2d, (1, 8, 5, 6), dict(kernel_size=3, window=3, heads=2), torch.float16, 2e-2),
+    (ConvPlus2d, (1, 8, 5, 6), dict(kernel_size=3, window=3, heads=2), torch.bfloat16, 5e-2),
+    (ConvPlus2d, (2, 4, 6, 6), dict(kernel_size=5, window=3, heads=2), torch.float32, 1e-5),  # conv term apart
+    (ConvPlus1d, (2, 4, 7), dict(kernel_size=3, window=5, heads=2, convolution=False), torch.float32, 1e-5),
 ]
 for cls, shape, kwargs, dtype, tol in cases:
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ j inside the grid; all j when the window is None.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -30,6 +31,27 @@ def window_offsets(halves: tuple[int, ...], dilation: tuple[int, ...]) -> list[t
     """All offsets j - i of a (clipped) window, row-major: a list of W tuples of n ints."""
     ranges = [range(-h * r, h * r + 1, r) for h, r in zip(halves, dilation, strict=True)]
     return list(itertools.product(*ranges))
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_tap_index(
+    spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...], kernel_size: tuple[int, ...]
+) -> tuple[int, ...] | None:
+    """For the convolution term fused into a window pass: for each offset of the clipped window (in
+    ``window_offsets`` order), its entry in the row-major flattened (dilated) kernel, -1 where the kernel has no
+    tap. None when the kernel reaches grid positions outside the window (the term cannot ride on that pass)."""
+    halves = reachable_halves(spatial, window, dilation)
+    if any(r > h for r, h in zip(reachable_halves(spatial, kernel_size, dilation), halves, strict=True)):
+        return None
+    index = []
+    for offset in window_offsets(halves, dilation):
+        steps = [o // r + k // 2 for o, r, k in zip(offset, dilation, kernel_size, strict=True)]
+        flat = 0
+        for step, size in zip(steps, kernel_size, strict=True):
+            flat = flat * size + step
+        inside = all(0 <= step < size for step, size in zip(steps, kernel_size, strict=True))
+        index.append(flat if inside else -1)
+    return tuple(index)
 
 
 def offset_validity(spatial: tuple[int, ...], offsets: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:

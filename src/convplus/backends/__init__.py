@@ -23,7 +23,7 @@ BACKENDS: dict[str, MixFn] = {
     "local": with_convolution_term(local.attend),
     "global": with_convolution_term(global_attention.attend),
     "cpu": cpu_kernel.mix,
-    "triton": with_convolution_term(triton_backend.attend),
+    "triton": triton_backend.mix,
 }
 """Backend name -> mix function. Fast backends register themselves here when they can run."""
 

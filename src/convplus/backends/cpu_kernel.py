@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from ..neighborhood import reachable_halves, window_offsets
+from ..neighborhood import kernel_tap_index, reachable_halves, window_offsets
 from . import local
 from .terms import convolution_term, with_convolution_term
 
@@ -125,25 +125,9 @@ def _window(
 def _tap_index(
     spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...], kernel_size: tuple[int, ...]
 ) -> torch.Tensor | None:
-    """(W,) int64: for each window offset, its entry in the flattened kernel, -1 where the kernel has no tap;
-    None when the kernel reaches grid positions outside the window (the conv term then runs on its own)."""
-    halves, offsets = _window(spatial, window, dilation)
-    reach = reachable_halves(spatial, kernel_size, dilation)
-    if any(r > h for r, h in zip(reach, halves, strict=True)):
-        return None
-    index = []
-    for offset in offsets[:, 3 - len(spatial) :].tolist():
-        steps = [o // r + k // 2 for o, r, k in zip(offset, dilation, kernel_size, strict=True)]
-        inside = all(0 <= step < size for step, size in zip(steps, kernel_size, strict=True))
-        index.append(_flat_index(steps, kernel_size) if inside else -1)
-    return torch.tensor(index, dtype=torch.int64)
-
-
-def _flat_index(steps: list[int], size: tuple[int, ...]) -> int:
-    flat = 0
-    for step, extent in zip(steps, size, strict=True):
-        flat = flat * extent + step
-    return flat
+    """``neighborhood.kernel_tap_index`` as a (W,) int64 tensor (cached), or None."""
+    index = kernel_tap_index(spatial, window, dilation, kernel_size)
+    return None if index is None else torch.tensor(index, dtype=torch.int64)
 
 
 def _window_mix(q, k, v, gain, kernel, tap_index, offsets) -> torch.Tensor:

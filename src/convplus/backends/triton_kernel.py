@@ -1,9 +1,14 @@
-"""The windowed attention term as Triton kernels (GPU): one pass over the window with an online softmax
-forward, and a backward that recomputes the probabilities from the saved log-sum-exp.
+"""The windowed Conv+ mixing step as Triton kernels (GPU): the attention term (online softmax), its gain and
+the depthwise convolution term in one pass over the window,
 
-Layout: q, k (BK, Dq, N), v (BK, D, N), N = T * H * X (n-d grids padded to 3 dims); offsets (W, 3) int64.
-Each program handles BLOCK_N positions of one (batch, head). Accumulation is float32 for every input dtype.
-Importing this module imports triton; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
+    z_i = g * sum_w P_w(i) v_{i + o_w} + sum_w r(o_w) v_{i + o_w},
+
+and a backward that recomputes the probabilities from the saved log-sum-exp.
+
+Layout: q, k (BK, Dq, N), v (BK, D, N), N = T * H * X (n-d grids padded to 3 dims); offsets (W, 3) int64;
+gain (K,) and taps r (K, D, W) float32 for head bk % K. Each program handles BLOCK_N positions of one
+(batch, head). Accumulation is float32 for every input dtype. Importing this module imports triton;
+``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
 """
 
 from __future__ import annotations
@@ -36,25 +41,32 @@ def _forward(
     k_ptr,
     v_ptr,
     off_ptr,
+    gain_ptr,
+    taps_ptr,
     out_ptr,
+    attn_ptr,
     lse_ptr,
     W,
     T,
     H,
     X,
     N,
+    K,
     DQ,
     D,
+    HAS_TAPS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DQ: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     bk = tl.program_id(0)
+    head = bk % K
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     t, y, x = _coords(n, H, X)
     dq = tl.arange(0, BLOCK_DQ)
     dv = tl.arange(0, BLOCK_D)
+    conv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     q = tl.load(
         q_ptr + bk * DQ * N + dq[None, :] * N + n[:, None], mask=n_ok[:, None] & (dq[None, :] < DQ), other=0.0
     ).to(tl.float32)
@@ -76,13 +88,15 @@ def _forward(
         denom = denom * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v
         m = m_new
+        if HAS_TAPS:
+            tap = tl.load(taps_ptr + (head * D + dv) * W + w, mask=dv < D, other=0.0)
+            conv += tap[None, :] * v
     denom = tl.where(n_ok, denom, 1.0)
-    out = acc / denom[:, None]
-    tl.store(
-        out_ptr + bk * D * N + dv[None, :] * N + n[:, None],
-        out.to(out_ptr.dtype.element_ty),
-        mask=n_ok[:, None] & (dv[None, :] < D),
-    )
+    attn = acc / denom[:, None]
+    out = tl.load(gain_ptr + head) * attn + conv
+    out_mask = n_ok[:, None] & (dv[None, :] < D)
+    tl.store(out_ptr + bk * D * N + dv[None, :] * N + n[:, None], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(attn_ptr + bk * D * N + dv[None, :] * N + n[:, None], attn, mask=out_mask)
     tl.store(lse_ptr + bk * N + n, m + tl.log(denom), mask=n_ok)
 
 
@@ -92,24 +106,33 @@ def _backward(
     k_ptr,
     v_ptr,
     off_ptr,
+    gain_ptr,
+    taps_ptr,
     lse_ptr,
     delta_ptr,
     gout_ptr,
     gq_ptr,
     gk_ptr,
     gv_ptr,
+    gtaps_ptr,
     W,
     T,
     H,
     X,
     N,
+    K,
     DQ,
     D,
+    HAS_TAPS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DQ: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """delta (BK, N) = sum_d gout * attention term; gtaps (BK, n_blocks, D, W) gets each block's partial
+    sum_i gout_i v_{i + o_w} (reduced outside)."""
     bk = tl.program_id(0)
+    head = bk % K
+    gain = tl.load(gain_ptr + head)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     t, y, x = _coords(n, H, X)
@@ -129,14 +152,20 @@ def _backward(
         k = tl.load(k_ptr + bk * DQ * N + dq[None, :] * N + j[:, None], mask=k_mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + bk * D * N + dv[None, :] * N + j[:, None], mask=w_mask, other=0.0).to(tl.float32)
         p = tl.where(ok, tl.exp(tl.sum(q * k, axis=1) - lse), 0.0)
-        ds = p * (tl.sum(g * v, axis=1) - delta)
+        ds = gain * p * (tl.sum(g * v, axis=1) - delta)
         grad_q += ds[:, None] * k
         tl.atomic_add(gk_ptr + bk * DQ * N + dq[None, :] * N + j[:, None], ds[:, None] * q, mask=k_mask)
-        tl.atomic_add(gv_ptr + bk * D * N + dv[None, :] * N + j[:, None], p[:, None] * g, mask=w_mask)
+        weight = gain * p[:, None]
+        if HAS_TAPS:
+            weight += tl.load(taps_ptr + (head * D + dv) * W + w, mask=dv < D, other=0.0)[None, :]
+            part = tl.sum(g * v, axis=0)
+            block = (bk * tl.num_programs(1) + tl.program_id(1)) * D * W
+            tl.store(gtaps_ptr + block + dv * W + w, part, mask=dv < D)
+        tl.atomic_add(gv_ptr + bk * D * N + dv[None, :] * N + j[:, None], weight * g, mask=w_mask)
     tl.store(gq_ptr + bk * DQ * N + dq[None, :] * N + n[:, None], grad_q, mask=q_mask)
 
 
-def _launch_shape(q: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]) -> dict:
+def _launch_shape(q: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], heads: int) -> dict:
     bk, dq, n = q.shape
     return {
         "grid": (bk, triton.cdiv(n, BLOCK_N)),
@@ -144,72 +173,69 @@ def _launch_shape(q: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]) 
         "H": grid[1],
         "X": grid[2],
         "N": n,
+        "K": heads,
         "DQ": dq,
         "D": v.shape[1],
+        "BLOCK_N": BLOCK_N,
         "BLOCK_DQ": triton.next_power_of_2(dq),
         "BLOCK_D": triton.next_power_of_2(v.shape[1]),
     }
 
 
-class WindowedAttention(torch.autograd.Function):
-    """q, k (BK, Dq, N), v (BK, D, N), offsets (W, 3), grid (T, H, X) -> (BK, D, N)."""
+class WindowMix(torch.autograd.Function):
+    """q, k (BK, Dq, N), v (BK, D, N), gain (K,), taps (K, D, W) or None, offsets (W, 3), grid (T, H, X)
+    -> z (BK, D, N)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, offsets, grid):
-        s = _launch_shape(q, v, grid)
+    def forward(ctx, q, k, v, gain, taps, offsets, grid):
+        s = _launch_shape(q, v, grid, gain.shape[0])
+        width = offsets.shape[0]
+        gain32 = gain.float().contiguous()
+        taps32 = gain32 if taps is None else taps.float().contiguous()  # a placeholder pointer without taps
         out = torch.empty_like(v)
+        attn = torch.empty(v.shape, device=v.device, dtype=torch.float32)
         lse = torch.empty(q.shape[0], s["N"], device=q.device, dtype=torch.float32)
-        _forward[s["grid"]](
-            q,
-            k,
-            v,
-            offsets,
-            out,
-            lse,
-            offsets.shape[0],
-            s["T"],
-            s["H"],
-            s["X"],
-            s["N"],
-            s["DQ"],
-            s["D"],
-            BLOCK_N=BLOCK_N,
-            BLOCK_DQ=s["BLOCK_DQ"],
-            BLOCK_D=s["BLOCK_D"],
-        )
-        ctx.save_for_backward(q, k, v, offsets, out, lse)
-        ctx.grid = grid
+        grid_size = s.pop("grid")
+        _forward[grid_size](q, k, v, offsets, gain32, taps32, out, attn, lse, width, **s, HAS_TAPS=taps is not None)
+        ctx.save_for_backward(q, k, v, offsets, gain32, taps32, attn, lse)
+        ctx.grid, ctx.has_taps = grid, taps is not None
+        ctx.dtypes = (gain.dtype, None if taps is None else taps.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, offsets, out, lse = ctx.saved_tensors
-        s = _launch_shape(q, v, ctx.grid)
+        q, k, v, offsets, gain32, taps32, attn, lse = ctx.saved_tensors
+        s = _launch_shape(q, v, ctx.grid, gain32.shape[0])
+        width, heads = offsets.shape[0], gain32.shape[0]
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(1).contiguous()  # (BK, N)
+        delta = (grad_out.float() * attn).sum(1).contiguous()  # (BK, N): sum_d gout * attention term
+        grad_gain = delta.view(-1, heads, delta.shape[1]).sum((0, 2))
         grad_q = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         grad_k = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
         grad_v = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
-        _backward[s["grid"]](
+        grid_size = s.pop("grid")
+        blocks = grid_size[1] if ctx.has_taps else 0
+        grad_taps = torch.zeros(q.shape[0], blocks, s["D"], width, device=q.device, dtype=torch.float32)
+        _backward[grid_size](
             q,
             k,
             v,
             offsets,
+            gain32,
+            taps32,
             lse,
             delta,
             grad_out,
             grad_q,
             grad_k,
             grad_v,
-            offsets.shape[0],
-            s["T"],
-            s["H"],
-            s["X"],
-            s["N"],
-            s["DQ"],
-            s["D"],
-            BLOCK_N=BLOCK_N,
-            BLOCK_DQ=s["BLOCK_DQ"],
-            BLOCK_D=s["BLOCK_D"],
+            grad_taps,
+            width,
+            **s,
+            HAS_TAPS=ctx.has_taps,
         )
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+        taps_grad = None
+        if ctx.has_taps:
+            taps_grad = grad_taps.sum(1).view(-1, heads, s["D"], width).sum(0).to(ctx.dtypes[1])
+        grads = (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_gain.to(ctx.dtypes[0]))
+        return (*grads, taps_grad, None, None)
