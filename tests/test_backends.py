@@ -179,3 +179,28 @@ def test_fused_direct_score_features_match_the_pytorch_ones(with_pos):
         results.append([q.detach(), k.detach(), *[t.grad for t in inputs]])
     for fused_value, value in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(fused_value, value, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+def test_cpu_kernel_keeps_probabilities_only_when_a_gradient_can_follow(monkeypatch):
+    from convplus.backends import cpu_kernel
+
+    kernels, kept = cpu_kernel.extension(), []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def window_mix_forward(self, *args):
+            kept.append(args[-1])
+            return kernels.window_mix_forward(*args)
+
+    monkeypatch.setattr(cpu_kernel, "extension", Recording)
+    module = MODULES[2](8, heads=2, kernel_size=5, backend="cpu")  # parameters require grad
+    x = torch.randn(2, 8, 9, 10)
+    with torch.no_grad():
+        inference = module(x)
+    training = module(x)
+    training.sum().backward()
+    assert kept == [False, True]
+    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)

@@ -49,11 +49,12 @@ def unavailable_reason() -> str | None:
 
 class _WindowMix(torch.autograd.Function):
     """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), kernel (K, D, P) or empty, tap_index (W,),
-    offsets (W, 3) -> z (BK, D, T, H, X)."""
+    offsets (W, 3) -> z (BK, D, T, H, X). The probabilities are kept for backward only when ``differentiable``
+    (inside ``forward``, grad mode is always off and ``needs_input_grad`` ignores ``torch.no_grad``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets):
-        save = any(ctx.needs_input_grad)
+    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets, differentiable):
+        save = differentiable and any(ctx.needs_input_grad)
         out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, save)
         ctx.save_for_backward(q, k, v, gain, kernel, tap_index, probs, offsets)
         return out
@@ -64,7 +65,7 @@ class _WindowMix(torch.autograd.Function):
         dq, dk, dv, dgain, dkernel = extension().window_mix_backward(
             q, k, v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
         )
-        return dq, dk, dv, dgain, dkernel if kernel.numel() else None, None, None
+        return dq, dk, dv, dgain, dkernel if kernel.numel() else None, None, None, None
 
 
 class _DirectScore(torch.autograd.Function):
@@ -134,7 +135,8 @@ def _window_mix(q, k, v, gain, kernel, tap_index, offsets) -> torch.Tensor:
     """The kernel on (B, K, C, *S) tensors; kernel None: attention term only."""
     kernel = v.new_zeros(0) if kernel is None else kernel.to(v.dtype).flatten(2).contiguous()
     tap_index = offsets.new_zeros(0) if tap_index is None else tap_index
-    out = _WindowMix.apply(_as_3d(q), _as_3d(k), _as_3d(v), gain.to(v.dtype), kernel, tap_index, offsets)
+    inputs = (_as_3d(q), _as_3d(k), _as_3d(v), gain.to(v.dtype), kernel, tap_index, offsets)
+    out = _WindowMix.apply(*inputs, torch.is_grad_enabled())
     return out.view(v.shape)
 
 
