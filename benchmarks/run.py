@@ -2,7 +2,12 @@
 (median of repeats). Writes docs/performance.md (ending with the issue's targets, met or not, computed from
 the tables) and docs/scaling.png.
 
-    python benchmarks/run.py [--quick] [--threads N] [--repeats 5]
+    python benchmarks/run.py [--quick] [--threads N] [--repeats 5] [--default-malloc]
+
+On Linux the suite re-runs itself with glibc's malloc set to keep freed memory (``RETAINING_MALLOC``), as
+jemalloc and tcmalloc do and as PyTorch's CPU tuning guide advises: with the default settings every large
+tensor is freshly mapped memory, and its page faults, which vary from run to run on this VM, cost more than
+the depthwise conv baseline itself. ``--default-malloc`` measures with the default settings instead.
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ TINY_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
 DWCONV, CONVPLUS = "depthwise conv 7x7 (baseline)", "Conv+ mixer, backend 'cpu'"
 ATTENTION, UNFOLD = "attention term only: fused C++ kernel", "attention term only: unfold neighborhood attention"
 FLEX = "attention term only: FlexAttention (compiled, block mask)"
+RETAINING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
+
+def with_retaining_malloc() -> None:
+    """Re-execute this script with RETAINING_MALLOC in the environment unless it is there (glibc reads it at
+    start-up only)."""
+    if platform.system() == "Linux" and any(os.environ.get(k) != v for k, v in RETAINING_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RETAINING_MALLOC})
 
 
 def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> float:
@@ -299,21 +312,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=Path("docs/performance.md"))
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
     args = parser.parse_args()
+    if not args.default_malloc:
+        with_retaining_malloc()
+    malloc = (
+        "glibc malloc with " + ", ".join(f"{k}={os.environ[k]}" for k in RETAINING_MALLOC)
+        if all(k in os.environ for k in RETAINING_MALLOC)
+        else "the default malloc settings"
+    )
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cpu_kernel.extension()  # build outside the timings
     mixer_batch, batch = (2, 2) if args.quick else (8, 16)
     rates = machine_rates(args.repeats)
     results: dict = {}
-    command = f"python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}"
+    flags = (" --quick" if args.quick else "") + (" --default-malloc" if args.default_malloc else "")
+    command = f"python benchmarks/run.py{flags} --threads {args.threads}"
     sections = [
         "# Performance",
         "",
         f"Command: `{command}` on {cpu_name()} ({platform.machine()}, {os.cpu_count()} cores), "
-        f"{args.threads} thread(s), torch {torch.__version__}, {date.today().isoformat()}. Times are medians of "
-        f"{args.repeats} repeats after a warm-up; ratios are against the first row of each table, timed in the same "
-        "run. Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks on CPU): attention term, gain and "
+        f"{args.threads} thread(s), torch {torch.__version__}, {malloc}, {date.today().isoformat()}. "
+        f"Times are medians of {args.repeats} repeats after a warm-up; ratios are against the first row of "
+        "each table, timed in the same run. Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks "
+        "on CPU): attention term, gain and "
         "depthwise conv term in one pass over the window.",
         "",
         "**GPU: missing.** No GPU was lent to the sessions that built this suite. The Triton kernels "
