@@ -12,24 +12,50 @@
 //
 // Every inner loop runs over x in register tiles of whole SIMD vectors. The rows a query row needs are copied
 // into per-thread buffers with a zero halo of max|o_x| on each side and zero columns up to a whole number of
-// vectors, so the tiles never test a bound: out-of-grid keys read zeros (and get -inf scores).
+// vectors, so the tiles never test a bound: out-of-grid keys read zeros (and get -inf scores). Buffers and
+// their rows start on a vector boundary (the left halo is widened to a whole vector), so the unshifted operand
+// of every product is an aligned load.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace convplus {
 namespace {
 
 constexpr int64_t kVectorBytes = 64;
 constexpr int kTile = 4;  // vectors per register tile
+
+// Allocates on vector boundaries.
+template <typename T>
+struct VectorAligned {
+  using value_type = T;
+  VectorAligned() = default;
+  template <typename U>
+  VectorAligned(const VectorAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kVectorBytes))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(kVectorBytes)); }
+  template <typename U>
+  bool operator==(const VectorAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const VectorAligned<U>&) const { return false; }
+};
+
+template <typename T>
+using Buffer = std::vector<T, VectorAligned<T>>;
 
 template <typename T>
 struct Simd {
@@ -57,37 +83,66 @@ inline T horizontal_sum(const V& v) {
 }
 
 // e^x for a vector: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial (degree 7 for float,
-// 12 for double: below one ulp of error from the truncation), 2^n from the exponent bits. Exactly 0 for
-// x = -inf (masked scores) and below the smallest normal result; NaN stays NaN.
+// 12 for double: below one ulp of error from the truncation), times 2^n. Exactly 0 for x = -inf (masked scores)
+// and below the smallest normal result; NaN stays NaN.
+template <typename T>
+struct ExpConstants {
+  static constexpr int degree = sizeof(T) == 4 ? 7 : 12;
+  static constexpr T lo = sizeof(T) == 4 ? T(-87.0) : T(-708.0), hi = sizeof(T) == 4 ? T(88.0) : T(709.0);
+  static constexpr T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125),
+                     ln2_lo = T(1.42860682030941723212e-6);
+  // 1 / i! for i = 0 .. degree
+  static constexpr std::array<T, degree + 1> taylor() {
+    std::array<T, degree + 1> c{};
+    c[0] = T(1);
+    for (int i = 1; i <= degree; ++i) c[i] = c[i - 1] / i;
+    return c;
+  }
+};
+
+#if defined(__AVX512F__)
+// The same with AVX-512's rounding and 2^n scaling instructions, for 16 floats.
+inline __m512 exp_avx512(__m512 x) {
+  using E = ExpConstants<float>;
+  constexpr std::array<float, E::degree + 1> c = E::taylor();
+  const __m512 lo = _mm512_set1_ps(E::lo);
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(E::hi), _mm512_max_ps(lo, x));  // NaN: the second operand
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(E::log2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r =
+      _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_hi), xc));
+  __m512 poly = _mm512_set1_ps(c[E::degree]);
+  for (int i = E::degree - 1; i >= 0; --i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c[i]));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), _mm512_scalef_ps(poly, n));
+}
+#endif
+
 template <typename V, typename T>
 inline V exp_vec(V x) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4 && sizeof(V) == sizeof(__m512)) return (V)exp_avx512((__m512)x);
+#endif
+  using E = ExpConstants<T>;
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef I ivec __attribute__((vector_size(sizeof(V))));
   constexpr int mantissa = sizeof(T) == 4 ? 23 : 52;
   constexpr I bias = sizeof(T) == 4 ? 127 : 1023;
-  constexpr int degree = sizeof(T) == 4 ? 7 : 12;
-  const T lo = sizeof(T) == 4 ? T(-87.0) : T(-708.0), hi = sizeof(T) == 4 ? T(88.0) : T(709.0);
-  const T ln2_hi = T(0.693145751953125), ln2_lo = T(1.42860682030941723212e-6);
-  const V xc = x < lo ? V{} + lo : (x > hi ? V{} + hi : x);
-  const V y = xc * T(1.4426950408889634);
+  constexpr std::array<T, E::degree + 1> c = E::taylor();
+  const V xc = x < E::lo ? V{} + E::lo : (x > E::hi ? V{} + E::hi : x);
+  const V y = xc * E::log2e;
   const ivec n = __builtin_convertvector(y < T(0) ? y - T(0.5) : y + T(0.5), ivec);
   const V nf = __builtin_convertvector(n, V);
-  const V r = (xc - nf * ln2_hi) - nf * ln2_lo;
-  T coefficient = 1;
-  for (int i = 1; i <= degree; ++i) coefficient /= i;
-  V poly = V{} + coefficient;
-  for (int i = degree - 1; i >= 0; --i) {
-    coefficient *= (i + 1);
-    poly = poly * r + coefficient;
-  }
+  const V r = (xc - nf * E::ln2_hi) - nf * E::ln2_lo;
+  V poly = V{} + c[E::degree];
+  for (int i = E::degree - 1; i >= 0; --i) poly = poly * r + c[i];
   const V scale = (V)((n + bias) << mantissa);
-  return x < lo ? V{} : poly * scale;
+  return x < E::lo ? V{} : poly * scale;
 }
 
 // Sizes, the window's offsets, and the distinct (t, y) row offsets they use.
 struct Geometry {
   int64_t BK, K, Dq, D, T, H, X, N;
-  int64_t W, halo, Xr, Xp;  // offsets; max |o_x|; X rounded up to whole vectors; Xr + 2 * halo
+  int64_t W, halo, lead, Xr, Xp;  // offsets; max |o_x|; halo, X rounded up to whole vectors; lead + Xr + lead
   std::vector<int64_t> ox, row;  // per offset: x offset, index of its (t, y) row offset
   std::vector<int64_t> rt, ry;   // distinct (t, y) row offsets
   int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
@@ -110,20 +165,21 @@ struct Geometry {
     }
     span_t = *std::max_element(rt.begin(), rt.end()) - *std::min_element(rt.begin(), rt.end()) + 1;
     span_y = *std::max_element(ry.begin(), ry.end()) - *std::min_element(ry.begin(), ry.end()) + 1;
+    lead = (halo + width - 1) / width * width;
     Xr = (X + width - 1) / width * width;
-    Xp = Xr + 2 * halo;
+    Xp = lead + Xr + lead;
   }
 
   int64_t rows() const { return static_cast<int64_t>(rt.size()); }
   bool row_in_grid(int64_t t, int64_t y) const { return t >= 0 && t < T && y >= 0 && y < H; }
 };
 
-// Copies row (t, y) of src (BK, C, T, H, X) at slice bk into buf (C, Xp) at column halo; the caller zeroes buf
+// Copies row (t, y) of src (BK, C, T, H, X) at slice bk into buf (C, Xp) at column lead; the caller zeroes buf
 // once, so the columns outside stay zero.
 template <typename T>
 void gather_row(const T* src, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* buf) {
   for (int64_t c = 0; c < C; ++c)
-    std::memcpy(buf + c * g.Xp + g.halo, src + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, g.X * sizeof(T));
+    std::memcpy(buf + c * g.Xp + g.lead, src + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, g.X * sizeof(T));
 }
 
 // The rows around a query (or key) row, copied into padded (C, Xp) buffers and kept while later rows still use
@@ -158,11 +214,26 @@ class RowCache {
   const T* src_;
   int64_t C_;
   const Geometry& g_;
-  std::vector<T> data_;
+  Buffer<T> data_;
   std::vector<int64_t> tag_;
   std::vector<const T*> rows_;
   std::vector<char> valid_;
 };
+
+// Calls tile(std::integral_constant<int, n>, x) over x = 0 .. Xr in register tiles of n <= kTile whole vectors.
+template <typename T, typename Tile>
+inline void over_tiles(int64_t Xr, Tile&& tile) {
+  static_assert(kTile == 4, "one case per tile width");
+  constexpr int64_t L = Simd<T>::width;
+  for (int64_t x = 0; x < Xr; x += kTile * L) {
+    switch (std::min<int64_t>(kTile, (Xr - x) / L)) {
+      case 4: tile(std::integral_constant<int, 4>{}, x); break;
+      case 3: tile(std::integral_constant<int, 3>{}, x); break;
+      case 2: tile(std::integral_constant<int, 2>{}, x); break;
+      default: tile(std::integral_constant<int, 1>{}, x); break;
+    }
+  }
+}
 
 // out[x] = sum_c a[c * stride + x] * b[c * stride + x] for the n * width values of x from 0; with row_sums,
 // also sums[c] += sum_x a[c * stride + x] * b[c * stride + x].
@@ -185,70 +256,61 @@ inline void channel_dot_tile(const T* a, const T* b, int64_t C, int64_t stride, 
 
 template <typename T, bool row_sums>
 void channel_dot(const T* a, const T* b, int64_t C, int64_t stride, int64_t Xr, T* out, double* sums) {
-  constexpr int64_t L = Simd<T>::width;
-  for (int64_t x = 0; x < Xr; x += kTile * L) {
-    switch (std::min<int64_t>(kTile, (Xr - x) / L)) {
-      case 4: channel_dot_tile<T, 4, row_sums>(a + x, b + x, C, stride, out + x, sums); break;
-      case 3: channel_dot_tile<T, 3, row_sums>(a + x, b + x, C, stride, out + x, sums); break;
-      case 2: channel_dot_tile<T, 2, row_sums>(a + x, b + x, C, stride, out + x, sums); break;
-      default: channel_dot_tile<T, 1, row_sums>(a + x, b + x, C, stride, out + x, sums); break;
-    }
-  }
+  over_tiles<T>(Xr, [&](auto n, int64_t x) {
+    channel_dot_tile<T, decltype(n)::value, row_sums>(a + x, b + x, C, stride, out + x, sums);
+  });
 }
 
-// The weighted sum over the window: out[x] = sum_{m < M} (scale * weight[m][x] + taps[m]) * value[m][shift + x],
-// for n * width values of x from x0 (taps may be null: no convolution term).
-template <typename T, int n>
-inline void window_sum_tile(const T* const* weight, T scale, const T* const* value, int64_t shift, const T* taps,
-                            int64_t M, int64_t x0, T* out) {
+// The weighted sum over the window: out[x] = sum_{m < M} (scale[x] * weight[m][x] + taps[m]) * value[m][shift + x]
+// for x = 0 .. Xr (taps may be null: no convolution term).
+template <typename T>
+void window_sum(const T* const* weight, const T* scale, const T* const* value, int64_t shift, const T* taps,
+                int64_t M, int64_t Xr, T* out) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
-  V acc[n] = {};
-  for (int64_t m = 0; m < M; ++m) {
-    const T tap = taps ? taps[m] : T(0);
-    for (int j = 0; j < n; ++j) acc[j] += (load<V>(weight[m] + x0 + j * L) * scale + tap) * load<V>(value[m] + shift + x0 + j * L);
-  }
-  for (int j = 0; j < n; ++j) store(out + x0 + j * L, acc[j]);
-}
-
-template <typename T>
-void window_sum(const T* const* weight, T scale, const T* const* value, int64_t shift, const T* taps, int64_t M,
-                int64_t Xr, T* out) {
-  constexpr int64_t L = Simd<T>::width;
-  for (int64_t x = 0; x < Xr; x += kTile * L) {
-    switch (std::min<int64_t>(kTile, (Xr - x) / L)) {
-      case 4: window_sum_tile<T, 4>(weight, scale, value, shift, taps, M, x, out); break;
-      case 3: window_sum_tile<T, 3>(weight, scale, value, shift, taps, M, x, out); break;
-      case 2: window_sum_tile<T, 2>(weight, scale, value, shift, taps, M, x, out); break;
-      default: window_sum_tile<T, 1>(weight, scale, value, shift, taps, M, x, out); break;
+  over_tiles<T>(Xr, [&](auto tile, int64_t x0) {
+    constexpr int n = decltype(tile)::value;
+    V acc[n] = {}, s[n];
+    for (int j = 0; j < n; ++j) s[j] = load<V>(scale + x0 + j * L);
+    for (int64_t m = 0; m < M; ++m) {
+      const T tap = taps ? taps[m] : T(0);
+      for (int j = 0; j < n; ++j)
+        acc[j] += (load<V>(weight[m] + x0 + j * L) * s[j] + tap) * load<V>(value[m] + shift + x0 + j * L);
     }
-  }
+    for (int j = 0; j < n; ++j) store(out + x0 + j * L, acc[j]);
+  });
 }
 
 inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }
 
-// In place, for each column x of p (W, Xr): softmax over w; columns from X on become 0.
+// In place, for each column x of p (W, Xr): p[w, x] = exp(p[w, x] - max_w p[., x]), and inverse[x] = 1 / sum_w
+// p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w.
 template <typename T>
-void softmax_columns(T* p, int64_t W, int64_t X, int64_t Xr) {
+void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, T* inverse) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
-  for (int64_t x = 0; x < Xr; x += L) {
-    V top = load<V>(p + x);
-    for (int64_t w = 1; w < W; ++w) {
-      const V s = load<V>(p + w * Xr + x);
-      top = s > top ? s : top;
+  over_tiles<T>(Xr, [&](auto tile, int64_t x0) {
+    constexpr int n = decltype(tile)::value;
+    V top[n], sum[n] = {};
+    for (int j = 0; j < n; ++j) top[j] = load<V>(p + x0 + j * L);
+    for (int64_t w = 1; w < W; ++w)
+      for (int j = 0; j < n; ++j) {
+        const V s = load<V>(p + w * Xr + x0 + j * L);
+        top[j] = s > top[j] ? s : top[j];
+      }
+    for (int64_t w = 0; w < W; ++w)
+      for (int j = 0; j < n; ++j) {
+        const V e = exp_vec<V, T>(load<V>(p + w * Xr + x0 + j * L) - top[j]);
+        store(p + w * Xr + x0 + j * L, e);
+        sum[j] += e;
+      }
+    for (int j = 0; j < n; ++j) {
+      V inv = T(1) / sum[j];
+      for (int64_t i = 0; i < L; ++i)
+        if (x0 + j * L + i >= X) inv[i] = 0;
+      store(inverse + x0 + j * L, inv);
     }
-    V sum = {};
-    for (int64_t w = 0; w < W; ++w) {
-      const V e = exp_vec<V, T>(load<V>(p + w * Xr + x) - top);
-      store(p + w * Xr + x, e);
-      sum += e;
-    }
-    V inverse = T(1) / sum;
-    for (int64_t j = 0; j < L; ++j)
-      if (x + j >= X) inverse[j] = 0;
-    for (int64_t w = 0; w < W; ++w) store(p + w * Xr + x, load<V>(p + w * Xr + x) * inverse);
-  }
+  });
 }
 
 template <typename T>
@@ -256,7 +318,7 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* 
                     T* probs) {
   const int64_t rows_total = g.BK * g.T * g.H;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), orow(g.Xr);
+    Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), orow(g.Xr), inverse(g.Xr), scale(g.Xr);
     RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W);
     std::vector<T> tap(g.W);
@@ -274,25 +336,28 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* 
           std::fill(pw, pw + g.Xr, neg_inf);
           continue;
         }
-        channel_dot<T, false>(qb.data() + g.halo, kc.row(g.row[w]) + g.halo + g.ox[w], g.Dq, g.Xp, g.Xr, pw,
+        channel_dot<T, false>(qb.data() + g.lead, kc.row(g.row[w]) + g.lead + g.ox[w], g.Dq, g.Xp, g.Xr, pw,
                               nullptr);
         for (int64_t x = 0; x < std::min(-g.ox[w], g.X); ++x) pw[x] = neg_inf;
         for (int64_t x = std::max<int64_t>(g.X - g.ox[w], 0); x < g.X; ++x) pw[x] = neg_inf;
       }
-      softmax_columns(p.data(), g.W, g.X, g.Xr);
-      if (probs) std::memcpy(probs + index * g.W * g.Xr, p.data(), g.W * g.Xr * sizeof(T));
-      // z[d] = sum_w (g * P[w] + r[d, w]) * v[d, i + o_w]
+      softmax_numerators(p.data(), g.W, g.X, g.Xr, inverse.data());
+      if (probs)
+        for (int64_t w = 0; w < g.W; ++w)
+          for (int64_t x = 0; x < g.Xr; ++x) probs[(index * g.W + w) * g.Xr + x] = p[w * g.Xr + x] * inverse[x];
+      for (int64_t x = 0; x < g.Xr; ++x) scale[x] = gain[h] * inverse[x];
+      // z[d] = sum_w (g * P[w] + r[d, w]) * v[d, i + o_w], with g * P[w] = scale * p[w]
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w)
         if (vc.valid(g.row[w])) {
           weight[M] = p.data() + w * g.Xr;
-          value[M] = vc.row(g.row[w]) + g.halo + g.ox[w];
+          value[M] = vc.row(g.row[w]) + g.lead + g.ox[w];
           live[M++] = w;
         }
       for (int64_t d = 0; d < g.D; ++d) {
         if (taps)
           for (int64_t m = 0; m < M; ++m) tap[m] = taps[(h * g.D + d) * g.W + live[m]];
-        window_sum<T>(weight.data(), gain[h], value.data(), d * g.Xp, taps ? tap.data() : nullptr, M, g.Xr,
+        window_sum<T>(weight.data(), scale.data(), value.data(), d * g.Xp, taps ? tap.data() : nullptr, M, g.Xr,
                       orow.data());
         std::memcpy(out + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
       }
@@ -309,7 +374,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   // pass 1, per query row i: dP[w] = <gout[:, i], v[:, i + o_w]> (and dr[d, w] = sum_i gout[d, i] v[d, i + o_w]),
   // dgain += sum_w P dP, dS = g P (dP - sum_w P dP), dq[:, i] = sum_w dS[w] k[:, i + o_w].
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), orow(g.Xr);
+    Buffer<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), orow(g.Xr), ones(g.Xr, T(1));
     RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W);
     std::vector<double> local_gain(g.K, 0.0), local_taps(taps ? g.K * g.D * g.W : 0, 0.0), sums(g.D);
@@ -328,17 +393,17 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
           std::fill(dpw, dpw + g.Xr, T(0));
           continue;
         }
-        const T* vrow = vc.row(g.row[w]) + g.halo + g.ox[w];
+        const T* vrow = vc.row(g.row[w]) + g.lead + g.ox[w];
         if (taps) {
           std::fill(sums.begin(), sums.end(), 0.0);
-          channel_dot<T, true>(gb.data() + g.halo, vrow, g.D, g.Xp, g.Xr, dpw, sums.data());
+          channel_dot<T, true>(gb.data() + g.lead, vrow, g.D, g.Xp, g.Xr, dpw, sums.data());
           for (int64_t d = 0; d < g.D; ++d) local_taps[(h * g.D + d) * g.W + w] += sums[d];
         } else {
-          channel_dot<T, false>(gb.data() + g.halo, vrow, g.D, g.Xp, g.Xr, dpw, nullptr);
+          channel_dot<T, false>(gb.data() + g.lead, vrow, g.D, g.Xp, g.Xr, dpw, nullptr);
         }
         for (int64_t x = 0; x < g.Xr; ++x) dot[x] += p[w * g.Xr + x] * dpw[x];
         weight[M] = s + w * g.Xr;
-        value[M] = kc.row(g.row[w]) + g.halo + g.ox[w];
+        value[M] = kc.row(g.row[w]) + g.lead + g.ox[w];
         ++M;
       }
       double dgain = 0;
@@ -348,7 +413,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
       for (int64_t w = 0; w < g.W; ++w)
         for (int64_t x = 0; x < g.Xr; ++x) s[w * g.Xr + x] = gh * p[w * g.Xr + x] * (dp[w * g.Xr + x] - dot[x]);
       for (int64_t d = 0; d < g.Dq; ++d) {
-        window_sum<T>(weight.data(), T(1), value.data(), d * g.Xp, nullptr, M, g.Xr, orow.data());
+        window_sum<T>(weight.data(), ones.data(), value.data(), d * g.Xp, nullptr, M, g.Xr, orow.data());
         std::memcpy(gq + ((bk * g.Dq + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
       }
     }
@@ -360,25 +425,25 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   // dk[:, j] = sum_w dS[i, w] q[:, i], dv[d, j] = sum_w (g P[i, w] + r[d, w]) gout[d, i].
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     RowCache<T> qc(q, g.Dq, g), gc(gout, g.D, g);
-    std::vector<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), orow(g.Xr), tap(g.W);
+    Buffer<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), orow(g.Xr), tap(g.W), ones(g.Xr, T(1)), gains(g.Xr);
     std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W);
     std::vector<int64_t> live(g.W);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       qc.gather(bk, t, y, -1);
       gc.gather(bk, t, y, -1);
-      const T gh = gain[h];
+      std::fill(gains.begin(), gains.end(), gain[h]);
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w) {
         if (!qc.valid(g.row[w])) continue;
         const int64_t query_row = (bk * g.T + t - g.rt[g.row[w]]) * g.H + y - g.ry[g.row[w]];
         const T* srow = gscore + (query_row * g.W + w) * g.Xr;
         const T* prow = probs + (query_row * g.W + w) * g.Xr;
-        T* sdst = sb.data() + w * g.Xp + g.halo;
-        T* pdst = pb.data() + w * g.Xp + g.halo;
+        T* sdst = sb.data() + w * g.Xp + g.lead;
+        T* pdst = pb.data() + w * g.Xp + g.lead;
         std::memcpy(sdst, srow, g.X * sizeof(T));
         std::memcpy(pdst, prow, g.X * sizeof(T));
-        const int64_t shift = g.halo - g.ox[w];
+        const int64_t shift = g.lead - g.ox[w];
         sw[M] = sb.data() + w * g.Xp + shift;
         pw[M] = pb.data() + w * g.Xp + shift;
         qb_rows[M] = qc.row(g.row[w]) + shift;
@@ -387,13 +452,14 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
         ++M;
       }
       for (int64_t d = 0; d < g.Dq; ++d) {
-        window_sum<T>(sw.data(), T(1), qb_rows.data(), d * g.Xp, nullptr, M, g.Xr, orow.data());
+        window_sum<T>(sw.data(), ones.data(), qb_rows.data(), d * g.Xp, nullptr, M, g.Xr, orow.data());
         std::memcpy(gk + ((bk * g.Dq + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
       }
       for (int64_t d = 0; d < g.D; ++d) {
         if (taps)
           for (int64_t m = 0; m < M; ++m) tap[m] = taps[(h * g.D + d) * g.W + live[m]];
-        window_sum<T>(pw.data(), gh, gb_rows.data(), d * g.Xp, taps ? tap.data() : nullptr, M, g.Xr, orow.data());
+        window_sum<T>(pw.data(), gains.data(), gb_rows.data(), d * g.Xp, taps ? tap.data() : nullptr, M, g.Xr,
+                      orow.data());
         std::memcpy(gv + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
       }
     }
