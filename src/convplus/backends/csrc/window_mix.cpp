@@ -283,6 +283,15 @@ void window_sum(const T* const* weight, const T* scale, const T* const* value, i
 
 inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }
 
+// The taps (W,) of one channel at the M live offsets live[m]: the row itself when every offset is live, else
+// gathered into scratch. Null without a convolution term.
+template <typename T>
+const T* live_taps(const T* taps, const std::vector<int64_t>& live, int64_t M, int64_t W, T* scratch) {
+  if (!taps || M == W) return taps;
+  for (int64_t m = 0; m < M; ++m) scratch[m] = taps[live[m]];
+  return scratch;
+}
+
 // In place, for each column x of p (W, Xr): p[w, x] = exp(p[w, x] - max_w p[., x]), and inverse[x] = 1 / sum_w
 // p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w.
 template <typename T>
@@ -355,10 +364,9 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* 
           live[M++] = w;
         }
       for (int64_t d = 0; d < g.D; ++d) {
-        if (taps)
-          for (int64_t m = 0; m < M; ++m) tap[m] = taps[(h * g.D + d) * g.W + live[m]];
-        window_sum<T>(weight.data(), scale.data(), value.data(), d * g.Xp, taps ? tap.data() : nullptr, M, g.Xr,
-                      orow.data());
+        const T* channel_taps = taps ? taps + (h * g.D + d) * g.W : nullptr;
+        window_sum<T>(weight.data(), scale.data(), value.data(), d * g.Xp,
+                      live_taps(channel_taps, live, M, g.W, tap.data()), M, g.Xr, orow.data());
         std::memcpy(out + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
       }
     }
@@ -456,10 +464,9 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
         std::memcpy(gk + ((bk * g.Dq + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
       }
       for (int64_t d = 0; d < g.D; ++d) {
-        if (taps)
-          for (int64_t m = 0; m < M; ++m) tap[m] = taps[(h * g.D + d) * g.W + live[m]];
-        window_sum<T>(pw.data(), gains.data(), gb_rows.data(), d * g.Xp, taps ? tap.data() : nullptr, M, g.Xr,
-                      orow.data());
+        const T* channel_taps = taps ? taps + (h * g.D + d) * g.W : nullptr;
+        window_sum<T>(pw.data(), gains.data(), gb_rows.data(), d * g.Xp,
+                      live_taps(channel_taps, live, M, g.W, tap.data()), M, g.Xr, orow.data());
         std::memcpy(gv + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
       }
     }
