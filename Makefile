@@ -24,7 +24,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# NATTEN, a peer in the speed suite: its sdist builds without CUDA kernels where no GPU is found (it needs the
+# installed torch to build, hence no build isolation).
 bench: install
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps natten==0.21.7
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/local_vs_reference.py
 	$(PY) benchmarks/model_table.py

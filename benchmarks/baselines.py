@@ -1,5 +1,5 @@
-"""Peers of the Conv+ mixer for the benchmarks: the obvious unfold-based neighborhood attention and
-FlexAttention with a neighborhood block mask. Both take q, k, v of shape (B, K, D, H, W)."""
+"""Peers of the Conv+ mixer for the benchmarks: the obvious unfold-based neighborhood attention, FlexAttention
+with a neighborhood block mask, and NATTEN. All take q, k, v of shape (B, K, D, H, W)."""
 
 from __future__ import annotations
 
@@ -36,5 +36,19 @@ def flex_neighborhood_attention(window: int, h: int, w: int):
         shape = v.shape
         flat = [t.flatten(3).transpose(2, 3) for t in (q, k, v)]
         return compiled(*flat, block_mask=block_mask).transpose(2, 3).reshape(shape)
+
+    return run
+
+
+def natten_neighborhood_attention(window: int):
+    """NATTEN's ``na2d`` on its CPU-capable backend: Flex Attention, uncompiled (NATTEN compiles Flex only on
+    CUDA devices). Its windows shift inward at the borders instead of shrinking. Raises ImportError without
+    natten."""
+    import natten
+
+    def run(q, k, v):
+        shape = v.shape
+        out = natten.na2d(*(t.permute(0, 3, 4, 1, 2) for t in (q, k, v)), kernel_size=window, backend="flex-fna")
+        return out.permute(0, 3, 4, 1, 2).reshape(shape)
 
     return run
