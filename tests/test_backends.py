@@ -162,23 +162,33 @@ def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
 @pytest.mark.parametrize("with_pos", [True, False])
-def test_fused_direct_score_features_match_the_pytorch_ones(with_pos):
-    x = torch.randn(3, 6, 5, 300, dtype=torch.float64)  # more positions than one block of the kernel
-    x[0, :, 1, 2] = 0  # a zero feature vector: the clamped norm
-    pos = torch.randn(6, 5, 300, dtype=torch.float64) if with_pos else None
+@pytest.mark.parametrize("kernel_size", [5, 9])  # the conv term fused, and run apart (past the 5x5 window)
+def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, kernel_size):
+    from convplus.backends import cpu_kernel
+
+    x = torch.randn(2, 6, 7, 40, dtype=torch.float64)  # rows wider than a register tile
+    x[0, :3, 1, 2] = 0  # a zero feature vector of head 0: the clamped norm
+    pos = torch.randn(6, 7, 40, dtype=torch.float64) if with_pos else None
     if with_pos:
-        pos[:, 1, 2] = 0
+        pos[:3, 1, 2] = 0
     temperature = torch.tensor([3.0, 0.5], dtype=torch.float64)
+    kernel = torch.randn(2, 3, kernel_size, kernel_size, dtype=torch.float64)
+    gain = torch.tensor([0.7, -1.3], dtype=torch.float64)
     results = []
-    for fused in (False, True):
-        inputs = [t.clone().requires_grad_(True) for t in (x, temperature, *([pos] if with_pos else []))]
-        q, k = functional.score_features(
-            inputs[0], 2, "direct", inputs[2] if with_pos else None, inputs[1], fused=fused
-        )
-        (q * torch.linspace(-1, 1, q.numel(), dtype=q.dtype).view_as(q) + k.square()).sum().backward()
-        results.append([q.detach(), k.detach(), *[t.grad for t in inputs]])
-    for fused_value, value in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(fused_value, value, rtol=1e-10, atol=1e-12)
+    for inside in (False, True):
+        inputs = [t.clone().requires_grad_(True) for t in (x, temperature, kernel, gain, *([pos] if with_pos else []))]
+        xi, tau, r, g = inputs[:4]
+        p = inputs[4] if with_pos else None
+        v = functional.values(xi, 2)
+        if inside:
+            z = cpu_kernel.direct_mix(xi, p, tau, v, r, g, (5, 5), (1, 1))
+        else:
+            q, k = functional.score_features(xi, 2, "direct", p, tau)
+            z = cpu_kernel.mix(q, k, v, r, g, (5, 5), (1, 1))
+        z.backward(torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z))
+        results.append([z.detach(), *[t.grad for t in inputs]])
+    for inside_value, value in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(inside_value, value, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
@@ -192,15 +202,21 @@ def test_cpu_kernel_keeps_probabilities_only_when_a_gradient_can_follow(monkeypa
             return getattr(kernels, name)
 
         def window_mix_forward(self, *args):
-            kept.append(args[-1])
+            kept.append(("qk", args[-1]))
             return kernels.window_mix_forward(*args)
 
+        def direct_window_mix_forward(self, *args):
+            kept.append(("direct", args[-1]))
+            return kernels.direct_window_mix_forward(*args)
+
     monkeypatch.setattr(cpu_kernel, "extension", Recording)
-    module = MODULES[2](8, heads=2, kernel_size=5, backend="cpu")  # parameters require grad
-    x = torch.randn(2, 8, 9, 10)
-    with torch.no_grad():
-        inference = module(x)
-    training = module(x)
-    training.sum().backward()
-    assert kept == [False, True]
-    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
+    for score in ("direct", "qk"):
+        module = MODULES[2](8, heads=2, kernel_size=5, score=score, backend="cpu")  # parameters require grad
+        x = torch.randn(2, 8, 9, 10)
+        with torch.no_grad():
+            inference = module(x)
+        training = module(x)
+        training.sum().backward()
+        assert kept == [(score, False), (score, True)]
+        torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
+        kept.clear()

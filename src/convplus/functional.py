@@ -49,19 +49,13 @@ def score_features(
     query_bias: torch.Tensor | None = None,
     key_weight: torch.Tensor | None = None,
     key_bias: torch.Tensor | None = None,
-    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k (B, K, Dq, *S) with <q_i, k_j> = s_k(i, j), from x (B, C, *S) and pos P (C, *S).
 
     'direct': q = tau_k * nrm(slice_k(x^)), k = nrm(slice_k(x^)), Dq = C / K (temperature: (K,) > 0).
     'qk':     q = (Q x^ + b_q) / sqrt(Dq), k = K x^ + b_k, weights (K*Dq, C).
-    ``fused``: compute 'direct' with the CPU backend's one-pass kernel where it runs (same result).
     """
     one_of("score", score, SCORES)
-    if fused and score == "direct":
-        features = cpu_kernel.direct_score_features(x, heads, pos, temperature)
-        if features is not None:
-            return features
     x_hat = x if pos is None else x + pos.to(x.dtype)
     if score == "direct":
         sliced = split_heads(x_hat, heads)  # x / max(||x||, 1e-12), as F.normalize, but ~5x faster on dim 2
@@ -140,14 +134,16 @@ def conv_plus(
     if layout is not None:  # compute on a contiguous copy; output and input gradient keep x's layout
         x = _ContiguousKeepingGradLayout.apply(x, layout)
     v = values(x, heads, value_weight, value_bias)
-    q = k = None
-    if gain is not None:
-        fused = mix_fn is backends.BACKENDS["cpu"]
-        q, k = score_features(
-            x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias, fused=fused
-        )
-    z = mix_fn(q, k, v, kernel, gain, window, dilation)
-    y = project_out(z, output_weight, bias)
+    # without W_o the bias lands on z, and the mixing step adds it in the same pass
+    z_bias = bias.view(heads, -1) if output_weight is None and bias is not None else None
+    if gain is None:
+        z = mix_fn(None, None, v, kernel, gain, window, dilation, z_bias)
+    elif score == "direct" and mix_fn is backends.BACKENDS["cpu"] and cpu_kernel.runs_here(x, v):
+        z = cpu_kernel.direct_mix(x, pos, temperature, v, kernel, gain, window, dilation, z_bias)  # q, k in the pass
+    else:
+        q, k = score_features(x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias)
+        z = mix_fn(q, k, v, kernel, gain, window, dilation, z_bias)
+    y = project_out(z, output_weight, bias if z_bias is None else None)
     return y if layout is None else y.contiguous(memory_format=layout)
 
 

@@ -1,9 +1,10 @@
 """Backends of the Conv+ mixing step, behind one signature (as in NATTEN).
 
-Each backend is a function ``mix(q, k, v, kernel, gain, window, dilation) -> z`` with
+Each backend is a function ``mix(q, k, v, kernel, gain, window, dilation, bias=None) -> z`` with
 q, k (B, K, Dq, *S) (q already scaled), v (B, K, D, *S), kernel (K, D, *kernel_size) or None (no convolution
-term), gain (K,) or None (no attention term), window a tuple of odd ints or None (global), dilation a tuple.
-It returns z (B, K, D, *S) = g * sum_{j in N(i)} softmax_j(<q_i, k_j>) v_j + depthwise_conv(v, kernel).
+term), gain (K,) or None (no attention term), window a tuple of odd ints or None (global), dilation a tuple,
+bias (K, D) or None. It returns z (B, K, D, *S) = g * sum_{j in N(i)} softmax_j(<q_i, k_j>) v_j +
+depthwise_conv(v, kernel) + bias (the bias of a Conv+ without output projection, added in the same pass).
 """
 
 from __future__ import annotations

@@ -47,62 +47,75 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _bias_grad(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+    """The gradient of the bias (K, D) (None if empty) from grad_out (BK, D, T, H, X)."""
+    if not bias.numel():
+        return None
+    return grad_out.reshape(-1, *bias.shape, grad_out[0, 0].numel()).sum(dim=(0, 3))
+
+
 class _WindowMix(torch.autograd.Function):
     """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), kernel (K, D, P) or empty, tap_index (W,),
-    offsets (W, 3) -> z (BK, D, T, H, X). The probabilities are kept for backward only when ``differentiable``
-    (inside ``forward``, grad mode is always off and ``needs_input_grad`` ignores ``torch.no_grad``)."""
+    offsets (W, 3), bias (K, D) or empty -> z (BK, D, T, H, X). The probabilities are kept for backward only
+    when ``differentiable`` (inside ``forward``, grad mode is always off and ``needs_input_grad`` ignores
+    ``torch.no_grad``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets, differentiable):
+    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets, bias, differentiable):
         save = differentiable and any(ctx.needs_input_grad)
-        out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, save)
-        ctx.save_for_backward(q, k, v, gain, kernel, tap_index, probs, offsets)
+        out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, bias, save)
+        ctx.save_for_backward(q, k, v, gain, kernel, tap_index, probs, offsets, bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, gain, kernel, tap_index, probs, offsets = ctx.saved_tensors
+        q, k, v, gain, kernel, tap_index, probs, offsets, bias = ctx.saved_tensors
         dq, dk, dv, dgain, dkernel = extension().window_mix_backward(
             q, k, v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
         )
-        return dq, dk, dv, dgain, dkernel if kernel.numel() else None, None, None, None
+        dkernel = dkernel if kernel.numel() else None
+        return dq, dk, dv, dgain, dkernel, None, None, _bias_grad(grad_out, bias), None
 
 
-class _DirectScore(torch.autograd.Function):
-    """x (B, K, D, N), pos (K, D, N) or empty, temperature (K,) -> q = tau * k, k = unit(x + pos)."""
-
-    @staticmethod
-    def forward(ctx, x, pos, temperature):
-        q, k, inverse_norm = extension().direct_score_forward(x, pos, temperature)
-        ctx.save_for_backward(k, inverse_norm, temperature)
-        ctx.with_pos = pos.numel() > 0
-        return q, k
+class _DirectWindowMix(torch.autograd.Function):
+    """_WindowMix with the 'direct' score computed inside the forward pass: features (BK, Dq, T, H, X), pos
+    (K, Dq, N) or empty and temperature (K,) give k = unit(features + pos) per head and q = tau * k, which are
+    never written out. Backward recomputes q and k in one pass instead of keeping them."""
 
     @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        k, inverse_norm, temperature = ctx.saved_tensors
-        grad_q = torch.zeros_like(k) if grad_q is None else grad_q.contiguous()
-        grad_k = torch.zeros_like(k) if grad_k is None else grad_k.contiguous()
-        dx, dpos, dtemperature = extension().direct_score_backward(
-            grad_q, grad_k, k, inverse_norm, temperature, ctx.with_pos
+    def forward(ctx, features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, differentiable):
+        save = differentiable and any(ctx.needs_input_grad)
+        out, probs = extension().direct_window_mix_forward(
+            features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, save
         )
-        return dx, dpos if ctx.with_pos else None, dtemperature
+        ctx.save_for_backward(features, pos, temperature, v, gain, kernel, tap_index, probs, offsets, bias)
+        return out
 
-
-def direct_score_features(
-    x: torch.Tensor, heads: int, pos: torch.Tensor | None, temperature: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The 'direct' score features of ``convplus.functional.score_features`` in one fused pass (forward and
-    backward): x (B, C, *S), pos (C, *S) or None, temperature (K,) -> q, k (B, K, C/K, *S); None where the
-    kernel does not run (not CPU, another dtype, under torch.compile)."""
-    if x.device.type != "cpu" or not _runs_here(x, x) or unavailable_reason() is not None:
-        return None
-    batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    flat = x.reshape(batch, heads, channels // heads, -1).contiguous()
-    pos = x.new_zeros(0) if pos is None else pos.to(x.dtype).reshape(heads, channels // heads, -1).contiguous()
-    q, k = _DirectScore.apply(flat, pos, temperature.to(x.dtype))
-    shape = (batch, heads, channels // heads, *spatial)
-    return q.view(shape), k.view(shape)
+    @staticmethod
+    def backward(ctx, grad_out):
+        features, pos, temperature, v, gain, kernel, tap_index, probs, offsets, bias = ctx.saved_tensors
+        kernels = extension()
+        flat = features.view(-1, temperature.numel(), features.shape[1], features[0, 0].numel())  # (B, K, Dq, N)
+        q, k, inverse_norm = kernels.direct_score_forward(flat, pos, temperature)
+        dq, dk, dv, dgain, dkernel = kernels.window_mix_backward(
+            q.view_as(features), k.view_as(features), v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
+        )
+        with_pos = pos.numel() > 0
+        dx, dpos, dtemperature = kernels.direct_score_backward(
+            dq.view_as(flat), dk.view_as(flat), k, inverse_norm, temperature, with_pos
+        )
+        return (
+            dx.view_as(features),
+            dpos if with_pos else None,
+            dtemperature,
+            dv,
+            dgain,
+            dkernel if kernel.numel() else None,
+            None,
+            None,
+            _bias_grad(grad_out, bias),
+            None,
+        )
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:
@@ -131,16 +144,34 @@ def _tap_index(
     return None if index is None else torch.tensor(index, dtype=torch.int64)
 
 
-def _window_mix(q, k, v, gain, kernel, tap_index, offsets) -> torch.Tensor:
-    """The kernel on (B, K, C, *S) tensors; kernel None: attention term only."""
-    kernel = v.new_zeros(0) if kernel is None else kernel.to(v.dtype).flatten(2).contiguous()
-    tap_index = offsets.new_zeros(0) if tap_index is None else tap_index
-    inputs = (_as_3d(q), _as_3d(k), _as_3d(v), gain.to(v.dtype), kernel, tap_index, offsets)
-    out = _WindowMix.apply(*inputs, torch.is_grad_enabled())
-    return out.view(v.shape)
+def _kernel_arguments(
+    v: torch.Tensor,
+    kernel: torch.Tensor | None,
+    gain: torch.Tensor,
+    window: tuple[int, ...],
+    dilation: tuple[int, ...],
+    bias: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """The kernel's (v, gain, kernel, tap_index, offsets, bias) arguments for v (B, K, D, *S), and the
+    convolution kernel to run apart as a depthwise conv (one that reaches past the window), or None."""
+    spatial = tuple(v.shape[3:])
+    _, offsets = _window(spatial, window, dilation)
+    tap_index = None if kernel is None else _tap_index(spatial, window, dilation, tuple(kernel.shape[2:]))
+    apart = kernel if tap_index is None else None
+    fused = v.new_zeros(0) if tap_index is None else kernel.to(v.dtype).flatten(2).contiguous()
+    taps = offsets.new_zeros(0) if tap_index is None else tap_index
+    bias = v.new_zeros(0) if bias is None else bias.to(v.dtype).contiguous()
+    return (_as_3d(v), gain.to(v.dtype), fused, taps, offsets, bias), apart
 
 
-def _runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
+def _with_apart(z: torch.Tensor, v: torch.Tensor, apart: torch.Tensor | None, dilation: tuple[int, ...]):
+    """z (BK, D, T, H, X) as (B, K, D, *S), plus the convolution term run apart, if any."""
+    z = z.view(v.shape)
+    return z if apart is None else z + convolution_term(v, apart, dilation)
+
+
+def runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors (float32/float64, one dtype, not under torch.compile)."""
     return not torch.compiler.is_compiling() and v.dtype in KERNEL_DTYPES and q.dtype == v.dtype
 
 
@@ -148,22 +179,42 @@ def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, ...] | None, dilation: tuple[int, ...]
 ) -> torch.Tensor:
     """The attention term alone, sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
-    if not _runs_here(q, v):
+    if not runs_here(q, v):
         return local.attend(q, k, v, window, dilation)
-    _, offsets = _window(tuple(v.shape[3:]), window, dilation)
-    return _window_mix(q, k, v, v.new_ones(v.shape[1]), None, None, offsets)
+    return mix(q, k, v, None, v.new_ones(v.shape[1]), window, dilation)
 
 
 _unfused = with_convolution_term(local.attend)
 
 
-def mix(q, k, v, kernel, gain, window, dilation) -> torch.Tensor:
-    """z = g * attention term + depthwise conv term in one kernel; see convplus.backends for the signature."""
-    if gain is None or not _runs_here(q, v):
-        return _unfused(q, k, v, kernel, gain, window, dilation)
-    spatial = tuple(v.shape[3:])
-    _, offsets = _window(spatial, window, dilation)
-    tap_index = None if kernel is None else _tap_index(spatial, window, dilation, tuple(kernel.shape[2:]))
-    if kernel is not None and tap_index is None:  # the kernel reaches past the window: a separate conv term
-        return _window_mix(q, k, v, gain, None, None, offsets) + convolution_term(v, kernel, dilation)
-    return _window_mix(q, k, v, gain, kernel, tap_index, offsets)
+def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
+    """z = g * attention term + depthwise conv term + bias in one kernel; see convplus.backends for the
+    signature."""
+    if gain is None or not runs_here(q, v):
+        return _unfused(q, k, v, kernel, gain, window, dilation, bias)
+    arguments, apart = _kernel_arguments(v, kernel, gain, window, dilation, bias)
+    z = _WindowMix.apply(_as_3d(q), _as_3d(k), *arguments, torch.is_grad_enabled())
+    return _with_apart(z, v, apart, dilation)
+
+
+def direct_mix(
+    x: torch.Tensor,
+    pos: torch.Tensor | None,
+    temperature: torch.Tensor,
+    v: torch.Tensor,
+    kernel: torch.Tensor | None,
+    gain: torch.Tensor,
+    window: tuple[int, ...],
+    dilation: tuple[int, ...],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mix`` with the 'direct' score computed inside the kernel: the z that
+    ``functional.score_features(x, K, 'direct', pos, temperature)`` followed by ``mix`` gives, without writing q
+    and k. x (B, C, *S) with C = K * Dq, pos (C, *S) or None, temperature (K,), v (B, K, D, *S);
+    needs ``runs_here(x, v)``."""
+    heads = v.shape[1]
+    features = _as_3d(x.reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]))
+    pos = x.new_zeros(0) if pos is None else pos.to(x.dtype).reshape(heads, x.shape[1] // heads, -1).contiguous()
+    arguments, apart = _kernel_arguments(v, kernel, gain, window, dilation, bias)
+    z = _DirectWindowMix.apply(features, pos, temperature.to(x.dtype), *arguments, torch.is_grad_enabled())
+    return _with_apart(z, v, apart, dilation)

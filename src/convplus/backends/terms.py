@@ -32,8 +32,10 @@ def blend(
     v: torch.Tensor,
     kernel: torch.Tensor | None,
     dilation: tuple[int, ...],
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """z = g_k * attention + conv term; either term may be absent (None). Returns (B, K, D, *S)."""
+    """z = g_k * attention + conv term + bias (K, D); any of the three may be absent (None). Returns
+    (B, K, D, *S)."""
     z = None
     if attention is not None and gain is not None:
         z = attention * gain.to(attention.dtype).view(1, -1, *([1] * (attention.dim() - 2)))
@@ -42,18 +44,23 @@ def blend(
         z = conv if z is None else z + conv
     if z is None:
         z = torch.zeros_like(v)
-    return z
+    return add_bias(z, bias)
+
+
+def add_bias(z: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """z (B, K, D, *S) + bias (K, D) (None: z)."""
+    return z if bias is None else z + bias.to(z.dtype).view(1, *bias.shape, *([1] * (z.dim() - 3)))
 
 
 def with_convolution_term(attend: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """A backend's ``mix`` from its attention term ``attend(q, k, v, window, dilation) -> (B, K, D, *S)``:
     z = g * attend(...) + conv term, skipping the attention when there is no gain."""
 
-    def mix(q, k, v, kernel, gain, window, dilation) -> torch.Tensor:
+    def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
         attention = attend(q, k, v, window, dilation) if gain is not None else None
-        return blend(attention, gain, v, kernel, dilation)
+        return blend(attention, gain, v, kernel, dilation, bias)
 
-    mix.__doc__ = f"z = g * ({attend.__module__}.attend) + depthwise conv term; see convplus.backends."
+    mix.__doc__ = f"z = g * ({attend.__module__}.attend) + depthwise conv term + bias; see convplus.backends."
     return mix
 
 

@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..neighborhood import kernel_tap_index, reachable_halves, window_offsets
-from .terms import blend, convolution_term
+from .terms import add_bias, blend, convolution_term
 
 
 def interpreted() -> bool:
@@ -30,12 +30,12 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def mix(q, k, v, kernel, gain, window, dilation) -> torch.Tensor:
-    """z = g * attention term + depthwise conv term; see convplus.backends for the signature."""
+def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
+    """z = g * attention term + depthwise conv term + bias; see convplus.backends for the signature."""
     from .triton_kernel import WindowMix
 
     if gain is None:  # the conv term alone
-        return blend(None, None, v, kernel, dilation)
+        return blend(None, None, v, kernel, dilation, bias)
     spatial = tuple(v.shape[3:])
     offsets = window_offsets(reachable_halves(spatial, window, dilation), dilation)
     padded = torch.tensor([(0,) * (3 - len(spatial)) + o for o in offsets], dtype=torch.int64, device=v.device)
@@ -53,4 +53,4 @@ def mix(q, k, v, kernel, gain, window, dilation) -> torch.Tensor:
     z = WindowMix.apply(flat3(q), flat3(k), flat3(v), gain, taps, padded, grid).view(v.shape)
     if kernel is not None and index is None:  # the kernel reaches past the window: a separate conv term
         z = z + convolution_term(v, kernel, dilation)
-    return z
+    return add_bias(z, bias)

@@ -3,6 +3,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_mix_forward", &convplus::window_mix_forward, "Conv+ windowed mix, forward: (z, probs)");
+  m.def("direct_window_mix_forward", &convplus::direct_window_mix_forward,
+        "Conv+ windowed mix with the 'direct' score computed in the pass, forward: (z, probs)");
   m.def("window_mix_backward", &convplus::window_mix_backward,
         "Conv+ windowed mix, backward: (dq, dk, dv, dgain, dkernel)");
   m.def("direct_score_forward", &convplus::direct_score_forward, "'direct' score features: (q, k, inverse_norm)");

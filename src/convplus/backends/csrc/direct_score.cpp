@@ -17,7 +17,6 @@ namespace convplus {
 namespace {
 
 constexpr int64_t kBlock = 256;  // positions per task
-constexpr double kMinSquaredNorm = 1e-24;
 
 template <typename T>
 void forward_kernel(const T* x, const T* pos, const T* temperature, int64_t B, int64_t K, int64_t D, int64_t N,

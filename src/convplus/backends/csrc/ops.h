@@ -7,10 +7,18 @@
 
 namespace convplus {
 
-// Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dkernel).
+// The 'direct' score's unit vectors divide by max(||x||, 1e-12), as F.normalize does.
+constexpr double kMinSquaredNorm = 1e-24;
+
+// Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dkernel); bias (K, D) or empty.
 std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                               torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
-                                              bool save_probs);
+                                              torch::Tensor bias, bool save_probs);
+// The same with the 'direct' score computed in the pass from features (BK, Dq, T, H, X), pos and temperature.
+std::vector<torch::Tensor> direct_window_mix_forward(torch::Tensor features, torch::Tensor pos,
+                                                     torch::Tensor temperature, torch::Tensor v, torch::Tensor gain,
+                                                     torch::Tensor kernel, torch::Tensor tap_index,
+                                                     torch::Tensor offsets, torch::Tensor bias, bool save_probs);
 std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                                torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor probs,
                                                torch::Tensor gout, torch::Tensor offsets);

@@ -4,11 +4,13 @@
 //   z[d, i] = sum_w (g * P[w, i] + r[d, w]) * v[d, i + o_w],   P[., i] = softmax_w(<q[:, i], k[:, i + o_w]>)
 //
 // (offsets o_w whose key leaves the grid are excluded from the softmax; the convolution term sees zeros there).
+// With the 'direct' score the keys and queries are computed in the same pass from the features f instead of read:
+// k = unit(f + pos) over each head's channels (as direct_score.cpp computes it), q = tau_h * k.
 //
 // Layout: q, k (B*K, Dq, T, H, X), v (B*K, D, T, H, X), contiguous, channels first; 1-d and 2-d grids are padded
 // to 3 spatial dims with size 1. gain (K,); kernel (K, D, P) flattened, or empty for no convolution term, and
 // tap_index (W,): the kernel entry at each window offset (-1: none), giving the taps r (K, D, W);
-// offsets (W, 3) int64, row-major over (t, y, x). Head of slice bk is bk % K.
+// offsets (W, 3) int64, row-major over (t, y, x); bias (K, D) or empty, added to z. Head of slice bk is bk % K.
 //
 // Every inner loop runs over x in register tiles of whole SIMD vectors. The rows a query row needs are copied
 // into per-thread buffers with a zero halo of max|o_x| on each side and zero columns up to a whole number of
@@ -146,6 +148,7 @@ struct Geometry {
   std::vector<int64_t> ox, row;  // per offset: x offset, index of its (t, y) row offset
   std::vector<int64_t> rt, ry;   // distinct (t, y) row offsets
   int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
+  int64_t center_row = -1;       // the row offset (0, 0): the query's own row
 
   Geometry(const torch::Tensor& q, const torch::Tensor& v, const torch::Tensor& offsets, int64_t heads,
            int64_t width)
@@ -163,6 +166,9 @@ struct Geometry {
       }
       row.push_back(r);
     }
+    for (int64_t r = 0; r < rows(); ++r)
+      if (rt[r] == 0 && ry[r] == 0) center_row = r;
+    TORCH_CHECK(center_row >= 0, "the window offsets must include the query's own row");
     span_t = *std::max_element(rt.begin(), rt.end()) - *std::min_element(rt.begin(), rt.end()) + 1;
     span_y = *std::max_element(ry.begin(), ry.end()) - *std::min_element(ry.begin(), ry.end()) + 1;
     lead = (halo + width - 1) / width * width;
@@ -182,15 +188,37 @@ void gather_row(const T* src, int64_t C, const Geometry& g, int64_t bk, int64_t 
     std::memcpy(buf + c * g.Xp + g.lead, src + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, g.X * sizeof(T));
 }
 
+// In place on the row (t, y) of slice bk that gather_row copied into buf (C, Xp): the 'direct' score's keys
+// k = x^ / max(||x^||, 1e-12) over the C channels at every column, x^ = x + pos (pos (K, C, T, H, X), or null),
+// in the order of operations of direct_score.cpp. norm: scratch of X values.
+template <typename T>
+void unit_row(T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* norm) {
+  std::fill(norm, norm + g.X, T(0));
+  for (int64_t c = 0; c < C; ++c) {
+    T* __restrict__ row = buf + c * g.Xp + g.lead;
+    if (pos) {
+      const T* __restrict__ pr = pos + ((bk % g.K * C + c) * g.T + t) * g.H * g.X + y * g.X;
+      for (int64_t x = 0; x < g.X; ++x) row[x] += pr[x];
+    }
+    for (int64_t x = 0; x < g.X; ++x) norm[x] += row[x] * row[x];
+  }
+  for (int64_t x = 0; x < g.X; ++x) norm[x] = T(1) / std::sqrt(std::max(norm[x], T(kMinSquaredNorm)));
+  for (int64_t c = 0; c < C; ++c) {
+    T* __restrict__ row = buf + c * g.Xp + g.lead;
+    for (int64_t x = 0; x < g.X; ++x) row[x] *= norm[x];
+  }
+}
+
 // The rows around a query (or key) row, copied into padded (C, Xp) buffers and kept while later rows still use
 // them: consecutive rows share all but one of their neighbor rows, so each source row is copied about once.
-// Direct-mapped on (t mod span_t, y mod span_y): the rows one query needs never share a slot.
+// Direct-mapped on (t mod span_t, y mod span_y): the rows one query needs never share a slot. With ``unit``,
+// each row is turned into the 'direct' score's keys as it is copied (unit_row, with pos or null).
 template <typename T>
 class RowCache {
  public:
-  RowCache(const T* src, int64_t C, const Geometry& g)
-      : src_(src), C_(C), g_(g), data_(g.span_t * g.span_y * C * g.Xp, T(0)), tag_(g.span_t * g.span_y, -1),
-        rows_(g.rows()), valid_(g.rows()) {}
+  RowCache(const T* src, int64_t C, const Geometry& g, bool unit = false, const T* pos = nullptr)
+      : src_(src), pos_(pos), unit_(unit), C_(C), g_(g), data_(g.span_t * g.span_y * C * g.Xp, T(0)),
+        norm_(unit ? g.X : 0), tag_(g.span_t * g.span_y, -1), rows_(g.rows()), valid_(g.rows()) {}
 
   // Points rows()[r] at row (t + sign * rt[r], y + sign * ry[r]) of slice bk for every r with valid()[r].
   void gather(int64_t bk, int64_t t, int64_t y, int64_t sign) {
@@ -202,6 +230,7 @@ class RowCache {
       T* buf = data_.data() + slot * C_ * g_.Xp;
       if (tag_[slot] != id) {
         gather_row(src_, C_, g_, bk, tt, yy, buf);
+        if (unit_) unit_row(buf, pos_, C_, g_, bk, tt, yy, norm_.data());
         tag_[slot] = id;
       }
       rows_[r] = buf;
@@ -212,9 +241,12 @@ class RowCache {
 
  private:
   const T* src_;
+  const T* pos_;
+  bool unit_;
   int64_t C_;
   const Geometry& g_;
   Buffer<T> data_;
+  std::vector<T> norm_;
   std::vector<int64_t> tag_;
   std::vector<const T*> rows_;
   std::vector<char> valid_;
@@ -322,22 +354,39 @@ void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, T* inverse) {
   });
 }
 
+// Where the scores come from: q and k (BK, Dq, T, H, X), or, with the 'direct' score (features non-null), the
+// features f (BK, Dq, T, H, X), pos (K, Dq, T, H, X) or null and temperature (K,).
 template <typename T>
-void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* taps, const Geometry& g, T* out,
-                    T* probs) {
+struct ScoreInputs {
+  const T* q;
+  const T* k;
+  const T* features;
+  const T* pos;
+  const T* temperature;
+};
+
+template <typename T>
+void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, const T* taps, const T* bias,
+                    const Geometry& g, T* out, T* probs) {
   const int64_t rows_total = g.BK * g.T * g.H;
+  const bool direct = score.features != nullptr;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), orow(g.Xr), inverse(g.Xr), scale(g.Xr);
-    RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
+    RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W);
     std::vector<T> tap(g.W);
     std::vector<int64_t> live(g.W);
     const T neg_inf = -std::numeric_limits<T>::infinity();
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
-      gather_row(q, g.Dq, g, bk, t, y, qb.data());
       kc.gather(bk, t, y, 1);
       vc.gather(bk, t, y, 1);
+      if (direct) {  // q = tau * k of the query's own row
+        const T* own = kc.row(g.center_row);
+        for (int64_t i = 0; i < g.Dq * g.Xp; ++i) qb[i] = score.temperature[h] * own[i];
+      } else {
+        gather_row(score.q, g.Dq, g, bk, t, y, qb.data());
+      }
       // scores, -inf where the key leaves the grid
       for (int64_t w = 0; w < g.W; ++w) {
         T* pw = p.data() + w * g.Xr;
@@ -367,7 +416,9 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* 
         const T* channel_taps = taps ? taps + (h * g.D + d) * g.W : nullptr;
         window_sum<T>(weight.data(), scale.data(), value.data(), d * g.Xp,
                       live_taps(channel_taps, live, M, g.W, tap.data()), M, g.Xr, orow.data());
-        std::memcpy(out + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
+        T* dst = out + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X;
+        const T b = bias ? bias[h * g.D + d] : T(0);
+        for (int64_t x = 0; x < g.X; ++x) dst[x] = orow[x] + b;
       }
     }
   });
@@ -483,19 +534,42 @@ torch::Tensor taps_at_offsets(const torch::Tensor& kernel, const torch::Tensor& 
 
 }  // namespace
 
-std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
-                                              torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
-                                              bool save_probs) {
-  const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
+namespace {
+
+std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& features,
+                                   const torch::Tensor& pos, const torch::Tensor& temperature, const torch::Tensor& v,
+                                   const torch::Tensor& gain, const torch::Tensor& kernel,
+                                   const torch::Tensor& tap_index, const torch::Tensor& offsets,
+                                   const torch::Tensor& bias, bool save_probs) {
+  const torch::Tensor& shape = features.numel() ? features : q;
+  const Geometry g(shape, v, offsets, gain.size(0), kVectorBytes / v.element_size());
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto out = torch::empty_like(v);
-  auto probs = torch::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_window_mix_forward", [&] {
-    forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                             gain.data_ptr<scalar_t>(), taps.numel() ? taps.data_ptr<scalar_t>() : nullptr, g,
+  auto probs = torch::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "convplus_window_mix_forward", [&] {
+    auto data = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    const ScoreInputs<scalar_t> score{data(q), data(k), data(features), data(pos), data(temperature)};
+    forward_kernel<scalar_t>(score, v.data_ptr<scalar_t>(), gain.data_ptr<scalar_t>(), data(taps), data(bias), g,
                              out.data_ptr<scalar_t>(), save_probs ? probs.data_ptr<scalar_t>() : nullptr);
   });
   return {out, probs};
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
+                                              torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
+                                              torch::Tensor bias, bool save_probs) {
+  const auto none = v.new_empty({0});
+  return forward(q, k, none, none, none, v, gain, kernel, tap_index, offsets, bias, save_probs);
+}
+
+std::vector<torch::Tensor> direct_window_mix_forward(torch::Tensor features, torch::Tensor pos,
+                                                     torch::Tensor temperature, torch::Tensor v, torch::Tensor gain,
+                                                     torch::Tensor kernel, torch::Tensor tap_index,
+                                                     torch::Tensor offsets, torch::Tensor bias, bool save_probs) {
+  const auto none = v.new_empty({0});
+  return forward(none, none, features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, save_probs);
 }
 
 std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
