@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import fitted_exponent
+
 CHANNELS, HEADS, KERNEL, BATCH = 16, 4, 7, 1
 SIDES = {"local": [32, 64, 96, 128, 192, 256], "reference": [32, 48, 64, 80]}
 
@@ -43,14 +46,6 @@ def run_case(backend: str, side: int, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds": statistics.median(times), "peak_mib": (peak - base) / 1024}
-
-
-def slope(points: list[tuple[int, float]]) -> float:
-    """Least-squares exponent p of value ~ N^p."""
-    xs = [math.log(n) for n, _ in points]
-    ys = [math.log(max(v, 1e-9)) for _, v in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
 def main() -> None:
@@ -93,8 +88,8 @@ def main() -> None:
             lines.append(f"| {backend} | {side}x{side} | {n} | {r['seconds'] * 1e3:.1f} | {r['peak_mib']:.1f} |")
     lines += ["", "Fitted exponent p of cost ~ N^p (least squares on log-log):", ""]
     for backend, rows in results.items():
-        t = slope([(n, r["seconds"]) for n, r in rows])
-        m = slope([(n, r["peak_mib"]) for n, r in rows])
+        t = fitted_exponent([(n, r["seconds"]) for n, r in rows])
+        m = fitted_exponent([(n, r["peak_mib"]) for n, r in rows])
         lines.append(f"- {backend}: time p = {t:.2f}, memory p = {m:.2f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")

@@ -18,9 +18,7 @@ import itertools
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import flex_neighborhood_attention, natten_neighborhood_attention, unfold_neighborhood_attention
+from measure import fitted_exponent, peak_bytes, timed
 
 import convplus  # noqa: F401
 from convplus import ConvPlus2d
@@ -53,19 +52,6 @@ def with_retaining_malloc() -> None:
     start-up only)."""
     if platform.system() == "Linux" and any(os.environ.get(k) != v for k, v in RETAINING_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RETAINING_MALLOC})
-
-
-def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> float:
-    """Median seconds of fn() (+ .sum().backward()) after one warm-up call."""
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        out = fn()
-        if backward:
-            out.float().sum().backward()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _no_grad(fn: Callable, repeats: int) -> float:
@@ -136,17 +122,19 @@ def mixer_table(batch: int, channels: int, side: int, repeats: int, results: dic
     rows = [
         f"### Mixer, {batch}x{channels}x{side}x{side}, window 7, 4 heads, proj=False",
         "",
-        "| case | forward (ms) | forward ratio | fwd+bwd (ms) | fwd+bwd ratio | activation memory (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| case | forward (ms) | forward ratio | fwd+bwd (ms) | fwd+bwd ratio | activation memory (MiB) | "
+        "peak memory fwd+bwd (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = None
     for name, fn in cases.items():
-        fwd, both, memory = _no_grad(fn, repeats), timed(fn, True, repeats), activation_bytes(fn) / 2**20
+        fwd, both = _no_grad(fn, repeats), timed(fn, True, repeats)
+        memory, peak = activation_bytes(fn) / 2**20, peak_bytes(fn, True) / 2**20
         base = base or (fwd, both)
         results[name] = (fwd, both)
         rows.append(
             f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | {both * 1e3:.1f} | {both / base[1]:.2f}x | "
-            f"{memory:.0f} |"
+            f"{memory:.0f} | {peak:.0f} |"
         )
         print(rows[-1], flush=True)
     # FlexAttention (and NATTEN, which runs on it) has no backward on CPU: forward only, on inputs without grad
@@ -159,13 +147,15 @@ def mixer_table(batch: int, channels: int, side: int, repeats: int, results: dic
             peer = make()
             fwd = _no_grad(lambda peer=peer: peer(*plain), repeats)
             results[name] = (fwd, math.nan)
-            rows.append(f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | no CPU backward | — | — |")
+            rows.append(f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | no CPU backward | — | — | — |")
         except Exception as error:  # report why it could not run instead of failing the suite
             rows.append(f"| {name} | could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]} |")
         print(rows[-1], flush=True)
     rows += [
         "",
-        "Activation memory: the output plus the distinct tensors saved for backward (what a training step keeps).",
+        "Activation memory: the output plus the distinct tensors saved for backward (what a training step keeps). "
+        "Peak memory: the most PyTorch's allocator held at once during one forward+backward, above what it held "
+        "before (the profiler's allocation events).",
         "The unfold baseline zero-pads the border keys and NATTEN shifts its windows inward at the borders, where "
         "Conv+ excludes the keys outside the grid; they are speed peers only. NATTEN is natten "
         f"{installed_version('natten')} (`make bench` installs it without CUDA kernels: on CPU it runs Flex "
@@ -232,45 +222,60 @@ def model_table(batch: int, side: int, repeats: int, results: dict) -> list[str]
     return rows
 
 
-def fitted_exponent(points: list[tuple[int, float]]) -> float:
-    """p in time ~ N^p, least squares on log-log points."""
-    xs, ys = [math.log(n) for n, _ in points], [math.log(t) for _, t in points]
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-
-
 def scaling(sides: list[int], repeats: int, path: Path, results: dict) -> list[str]:
-    """Forward time vs positions for dwconv, Conv+ local (C++ kernel) and Conv+ global (SDPA), 1x16 channels."""
-    curves: dict[str, list[tuple[int, float]]] = {"dwconv 7x7": [], "Conv+ local (window 7)": [], "Conv+ global": []}
+    """Forward time and forward+backward peak memory vs positions for dwconv, Conv+ local (C++ kernel) and Conv+
+    global (SDPA), 1x16 channels; a two-panel PNG."""
+    names = ("dwconv 7x7", "Conv+ local (window 7)", "Conv+ global")
+    times: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+    memory: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
     for side in sides:
         cases, _ = mixer_cases(1, 16, side)
         glob = ConvPlus2d(16, kernel_size=7, window=None, heads=4, proj=False)
-        x = torch.randn(1, 16, side, side)
-        curves["dwconv 7x7"].append((side * side, _no_grad(cases[DWCONV], repeats)))
-        curves["Conv+ local (window 7)"].append((side * side, _no_grad(cases[CONVPLUS], repeats)))
+        x = torch.randn(1, 16, side, side, requires_grad=True)
+        runs = {names[0]: cases[DWCONV], names[1]: cases[CONVPLUS]}
         if side <= 128:  # global attention's N x N work grows quadratically
-            curves["Conv+ global"].append((side * side, _no_grad(lambda g=glob, x=x: g(x), repeats)))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in curves.items():
-        ax.loglog([n for n, _ in points], [t * 1e3 for _, t in points], "o-", label=name)
-    ax.set(
-        xlabel="positions N (grid side^2)", ylabel="forward time (ms)", title="Scaling with image size (1x16 channels)"
-    )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+            runs[names[2]] = lambda g=glob, x=x: g(x)
+        for name, fn in runs.items():
+            times[name].append((side * side, _no_grad(fn, repeats)))
+            memory[name].append((side * side, peak_bytes(fn, True)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, curves, scale, label in (
+        (axes[0], times, 1e3, "forward time (ms)"),
+        (axes[1], memory, 2**-20, "peak memory, forward+backward (MiB)"),
+    ):
+        for name, points in curves.items():
+            ax.loglog([n for n, _ in points], [v * scale for _, v in points], "o-", label=name)
+        ax.set(xlabel="positions N (grid side^2)", ylabel=label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle("Scaling with image size (batch 1, 16 channels, CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    rows = ["| grid | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    rows = [
+        "| grid | "
+        + " | ".join(f"{name} (ms)" for name in names)
+        + " | "
+        + " | ".join(f"{name} (MiB)" for name in names)
+        + " |",
+        "|---|" + "---|" * 2 * len(names),
+    ]
     for i, side in enumerate(sides):
-        cells = [f"{pts[i][1] * 1e3:.2f}" if i < len(pts) else "—" for pts in curves.values()]
+        cells = [f"{pts[i][1] * 1e3:.2f}" if i < len(pts) else "—" for pts in times.values()]
+        cells += [f"{pts[i][1] / 2**20:.1f}" if i < len(pts) else "—" for pts in memory.values()]
         rows.append(f"| {side}x{side} | " + " | ".join(cells) + " |")
-    exponents = {name: fitted_exponent(points[1:]) for name, points in curves.items()}
-    results["scaling"] = exponents
-    local = curves["Conv+ local (window 7)"]
+    exponents = {name: fitted_exponent(points[1:]) for name, points in times.items()}
+    memory_exponents = {name: fitted_exponent(points[1:]) for name, points in memory.items()}
+    results["scaling"], results["scaling_memory"] = exponents, memory_exponents
+    local = times[names[1]]
     results["scaling_steps"] = [b[1] / a[1] for a, b in itertools.pairwise(local)]  # growth per 4x positions
     fits = ", ".join(f"{name} p = {p:.2f}" for name, p in exponents.items())
-    rows += ["", f"Fitted time ~ N^p from the second size on: {fits}."]
+    memory_fits = ", ".join(f"{name} p = {p:.2f}" for name, p in memory_exponents.items())
+    rows += [
+        "",
+        "Time: forward, median of the repeats. Memory: the peak PyTorch's allocator held during one forward+backward.",
+        f"Fitted time ~ N^p from the second size on: {fits}. Fitted peak memory ~ N^p: {memory_fits}.",
+    ]
     return rows
 
 
@@ -279,6 +284,7 @@ def targets(results: dict) -> list[str]:
     dw, cp, att, unf = (results[k] for k in (DWCONV, CONVPLUS, ATTENTION, UNFOLD))
     plain, plus = results["convnextv2_atto"], results["convplus_convnextv2_atto"]
     local_p, steps = results["scaling"]["Conv+ local (window 7)"], results["scaling_steps"]
+    local_memory_p = results["scaling_memory"]["Conv+ local (window 7)"]
     rows = [
         ("mixer forward <= 6x depthwise conv", f"{cp[0] / dw[0]:.2f}x", cp[0] / dw[0] <= 6),
         ("mixer forward+backward <= 2.5x depthwise conv", f"{cp[1] / dw[1]:.2f}x", cp[1] / dw[1] <= 2.5),
@@ -306,8 +312,9 @@ def targets(results: dict) -> list[str]:
         ("whole model inference <= 2x plain atto", f"{plus[0] / plain[0]:.2f}x", plus[0] / plain[0] <= 2),
         (
             "linear in image size (windowed Conv+)",
-            f"time ~ N^{local_p:.2f}; each 4x more positions costs {', '.join(f'{r:.1f}x' for r in steps)}",
-            max(steps) <= 5,
+            f"time ~ N^{local_p:.2f}; each 4x more positions costs {', '.join(f'{r:.1f}x' for r in steps)}; "
+            f"peak memory ~ N^{local_memory_p:.2f}",
+            max(steps) <= 5 and local_memory_p <= 1.1,
         ),
     ]
     verdict = {True: "yes", False: "**no**", None: "unknown"}
@@ -340,6 +347,7 @@ def main() -> None:
         else "the default malloc settings"
     )
     torch.set_num_threads(args.threads)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cpu_kernel.extension()  # build outside the timings
     mixer_batch, batch = (2, 2) if args.quick else (8, 16)
@@ -381,7 +389,7 @@ def main() -> None:
         "",
         *model_table(batch, 224, args.repeats, results),
         "",
-        "### Scaling (forward, batch 1, 16 channels)",
+        "### Scaling (batch 1, 16 channels)",
         "",
         *scaling(
             [32, 64, 128, 256, 512] if not args.quick else [32, 64, 128],

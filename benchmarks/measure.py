@@ -1,0 +1,47 @@
+"""Measuring helpers shared by the benchmark scripts: median time, peak allocator memory, fitted exponents."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> float:
+    """Median seconds of fn() (+ .sum().backward()) after one warm-up call."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        out = fn()
+        if backward:
+            out.float().sum().backward()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_bytes(fn: Callable[[], torch.Tensor], backward: bool) -> int:
+    """Peak bytes held by PyTorch's CPU allocator during one call of fn() (+ .sum().backward()), above what was
+    held before: the running sum of the profiler's allocation and free events, in time order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        if backward:
+            out.float().sum().backward()
+        del out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+def fitted_exponent(points: list[tuple[int, float]]) -> float:
+    """p in value ~ N^p, least squares on log-log points (N, value)."""
+    xs, ys = [math.log(n) for n, _ in points], [math.log(max(v, 1e-12)) for _, v in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
