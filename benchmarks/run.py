@@ -362,8 +362,8 @@ def main() -> None:
         f"{args.threads} thread(s), torch {torch.__version__}, {malloc}, {date.today().isoformat()}. "
         f"Times are medians of {args.repeats} repeats after a warm-up; ratios are against the first row of "
         "each table, timed in the same run. Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks "
-        "on CPU): attention term, gain and "
-        "depthwise conv term in one pass over the window.",
+        "on CPU): the 'direct' score, attention term, gain, depthwise conv term and bias in one pass over the "
+        "window.",
         "",
         "**GPU: missing.** No GPU was lent to the sessions that built this suite. The Triton kernels "
         "(`backend='triton'`, what 'auto' picks on CUDA) are checked for correctness only, in Triton's CPU "

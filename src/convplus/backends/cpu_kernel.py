@@ -1,7 +1,9 @@
 """The 'cpu' backend: the windowed mixing step in one fused C++ kernel, forward and backward: the attention
 term, its gain and the depthwise convolution term in a single pass over the window,
-z_i = sum_w (g * P_w(i) + r(o_w)) * v_{i + o_w}. Parallel over rows, SIMD register tiles over the contiguous
-width; compiled with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached afterwards).
+z_i = sum_w (g * P_w(i) + r(o_w)) * v_{i + o_w} (+ bias). Parallel over rows, SIMD register tiles over the
+contiguous width; compiled with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached
+afterwards). With the 'direct' score (``direct_mix``) the pass computes the unit keys and the queries itself from
+the input features, so they are never written to memory; backward recomputes them in one pass.
 
 It computes what the 'local' backend computes. Under ``torch.compile`` / ``torch.export`` (which cannot trace
 into the kernel) and for dtypes other than float32/float64 it runs the 'local' PyTorch loop instead; a

@@ -1,4 +1,5 @@
-// The 'direct' score features of Conv+ on CPU, forward and backward in one pass each:
+// The 'direct' score features of Conv+ on CPU, forward and backward in one pass each (the forward pass of the
+// window kernel computes its keys itself; this forward recomputes them for the backward):
 //
 //   k = x^ / max(||x^||, 1e-12) over each head's channel slice,  q = tau_h * k,  x^ = x + P.
 //
