@@ -12,16 +12,29 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> float:
-    """Median seconds of fn() (+ .sum().backward()) after one warm-up call."""
+    """Median seconds of fn() (+ .sum().backward()) after one warm-up call (repeats 0: the one call's time)."""
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
         out = fn()
         if backward:
             out.float().sum().backward()
-        if i:
+        if i or not repeats:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_ratio(
+    base: Callable[[], torch.Tensor], fn: Callable[[], torch.Tensor], backward: bool, repeats: int
+) -> tuple[float, float, float]:
+    """fn's time over base's, each call of fn timed right after a call of base so that both see the same machine
+    state: (median, lowest, highest) of the per-pair ratios, after one warm-up pair."""
+    ratios = []
+    for i in range(repeats + 1):
+        pair = [timed(f, backward, 0) for f in (base, fn)]
+        if i:
+            ratios.append(pair[1] / pair[0])
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def peak_bytes(fn: Callable[[], torch.Tensor], backward: bool) -> int:

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import flex_neighborhood_attention, natten_neighborhood_attention, unfold_neighborhood_attention
-from measure import fitted_exponent, peak_bytes, timed
+from measure import fitted_exponent, paired_ratio, peak_bytes, timed
 
 import convplus  # noqa: F401
 from convplus import ConvPlus2d
@@ -132,6 +132,10 @@ def mixer_table(batch: int, channels: int, side: int, repeats: int, results: dic
         memory, peak = activation_bytes(fn) / 2**20, peak_bytes(fn, True) / 2**20
         base = base or (fwd, both)
         results[name] = (fwd, both)
+        if name == CONVPLUS:  # the target ratios, each Conv+ call timed next to a baseline call
+            with torch.no_grad():
+                results["paired_forward"] = paired_ratio(cases[DWCONV], fn, False, 4 * repeats)
+            results["paired_both"] = paired_ratio(cases[DWCONV], fn, True, 4 * repeats)
         rows.append(
             f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | {both * 1e3:.1f} | {both / base[1]:.2f}x | "
             f"{memory:.0f} | {peak:.0f} |"
@@ -279,6 +283,11 @@ def scaling(sides: list[int], repeats: int, path: Path, results: dict) -> list[s
     return rows
 
 
+def paired(ratio: tuple[float, float, float]) -> str:
+    """A paired_ratio result as 'median (lowest-highest)'."""
+    return f"{ratio[0]:.2f}x paired median ({ratio[1]:.2f}x-{ratio[2]:.2f}x)"
+
+
 def targets(results: dict) -> list[str]:
     """The issue's CPU targets, met or not, from the numbers measured above."""
     dw, cp, att, unf = (results[k] for k in (DWCONV, CONVPLUS, ATTENTION, UNFOLD))
@@ -286,8 +295,16 @@ def targets(results: dict) -> list[str]:
     local_p, steps = results["scaling"]["Conv+ local (window 7)"], results["scaling_steps"]
     local_memory_p = results["scaling_memory"]["Conv+ local (window 7)"]
     rows = [
-        ("mixer forward <= 6x depthwise conv", f"{cp[0] / dw[0]:.2f}x", cp[0] / dw[0] <= 6),
-        ("mixer forward+backward <= 2.5x depthwise conv", f"{cp[1] / dw[1]:.2f}x", cp[1] / dw[1] <= 2.5),
+        (
+            "mixer forward <= 6x depthwise conv",
+            f"{paired(results['paired_forward'])}; table {cp[0] / dw[0]:.2f}x",
+            results["paired_forward"][0] <= 6,
+        ),
+        (
+            "mixer forward+backward <= 2.5x depthwise conv",
+            f"{paired(results['paired_both'])}; table {cp[1] / dw[1]:.2f}x",
+            results["paired_both"][0] <= 2.5,
+        ),
         (
             ">= 5x faster than unfold neighborhood attention",
             f"attention term {unf[0] / att[0]:.1f}x (forward), {unf[1] / att[1]:.1f}x (fwd+bwd); whole mixer "
@@ -327,6 +344,10 @@ def targets(results: dict) -> list[str]:
         f"(oneDNN), the Conv+ mixer at {3 * mixer_flops / cp[0] / 1e9:.0f} GFLOP/s counting its three 49-tap "
         "multiply-adds (scores, aggregation, conv term) and not the softmax; the arithmetic floor of the forward "
         "ratio is about 3x.",
+        "",
+        f"The mixer targets are judged on paired ratios: {4 * results['repeats']} pairs, each Conv+ call timed right "
+        "after a depthwise conv call, so that both see the same machine state (the baseline alone moves from run "
+        "to run on a shared machine); 'table' is the ratio of the two medians in the mixer table.",
     ]
     return lines
 
@@ -352,7 +373,7 @@ def main() -> None:
     cpu_kernel.extension()  # build outside the timings
     mixer_batch, batch = (2, 2) if args.quick else (8, 16)
     rates = machine_rates(args.repeats)
-    results: dict = {}
+    results: dict = {"repeats": args.repeats}
     flags = (" --quick" if args.quick else "") + (" --default-malloc" if args.default_malloc else "")
     command = f"python benchmarks/run.py{flags} --threads {args.threads}"
     sections = [
