@@ -171,27 +171,29 @@ def mixer_table(batch: int, channels: int, side: int, repeats: int, results: dic
 def stage_table(stages: list[tuple[int, int]], batch: int, repeats: int, rates: tuple[float, float]) -> list[str]:
     rows = [
         "| stage (C x H x W) | dwconv fwd (ms) | Conv+ fwd ratio | dwconv fwd+bwd (ms) | Conv+ fwd+bwd ratio | "
-        "Conv+ fwd GFLOP/s | Conv+ fwd GB/s |",
-        "|---|---|---|---|---|---|---|",
+        "dwconv fwd GFLOP/s | Conv+ fwd GFLOP/s | Conv+ fwd GB/s | peak memory fwd+bwd, dwconv / Conv+ (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for channels, side in stages:
         cases, _ = mixer_cases(batch, channels, side)
         dw, cp = cases[DWCONV], cases[CONVPLUS]
         dw_f, cp_f = _no_grad(dw, repeats), _no_grad(cp, repeats)
         dw_b, cp_b = timed(dw, True, repeats), timed(cp, True, repeats)
+        dw_m, cp_m = peak_bytes(dw, True) / 2**20, peak_bytes(cp, True) / 2**20
         n = batch * channels * side * side
-        flops = n * 49 * 2 * 3  # scores, aggregation, conv term: one 49-tap multiply-add each
-        bytes_moved = n * 4 * 3  # read x (as the features and the values), write z
+        flops = n * 49 * 2  # one 49-tap multiply-add per value; Conv+ has three (scores, aggregation, conv term)
+        bytes_moved = n * 4 * 2  # read x (with proj=False also Conv+'s features), write the output
         rows.append(
             f"| {channels}x{side}x{side} | {dw_f * 1e3:.2f} | {cp_f / dw_f:.2f}x | {dw_b * 1e3:.2f} | "
-            f"{cp_b / dw_b:.2f}x | {flops / cp_f / 1e9:.1f} | {bytes_moved / cp_f / 1e9:.1f} |"
+            f"{cp_b / dw_b:.2f}x | {flops / dw_f / 1e9:.1f} | {3 * flops / cp_f / 1e9:.1f} | "
+            f"{bytes_moved / cp_f / 1e9:.1f} | {dw_m:.0f} / {cp_m:.0f} |"
         )
         print(rows[-1], flush=True)
     rows += [
         "",
         f"Machine ceilings measured in the same run: float32 matmul {rates[0]:.0f} GFLOP/s, copy {rates[1]:.1f} GB/s. "
-        "FLOPs count the three 49-tap multiply-adds per value (scores, aggregation, conv term); bytes the "
-        "compulsory traffic (input read, output written).",
+        "FLOPs count the 49-tap multiply-adds per value (dwconv one; Conv+ three: scores, aggregation, conv term); "
+        "bytes the compulsory traffic (input read once, output written once). Peak memory as in the mixer table.",
     ]
     return rows
 
