@@ -141,14 +141,18 @@ def test_cpu_backend_falls_back_to_the_loop_for_other_dtypes(dtype):
         (2, (3, 37), {"kernel_size": 3, "window": 7, "dilation": 2}),
         (3, (2, 3, 70), {"kernel_size": 3, "window": 3}),
         (2, (9, 40), {"kernel_size": 7, "window": 3}),  # the kernel reaches past the window: not fused
+        (1, (70,), {"kernel_size": 5, "window": 11}),  # 11 offsets on one key row: more than one group of 8
+        (2, (5, 20), {"kernel_size": 3, "window": 3, "channels": 24}),  # 12 channels a head: 8 + 4 per block
     ],
 )
 def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
-    module = MODULES[n](8, heads=2, dtype=dtype, **kwargs)
+    kwargs = dict(kwargs)
+    channels = kwargs.pop("channels", 8)
+    module = MODULES[n](channels, heads=2, dtype=dtype, **kwargs)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    x = torch.randn(2, 8, *grid, dtype=dtype)
+    x = torch.randn(2, channels, *grid, dtype=dtype)
     results = {}
     for backend in ("local", "cpu"):
         module.backend = backend

@@ -39,7 +39,6 @@ namespace convplus {
 namespace {
 
 constexpr int64_t kVectorBytes = 64;
-constexpr int kTile = 4;  // vectors per register tile
 
 // Allocates on vector boundaries.
 template <typename T>
@@ -147,6 +146,7 @@ struct Geometry {
   int64_t W, halo, lead, Xr, Xp;  // offsets; max |o_x|; halo, X rounded up to whole vectors; lead + Xr + lead
   std::vector<int64_t> ox, row;  // per offset: x offset, index of its (t, y) row offset
   std::vector<int64_t> rt, ry;   // distinct (t, y) row offsets
+  std::vector<std::vector<int64_t>> by_row;  // per distinct row offset: the offsets w that use it
   int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
   int64_t center_row = -1;       // the row offset (0, 0): the query's own row
 
@@ -163,8 +163,10 @@ struct Geometry {
       if (r == static_cast<int64_t>(rt.size())) {
         rt.push_back(off[w][0]);
         ry.push_back(off[w][1]);
+        by_row.emplace_back();
       }
       row.push_back(r);
+      by_row[r].push_back(w);
     }
     for (int64_t r = 0; r < rows(); ++r)
       if (rt[r] == 0 && ry[r] == 0) center_row = r;
@@ -252,76 +254,148 @@ class RowCache {
   std::vector<char> valid_;
 };
 
-// Calls tile(std::integral_constant<int, n>, x) over x = 0 .. Xr in register tiles of n <= kTile whole vectors.
-template <typename T, typename Tile>
+// Calls f(std::integral_constant<int, v>) for the value v in 1 .. Max, so that v can size register arrays.
+template <int Max, typename F>
+inline void with_constant(int64_t value, F&& f) {
+  if constexpr (Max > 1) {
+    if (value < Max) return with_constant<Max - 1>(value, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+// Calls tile(std::integral_constant<int, n>, x) over x = 0 .. Xr in register tiles of n <= Max whole vectors.
+template <typename T, int Max, typename Tile>
 inline void over_tiles(int64_t Xr, Tile&& tile) {
-  static_assert(kTile == 4, "one case per tile width");
   constexpr int64_t L = Simd<T>::width;
-  for (int64_t x = 0; x < Xr; x += kTile * L) {
-    switch (std::min<int64_t>(kTile, (Xr - x) / L)) {
-      case 4: tile(std::integral_constant<int, 4>{}, x); break;
-      case 3: tile(std::integral_constant<int, 3>{}, x); break;
-      case 2: tile(std::integral_constant<int, 2>{}, x); break;
-      default: tile(std::integral_constant<int, 1>{}, x); break;
-    }
-  }
+  for (int64_t x = 0; x < Xr; x += Max * L) with_constant<Max>((Xr - x) / L, [&](auto n) { tile(n, x); });
 }
 
-// out[x] = sum_c a[c * stride + x] * b[c * stride + x] for the n * width values of x from 0; with row_sums,
-// also sums[c] += sum_x a[c * stride + x] * b[c * stride + x].
-template <typename T, int n, bool row_sums>
-inline void channel_dot_tile(const T* a, const T* b, int64_t C, int64_t stride, T* out, double* sums) {
+constexpr int kDotTile = 2;     // vectors per tile of the dot products,
+constexpr int kDotGroup = 8;    // times up to this many window offsets that share a key row
+constexpr int kSumTile = 2;     // vectors per tile of the weighted sums,
+constexpr int kSumChannels = 8;  // times this many channels
+
+// For the m offsets of one key row, at the n vectors of x from 0: out[o][x] = sum_c a[c * stride + x] *
+// b[o][c * stride + x]; with sums, also sums[o][c * sums_stride] += sum_x of the same products. Each load of a
+// serves all m offsets.
+template <typename T, int n, int m, bool with_sums>
+inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T* const* out, double* const* sums,
+                     int64_t sums_stride) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
-  V acc[n] = {};
+  V acc[m][n] = {};
   for (int64_t c = 0; c < C; ++c) {
-    V part = {};
-    for (int j = 0; j < n; ++j) {
-      const V prod = load<V>(a + c * stride + j * L) * load<V>(b + c * stride + j * L);
-      acc[j] += prod;
-      if constexpr (row_sums) part += prod;
+    V av[n];
+    for (int j = 0; j < n; ++j) av[j] = load<V>(a + c * stride + j * L);
+    for (int o = 0; o < m; ++o) {
+      V part = {};
+      for (int j = 0; j < n; ++j) {
+        const V prod = av[j] * load<V>(b[o] + c * stride + j * L);
+        acc[o][j] += prod;
+        if constexpr (with_sums) part += prod;
+      }
+      if constexpr (with_sums) sums[o][c * sums_stride] += horizontal_sum<V, T>(part);
     }
-    if constexpr (row_sums) sums[c] += horizontal_sum<V, T>(part);
   }
-  for (int j = 0; j < n; ++j) store(out + j * L, acc[j]);
+  for (int o = 0; o < m; ++o)
+    for (int j = 0; j < n; ++j) store(out[o] + j * L, acc[o][j]);
 }
 
-template <typename T, bool row_sums>
-void channel_dot(const T* a, const T* b, int64_t C, int64_t stride, int64_t Xr, T* out, double* sums) {
-  over_tiles<T>(Xr, [&](auto n, int64_t x) {
-    channel_dot_tile<T, decltype(n)::value, row_sums>(a + x, b + x, C, stride, out + x, sums);
-  });
+// Dot products over C channels of the query-side row a (C, Xp) with key row b shifted by each offset of the
+// window that reads b: out[w][x] = sum_c a[c, x] * b[c, x + o_w] for x = 0 .. Xr and every w with row[w] = r
+// (a and b point at column lead). With sums (per w, c at sums + w + c * W): the same products summed over x.
+template <typename T, bool with_sums>
+void row_dots(const T* a, const T* b, int64_t r, int64_t C, const Geometry& g, T* out, double* sums) {
+  const std::vector<int64_t>& ws = g.by_row[r];
+  for (size_t first = 0; first < ws.size(); first += kDotGroup) {
+    const int64_t count = std::min<int64_t>(kDotGroup, static_cast<int64_t>(ws.size()) - first);
+    std::array<const T*, kDotGroup> bs;
+    std::array<T*, kDotGroup> outs;
+    std::array<double*, kDotGroup> ss;
+    for (int64_t o = 0; o < count; ++o) {
+      const int64_t w = ws[first + o];
+      bs[o] = b + g.ox[w];
+      outs[o] = out + w * g.Xr;
+      ss[o] = sums ? sums + w : nullptr;
+    }
+    with_constant<kDotGroup>(count, [&](auto m) {
+      over_tiles<T, kDotTile>(g.Xr, [&](auto n, int64_t x) {
+        std::array<const T*, kDotGroup> bx;
+        std::array<T*, kDotGroup> outx;
+        for (int o = 0; o < decltype(m)::value; ++o) {
+          bx[o] = bs[o] + x;
+          outx[o] = outs[o] + x;
+        }
+        dot_tile<T, decltype(n)::value, decltype(m)::value, with_sums>(a + x, bx.data(), C, g.Xp, outx.data(),
+                                                                      ss.data(), g.W);
+      });
+    });
+  }
 }
 
-// The weighted sum over the window: out[x] = sum_{m < M} (scale[x] * weight[m][x] + taps[m]) * value[m][shift + x]
-// for x = 0 .. Xr (taps may be null: no convolution term).
-template <typename T>
-void window_sum(const T* const* weight, const T* scale, const T* const* value, int64_t shift, const T* taps,
-                int64_t M, int64_t Xr, T* out) {
+// The weighted sum over the window, for a block of cb channels at the n vectors of x from 0:
+// out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] (taps null: no
+// convolution term). Each load of a weight serves all cb channels.
+template <typename T, int n, int cb, bool with_taps>
+inline void sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
+                     int64_t M, int64_t Xr, T* out) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
-  over_tiles<T>(Xr, [&](auto tile, int64_t x0) {
-    constexpr int n = decltype(tile)::value;
-    V acc[n] = {}, s[n];
-    for (int j = 0; j < n; ++j) s[j] = load<V>(scale + x0 + j * L);
-    for (int64_t m = 0; m < M; ++m) {
-      const T tap = taps ? taps[m] : T(0);
-      for (int j = 0; j < n; ++j)
-        acc[j] += (load<V>(weight[m] + x0 + j * L) * s[j] + tap) * load<V>(value[m] + shift + x0 + j * L);
+  V acc[cb][n] = {};
+  for (int64_t m = 0; m < M; ++m) {
+    V wv[n];
+    for (int j = 0; j < n; ++j) wv[j] = load<V>(weight[m] + j * L);
+    const T* vm = value[m] + offset;
+    for (int c = 0; c < cb; ++c) {
+      if constexpr (with_taps) {
+        const T tap = taps[c * M + m];
+        for (int j = 0; j < n; ++j) acc[c][j] += (wv[j] + tap) * load<V>(vm + c * stride + j * L);
+      } else {
+        for (int j = 0; j < n; ++j) acc[c][j] += wv[j] * load<V>(vm + c * stride + j * L);
+      }
     }
-    for (int j = 0; j < n; ++j) store(out + x0 + j * L, acc[j]);
+  }
+  for (int c = 0; c < cb; ++c)
+    for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
+}
+
+// out (C, Xr): out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] for all C
+// channels and x = 0 .. Xr (taps (C, M), or null: no convolution term).
+template <typename T>
+void window_sum(const T* const* weight, const T* const* value, int64_t stride, const T* taps, int64_t M, int64_t C,
+                int64_t Xr, T* out) {
+  std::vector<const T*> shifted(M);
+  over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
+    for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
+    for (int64_t c0 = 0; c0 < C; c0 += kSumChannels)
+      with_constant<kSumChannels>(std::min<int64_t>(kSumChannels, C - c0), [&](auto cb) {
+        constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
+        T* dst = out + c0 * Xr + x;
+        if (taps)
+          sum_tile<T, tile, block, true>(shifted.data(), value, c0 * stride + x, stride, taps + c0 * M, M, Xr, dst);
+        else
+          sum_tile<T, tile, block, false>(shifted.data(), value, c0 * stride + x, stride, nullptr, M, Xr, dst);
+      });
   });
 }
 
 inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }
 
-// The taps (W,) of one channel at the M live offsets live[m]: the row itself when every offset is live, else
-// gathered into scratch. Null without a convolution term.
+// The taps of head h at the M live offsets live[m], as a (D, M) matrix in out; null without a convolution term.
 template <typename T>
-const T* live_taps(const T* taps, const std::vector<int64_t>& live, int64_t M, int64_t W, T* scratch) {
-  if (!taps || M == W) return taps;
-  for (int64_t m = 0; m < M; ++m) scratch[m] = taps[live[m]];
-  return scratch;
+const T* live_taps(const T* taps, int64_t h, const std::vector<int64_t>& live, int64_t M, const Geometry& g,
+                   T* out) {
+  if (!taps) return nullptr;
+  for (int64_t d = 0; d < g.D; ++d)
+    for (int64_t m = 0; m < M; ++m) out[d * M + m] = taps[(h * g.D + d) * g.W + live[m]];
+  return out;
+}
+
+// Copies the C rows of buf (C, Xr) to row (t, y) of dst (BK, C, T, H, X) at slice bk.
+template <typename T>
+void scatter_rows(const T* buf, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* dst) {
+  for (int64_t c = 0; c < C; ++c)
+    std::memcpy(dst + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, buf + c * g.Xr, g.X * sizeof(T));
 }
 
 // In place, for each column x of p (W, Xr): p[w, x] = exp(p[w, x] - max_w p[., x]), and inverse[x] = 1 / sum_w
@@ -330,7 +404,7 @@ template <typename T>
 void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, T* inverse) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
-  over_tiles<T>(Xr, [&](auto tile, int64_t x0) {
+  over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0) {
     constexpr int n = decltype(tile)::value;
     V top[n], sum[n] = {};
     for (int j = 0; j < n; ++j) top[j] = load<V>(p + x0 + j * L);
@@ -371,10 +445,10 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
   const int64_t rows_total = g.BK * g.T * g.H;
   const bool direct = score.features != nullptr;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), orow(g.Xr), inverse(g.Xr), scale(g.Xr);
+    Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), inverse(g.Xr);
     RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W);
-    std::vector<T> tap(g.W);
+    std::vector<T> tap(g.D * g.W);
     std::vector<int64_t> live(g.W);
     const T neg_inf = -std::numeric_limits<T>::infinity();
     for (int64_t index = begin; index < end; ++index) {
@@ -388,23 +462,27 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
         gather_row(score.q, g.Dq, g, bk, t, y, qb.data());
       }
       // scores, -inf where the key leaves the grid
-      for (int64_t w = 0; w < g.W; ++w) {
-        T* pw = p.data() + w * g.Xr;
-        if (!kc.valid(g.row[w])) {
-          std::fill(pw, pw + g.Xr, neg_inf);
+      for (int64_t r = 0; r < g.rows(); ++r) {
+        if (kc.valid(r)) {
+          row_dots<T, false>(qb.data() + g.lead, kc.row(r) + g.lead, r, g.Dq, g, p.data(), nullptr);
           continue;
         }
-        channel_dot<T, false>(qb.data() + g.lead, kc.row(g.row[w]) + g.lead + g.ox[w], g.Dq, g.Xp, g.Xr, pw,
-                              nullptr);
+        for (const int64_t w : g.by_row[r]) std::fill(p.data() + w * g.Xr, p.data() + (w + 1) * g.Xr, neg_inf);
+      }
+      for (int64_t w = 0; w < g.W; ++w) {
+        T* pw = p.data() + w * g.Xr;
         for (int64_t x = 0; x < std::min(-g.ox[w], g.X); ++x) pw[x] = neg_inf;
         for (int64_t x = std::max<int64_t>(g.X - g.ox[w], 0); x < g.X; ++x) pw[x] = neg_inf;
       }
       softmax_numerators(p.data(), g.W, g.X, g.Xr, inverse.data());
-      if (probs)
-        for (int64_t w = 0; w < g.W; ++w)
-          for (int64_t x = 0; x < g.Xr; ++x) probs[(index * g.W + w) * g.Xr + x] = p[w * g.Xr + x] * inverse[x];
-      for (int64_t x = 0; x < g.Xr; ++x) scale[x] = gain[h] * inverse[x];
-      // z[d] = sum_w (g * P[w] + r[d, w]) * v[d, i + o_w], with g * P[w] = scale * p[w]
+      // p[w] = P[w] (kept for backward), then g * P[w]
+      for (int64_t w = 0; w < g.W; ++w) {
+        T* pw = p.data() + w * g.Xr;
+        for (int64_t x = 0; x < g.Xr; ++x) pw[x] *= inverse[x];
+        if (probs) std::memcpy(probs + (index * g.W + w) * g.Xr, pw, g.Xr * sizeof(T));
+        for (int64_t x = 0; x < g.Xr; ++x) pw[x] *= gain[h];
+      }
+      // z[d] = sum_w (g * P[w] + r[d, w]) * v[d, i + o_w] + b[d] over the offsets whose values lie in the grid
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w)
         if (vc.valid(g.row[w])) {
@@ -412,13 +490,12 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
           value[M] = vc.row(g.row[w]) + g.lead + g.ox[w];
           live[M++] = w;
         }
+      window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), M, g.D, g.Xr,
+                    zb.data());
       for (int64_t d = 0; d < g.D; ++d) {
-        const T* channel_taps = taps ? taps + (h * g.D + d) * g.W : nullptr;
-        window_sum<T>(weight.data(), scale.data(), value.data(), d * g.Xp,
-                      live_taps(channel_taps, live, M, g.W, tap.data()), M, g.Xr, orow.data());
         T* dst = out + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X;
         const T b = bias ? bias[h * g.D + d] : T(0);
-        for (int64_t x = 0; x < g.X; ++x) dst[x] = orow[x] + b;
+        for (int64_t x = 0; x < g.X; ++x) dst[x] = zb[d * g.Xr + x] + b;
       }
     }
   });
@@ -433,10 +510,10 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   // pass 1, per query row i: dP[w] = <gout[:, i], v[:, i + o_w]> (and dr[d, w] = sum_i gout[d, i] v[d, i + o_w]),
   // dgain += sum_w P dP, dS = g P (dP - sum_w P dP), dq[:, i] = sum_w dS[w] k[:, i + o_w].
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    Buffer<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), orow(g.Xr), ones(g.Xr, T(1));
+    Buffer<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), zb(g.Dq * g.Xr);
     RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W);
-    std::vector<double> local_gain(g.K, 0.0), local_taps(taps ? g.K * g.D * g.W : 0, 0.0), sums(g.D);
+    std::vector<double> local_gain(g.K, 0.0), local_taps(taps ? g.K * g.D * g.W : 0, 0.0);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       gather_row(gout, g.D, g, bk, t, y, gb.data());
@@ -444,26 +521,24 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
       vc.gather(bk, t, y, 1);
       const T* p = probs + index * g.W * g.Xr;
       T* s = gscore + index * g.W * g.Xr;
+      for (int64_t r = 0; r < g.rows(); ++r) {
+        if (vc.valid(r)) {
+          double* sums = taps ? local_taps.data() + h * g.D * g.W : nullptr;
+          if (taps)
+            row_dots<T, true>(gb.data() + g.lead, vc.row(r) + g.lead, r, g.D, g, dp.data(), sums);
+          else
+            row_dots<T, false>(gb.data() + g.lead, vc.row(r) + g.lead, r, g.D, g, dp.data(), nullptr);
+          continue;
+        }
+        for (const int64_t w : g.by_row[r]) std::fill(dp.data() + w * g.Xr, dp.data() + (w + 1) * g.Xr, T(0));
+      }
       std::fill(dot.begin(), dot.end(), T(0));
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w) {
-        T* dpw = dp.data() + w * g.Xr;
-        if (!vc.valid(g.row[w])) {
-          std::fill(dpw, dpw + g.Xr, T(0));
-          continue;
-        }
-        const T* vrow = vc.row(g.row[w]) + g.lead + g.ox[w];
-        if (taps) {
-          std::fill(sums.begin(), sums.end(), 0.0);
-          channel_dot<T, true>(gb.data() + g.lead, vrow, g.D, g.Xp, g.Xr, dpw, sums.data());
-          for (int64_t d = 0; d < g.D; ++d) local_taps[(h * g.D + d) * g.W + w] += sums[d];
-        } else {
-          channel_dot<T, false>(gb.data() + g.lead, vrow, g.D, g.Xp, g.Xr, dpw, nullptr);
-        }
-        for (int64_t x = 0; x < g.Xr; ++x) dot[x] += p[w * g.Xr + x] * dpw[x];
+        for (int64_t x = 0; x < g.Xr; ++x) dot[x] += p[w * g.Xr + x] * dp[w * g.Xr + x];
+        if (!vc.valid(g.row[w])) continue;
         weight[M] = s + w * g.Xr;
-        value[M] = kc.row(g.row[w]) + g.lead + g.ox[w];
-        ++M;
+        value[M++] = kc.row(g.row[w]) + g.lead + g.ox[w];
       }
       double dgain = 0;
       for (int64_t x = 0; x < g.Xr; ++x) dgain += dot[x];
@@ -471,10 +546,8 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
       const T gh = gain[h];
       for (int64_t w = 0; w < g.W; ++w)
         for (int64_t x = 0; x < g.Xr; ++x) s[w * g.Xr + x] = gh * p[w * g.Xr + x] * (dp[w * g.Xr + x] - dot[x]);
-      for (int64_t d = 0; d < g.Dq; ++d) {
-        window_sum<T>(weight.data(), ones.data(), value.data(), d * g.Xp, nullptr, M, g.Xr, orow.data());
-        std::memcpy(gq + ((bk * g.Dq + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
-      }
+      window_sum<T>(weight.data(), value.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data());
+      scatter_rows(zb.data(), g.Dq, g, bk, t, y, gq);
     }
     std::lock_guard<std::mutex> lock(reduce);
     for (int64_t i = 0; i < g.K; ++i) ggain[i] += local_gain[i];
@@ -484,14 +557,14 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   // dk[:, j] = sum_w dS[i, w] q[:, i], dv[d, j] = sum_w (g P[i, w] + r[d, w]) gout[d, i].
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     RowCache<T> qc(q, g.Dq, g), gc(gout, g.D, g);
-    Buffer<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), orow(g.Xr), tap(g.W), ones(g.Xr, T(1)), gains(g.Xr);
+    Buffer<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), zb(std::max(g.D, g.Dq) * g.Xr), tap(g.D * g.W);
     std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W);
     std::vector<int64_t> live(g.W);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       qc.gather(bk, t, y, -1);
       gc.gather(bk, t, y, -1);
-      std::fill(gains.begin(), gains.end(), gain[h]);
+      const T gh = gain[h];
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w) {
         if (!qc.valid(g.row[w])) continue;
@@ -501,25 +574,19 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
         T* sdst = sb.data() + w * g.Xp + g.lead;
         T* pdst = pb.data() + w * g.Xp + g.lead;
         std::memcpy(sdst, srow, g.X * sizeof(T));
-        std::memcpy(pdst, prow, g.X * sizeof(T));
+        for (int64_t x = 0; x < g.X; ++x) pdst[x] = gh * prow[x];
         const int64_t shift = g.lead - g.ox[w];
         sw[M] = sb.data() + w * g.Xp + shift;
         pw[M] = pb.data() + w * g.Xp + shift;
         qb_rows[M] = qc.row(g.row[w]) + shift;
         gb_rows[M] = gc.row(g.row[w]) + shift;
-        live[M] = w;
-        ++M;
+        live[M++] = w;
       }
-      for (int64_t d = 0; d < g.Dq; ++d) {
-        window_sum<T>(sw.data(), ones.data(), qb_rows.data(), d * g.Xp, nullptr, M, g.Xr, orow.data());
-        std::memcpy(gk + ((bk * g.Dq + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
-      }
-      for (int64_t d = 0; d < g.D; ++d) {
-        const T* channel_taps = taps ? taps + (h * g.D + d) * g.W : nullptr;
-        window_sum<T>(pw.data(), gains.data(), gb_rows.data(), d * g.Xp,
-                      live_taps(channel_taps, live, M, g.W, tap.data()), M, g.Xr, orow.data());
-        std::memcpy(gv + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X, orow.data(), g.X * sizeof(T));
-      }
+      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data());
+      scatter_rows(zb.data(), g.Dq, g, bk, t, y, gk);
+      window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), M, g.D, g.Xr,
+                    zb.data());
+      scatter_rows(zb.data(), g.D, g, bk, t, y, gv);
     }
   });
 }
