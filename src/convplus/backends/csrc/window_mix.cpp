@@ -360,11 +360,10 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
 }
 
 // out (C, Xr): out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] for all C
-// channels and x = 0 .. Xr (taps (C, M), or null: no convolution term).
+// channels and x = 0 .. Xr (taps (C, M), or null: no convolution term). shifted: scratch of at least M pointers.
 template <typename T>
 void window_sum(const T* const* weight, const T* const* value, int64_t stride, const T* taps, int64_t M, int64_t C,
-                int64_t Xr, T* out) {
-  std::vector<const T*> shifted(M);
+                int64_t Xr, T* out, std::vector<const T*>& shifted) {
   over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
     for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
     for (int64_t c0 = 0; c0 < C; c0 += kSumChannels)
@@ -447,7 +446,7 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), inverse(g.Xr);
     RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos), vc(v, g.D, g);
-    std::vector<const T*> weight(g.W), value(g.W);
+    std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
     std::vector<T> tap(g.D * g.W);
     std::vector<int64_t> live(g.W);
     const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -491,7 +490,7 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
           live[M++] = w;
         }
       window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), M, g.D, g.Xr,
-                    zb.data());
+                    zb.data(), shifted);
       for (int64_t d = 0; d < g.D; ++d) {
         T* dst = out + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X;
         const T b = bias ? bias[h * g.D + d] : T(0);
@@ -512,7 +511,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     Buffer<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), zb(g.Dq * g.Xr);
     RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
-    std::vector<const T*> weight(g.W), value(g.W);
+    std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
     std::vector<double> local_gain(g.K, 0.0), local_taps(taps ? g.K * g.D * g.W : 0, 0.0);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
@@ -546,7 +545,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
       const T gh = gain[h];
       for (int64_t w = 0; w < g.W; ++w)
         for (int64_t x = 0; x < g.Xr; ++x) s[w * g.Xr + x] = gh * p[w * g.Xr + x] * (dp[w * g.Xr + x] - dot[x]);
-      window_sum<T>(weight.data(), value.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data());
+      window_sum<T>(weight.data(), value.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gq);
     }
     std::lock_guard<std::mutex> lock(reduce);
@@ -558,7 +557,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     RowCache<T> qc(q, g.Dq, g), gc(gout, g.D, g);
     Buffer<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), zb(std::max(g.D, g.Dq) * g.Xr), tap(g.D * g.W);
-    std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W);
+    std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W), shifted(g.W);
     std::vector<int64_t> live(g.W);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
@@ -582,10 +581,10 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
         gb_rows[M] = gc.row(g.row[w]) + shift;
         live[M++] = w;
       }
-      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data());
+      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gk);
       window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), M, g.D, g.Xr,
-                    zb.data());
+                    zb.data(), shifted);
       scatter_rows(zb.data(), g.D, g, bk, t, y, gv);
     }
   });
