@@ -17,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import load_pretrained
+from .pretrained import load_pretrained
 from .registry import SIZES, STAGE_CONFIGS
 
 PLAIN = tuple(f"convnextv2_{size}" for size in SIZES)
