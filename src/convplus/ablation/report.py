@@ -11,12 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from safetensors.torch import load_file
 
 from ..analysis import capture_inputs
-from ..train import TrainConfig
-from ..train.data import build_data
-from ..train.engine import build_model
+from ..train import load_run
 from .variants import VARIANTS
 
 
@@ -101,11 +98,8 @@ def layers_plot(task: str, results: dict[str, list[dict]], path: Path) -> Path:
 @torch.no_grad()
 def attention_maps(run: Path, path: Path, count: int = 4) -> Path:
     """Input images with the first Conv+ layer's attention (head-averaged) from the central query overlaid."""
-    cfg = TrainConfig(**{k: v for k, v in __import__("json").loads((run / "config.json").read_text()).items()})
-    data = build_data(cfg.data, cfg.img_size, cfg.seed, max_val=count)
-    cfg.pretrained_file = None
-    model = build_model(cfg, data)
-    model.load_state_dict(load_file(run / "last" / "model.safetensors"))
+    trained = load_run(run, "last", max_val=count)
+    model, data = trained.model, trained.data
     images = torch.stack([data.val[i][0] for i in range(count)])
     name, x = next(iter(capture_inputs(model, images).items()))
     module = dict(model.named_modules())[name]

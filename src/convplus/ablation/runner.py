@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from ..analysis import attention_distance, layer_behaviour
-from ..train import TrainConfig, train
-from ..train.data import build_data
-from ..train.engine import build_model
+from ..train import TrainConfig, load_run, train
 from .variants import BACKBONE, VARIANTS
 
 TASKS = ("digits", "texture", "longrange", "pathfinder")
@@ -68,21 +66,17 @@ def run_variant(task: str, variant, seed: int, recipe: Recipe, root: Path) -> di
         source = root / task / variant.finetune_from / f"seed{seed}" / "last" / "model.safetensors"
         cfg = replace(cfg, model="convnextv2_atto", pretrained_file=str(source), epochs=recipe.finetune_epochs)
     summary = train(cfg)
-    summary["layers"] = _interpret(cfg, output)
+    summary["layers"] = _interpret(output)
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _interpret(cfg: TrainConfig, output: Path) -> list[dict]:
+def _interpret(output: Path) -> list[dict]:
     """Per Conv+ layer of the trained model: gains, attention energy share, mean attention distance."""
-    data = build_data(cfg.data, cfg.img_size, cfg.seed, max_val=64)
-    model = build_model(replace(cfg, pretrained_file=None), data)
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(output / "last" / "model.safetensors"))
-    images = torch.stack([data.val[i][0] for i in range(min(32, len(data.val)))])
-    stats = layer_behaviour(model, images)
-    distances = attention_distance(model, images[:8])
+    run = load_run(output, "last", max_val=32)
+    images = torch.stack([run.data.val[i][0] for i in range(len(run.data.val))])
+    stats = layer_behaviour(run.model, images)
+    distances = attention_distance(run.model, images[:8])
     for layer in stats:
         layer["mean_attention_distance"] = distances.get(layer["name"])
     return stats

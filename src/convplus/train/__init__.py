@@ -1,6 +1,7 @@
-"""Training and evaluation of (Conv+) timm models: ``from convplus.train import TrainConfig, train``."""
+"""Training and evaluation of (Conv+) timm models: ``from convplus.train import TrainConfig, train, load_run``."""
 
 from .config import TrainConfig
 from .engine import TrainingDiverged, train
+from .run import Run, load_run
 
-__all__ = ["TrainConfig", "TrainingDiverged", "train"]
+__all__ = ["Run", "TrainConfig", "TrainingDiverged", "load_run", "train"]

@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from . import plots
-from .config import TrainConfig, add_arguments, config_from_args
-from .data import build_data
-from .engine import TrainingDiverged, build_model, train
+from .config import add_arguments, config_from_args
+from .engine import TrainingDiverged, train
+from .run import load_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,41 +53,26 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_folder(path: Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint folder) for a run folder or one of its checkpoint folders."""
-    if (path / "model.safetensors").is_file():
-        return path.parent, path
-    if (path / "best" / "model.safetensors").is_file():
-        return path, path / "best"
-    raise ValueError(f"{path}: not a run folder or checkpoint (no model.safetensors or best/model.safetensors)")
-
-
 @torch.no_grad()
 def run_eval(args: argparse.Namespace) -> int:
-    run, folder = _checkpoint_folder(Path(args.checkpoint))
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-    data = build_data(args.data or cfg.data, cfg.img_size, cfg.seed)
-    model = build_model(TrainConfig(**{**cfg.to_dict(), "pretrained_file": None}), data)
-    weights = folder / ("ema.safetensors" if args.ema else "model.safetensors")
-    try:
-        model.load_state_dict(load_file(weights))
-    except RuntimeError as error:
-        raise ValueError(f"{weights}: does not fit {cfg.model} ({str(error).splitlines()[0]})") from error
-    model.eval()
-    matrix = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected a number > 0")
+    run = load_run(args.checkpoint, ema=args.ema, data=args.data)
+    num_classes = run.data.num_classes
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     top5 = count = 0
-    for images, labels in DataLoader(data.val, args.batch_size):
-        logits = model(images)
+    for images, labels in DataLoader(run.data.val, args.batch_size):
+        logits = run.model(images)
         np.add.at(matrix, (labels.numpy(), logits.argmax(1).numpy()), 1)
         top5 += (logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]).any(1).sum().item()
         count += len(labels)
     top1 = 100 * np.trace(matrix) / count
-    out = run / "eval"
+    out = run.folder / "eval"
     out.mkdir(exist_ok=True)
-    png = plots.confusion_matrix(matrix, out / "confusion_matrix.png", getattr(data.val, "classes", None))
+    png = plots.confusion_matrix(matrix, out / "confusion_matrix.png", getattr(run.data.val, "classes", None))
     result = {
-        "checkpoint": str(weights),
-        "data": args.data or cfg.data,
+        "checkpoint": str(run.weights),
+        "data": args.data or run.config.data,
         "images": count,
         "top1": top1,
         "top5": 100 * top5 / count,
