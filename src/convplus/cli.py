@@ -1,7 +1,9 @@
 """The ``convplus`` command: one entry point, one sub-command per module.
 
 Each module listed in ``COMMANDS`` exposes ``register(subparsers)``, which adds its sub-parser and sets
-``func`` (called with the parsed arguments, returning an exit code).
+``func`` (called with the parsed arguments, returning an exit code). Commands check their arguments, data
+and model before they write anything and report bad input as ``ValueError``; ``main`` prints it as one line,
+``convplus COMMAND: error: MESSAGE`` on stderr, and returns 2, as argparse does for bad flags.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as error:  # bad input: the message says what to change; a traceback would not help
+        message = " ".join(str(error).split())
+        print(f"convplus {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,11 +15,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ablate", help="Conv+ vs conv-only vs attention-only, several seeds", description=__doc__
     )
-    parser.add_argument("--task", default="all", help=f"{', '.join(TASKS)} or all")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--task", default="all", choices=(*TASKS, "all"), help=f"{', '.join(TASKS)} or all")
+    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds per variant (>= 1)")
     parser.add_argument("--quick", action="store_true", help="1 epoch on a few hundred images (smoke test)")
     parser.add_argument("--output", type=Path, default=Path("runs/ablation"))
     parser.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

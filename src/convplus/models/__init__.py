@@ -1,9 +1,9 @@
 """timm integration: Conv+ ConvNeXt V2 models, exact conversion of ConvNeXt weights, export."""
 
 from . import registry
-from .pretrained import CheckpointError, load_pretrained, read_state_dict
 from .convert import convert, load_converted
 from .export import export_onnx
+from .pretrained import CheckpointError, load_pretrained, read_state_dict
 from .replace import replace_convplus
 
 __all__ = [

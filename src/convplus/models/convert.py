@@ -33,6 +33,8 @@ def convert(
     if model_name not in PLAIN:
         raise ValueError(f"--model must be one of {', '.join(PLAIN)}, got {model_name!r}")
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output}: exists and is not a folder")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"{output}: output folder exists and is not empty (use --overwrite)")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}

@@ -11,6 +11,13 @@ from typing import Any, ClassVar
 
 import yaml
 
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def _number(value: Any) -> float:
+    """``value`` as a number for range checks; NaN (fails every comparison) for anything else."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
 
 @dataclass
 class TrainConfig:
@@ -65,7 +72,48 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        return cls(**(yaml.safe_load(Path(path).read_text()) or {}))
+        """The settings of a YAML mapping (keys are field names, with underscores or dashes)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--config {path}: no such file")
+        try:
+            settings = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from error
+        if not isinstance(settings, dict):
+            raise ValueError(f"--config {path}: expected a mapping of settings, got {type(settings).__name__}")
+        settings = {str(key).replace("-", "_"): value for key, value in settings.items()}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ValueError(
+                f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return cls(**settings)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the flag of the first setting that no run could use."""
+        positive = ("img_size", "epochs", "batch_size", "lr")
+        non_negative = ("weight_decay", "warmup_epochs", "mixup", "cutmix", "workers")
+        fractions = ("drop_path", "label_smoothing", "ema")  # in [0, 1)
+        problems = [(name, "a number > 0") for name in positive if not _number(getattr(self, name)) > 0]
+        problems += [(name, "a number >= 0") for name in non_negative if not _number(getattr(self, name)) >= 0]
+        problems += [(name, "a number in [0, 1)") for name in fractions if not 0 <= _number(getattr(self, name)) < 1]
+        problems += [
+            (name, "a number > 0 or unset")
+            for name in ("max_train_samples", "max_val_samples")
+            if getattr(self, name) is not None and not _number(getattr(self, name)) > 0
+        ]
+        if self.amp not in AMP_MODES:
+            problems.append(("amp", " | ".join(AMP_MODES)))
+        for name in ("model_kwargs", "convplus_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                problems.append((name, "a JSON object"))
+        if problems:
+            name, expected = problems[0]
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected {expected}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -66,21 +66,23 @@ def _image_folder(root: Path, img_size: int) -> DataSplits:
     for split in ("train", "val"):
         folder = root / split
         if not folder.is_dir():
-            raise ValueError(f"imagefolder:{root}: missing folder {folder} (expected train/ and val/ class folders)")
+            raise ValueError(
+                f"--data imagefolder:{root}: missing folder {folder} (expected train/ and val/ class folders)"
+            )
         try:
             dataset = datasets.ImageFolder(folder, transform=_rgb_transforms(img_size, split == "train"))
         except FileNotFoundError as error:
-            raise ValueError(f"imagefolder:{root}: {error}") from error
+            raise ValueError(f"--data imagefolder:{root}: {error}") from error
         good = [i for i, (path, _) in enumerate(dataset.samples) if _readable(path)]
         if len(good) < len(dataset):
             bad = [p for p, _ in dataset.samples if not _readable(p)]
             warnings.warn(f"skipping {len(bad)} corrupt image(s) in {folder}: {bad[:3]}", stacklevel=2)
             corrupt += len(bad)
         if not good:
-            raise ValueError(f"imagefolder:{root}: no readable images in {folder}")
+            raise ValueError(f"--data imagefolder:{root}: no readable images in {folder}")
         splits[split] = (Subset(dataset, good), len(dataset.classes))
     if splits["train"][1] != splits["val"][1]:
-        raise ValueError(f"imagefolder:{root}: train/ and val/ have different class folders")
+        raise ValueError(f"--data imagefolder:{root}: train/ and val/ have different class folders")
     return DataSplits(splits["train"][0], splits["val"][0], splits["train"][1], 3, corrupt)
 
 
@@ -93,7 +95,7 @@ def _cifar(root: Path, img_size: int, classes: int) -> DataSplits:
         val = cls(root, train=False, transform=_rgb_transforms(img_size, False, *stats))
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
         raise ValueError(
-            f"cifar{classes}:{root}: {error} (expected the python pickle folder {cls.base_folder})"
+            f"--data cifar{classes}:{root}: {error} (expected the python pickle folder {cls.base_folder})"
         ) from error
     return DataSplits(train, val, classes, 3)
 
@@ -101,7 +103,7 @@ def _cifar(root: Path, img_size: int, classes: int) -> DataSplits:
 def _synthetic(name: str, seed: int) -> DataSplits:
     synthetic = importlib.import_module("convplus.data.synthetic")
     if name not in synthetic.SYNTHETIC_DATASETS:
-        raise ValueError(f"synthetic:{name}: unknown; available: {', '.join(synthetic.SYNTHETIC_DATASETS)}")
+        raise ValueError(f"--data synthetic:{name}: unknown; available: {', '.join(synthetic.SYNTHETIC_DATASETS)}")
     spec = synthetic.SYNTHETIC_DATASETS[name]
     return DataSplits(
         synthetic.build_synthetic(name, "train", seed),
@@ -121,14 +123,14 @@ def build_data(
     elif kind in ("imagefolder", "cifar10", "cifar100") and arg:
         root = Path(arg)
         if not root.is_dir():
-            raise ValueError(f"{form}: data folder {root} does not exist")
+            raise ValueError(f"--data {form}: data folder {root} does not exist")
         splits = _image_folder(root, img_size) if kind == "imagefolder" else _cifar(root, img_size, int(kind[5:]))
     elif kind == "synthetic" and arg:
         splits = _synthetic(arg, seed)
     else:
         raise ValueError(f"--data {form!r}: unknown dataset form; expected {FORMS}")
     if len(splits.train) == 0 or len(splits.val) == 0:
-        raise ValueError(f"{form}: empty dataset (train {len(splits.train)}, val {len(splits.val)} images)")
+        raise ValueError(f"--data {form}: empty dataset (train {len(splits.train)}, val {len(splits.val)} images)")
     if max_train is not None:
         splits.train = Subset(splits.train, range(min(max_train, len(splits.train))))
     if max_val is not None:

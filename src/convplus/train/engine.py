@@ -1,13 +1,15 @@
 """The training loop: ``train(cfg) -> summary``. Read it top to bottom:
 
-1. set up (processes, output folder, seeds), 2. data, 3. model, 4. optimizer / scheduler / EMA / mixup / loss,
-5. resume, 6. per epoch: train, evaluate, log, checkpoint, 7. summary and plots.
+1. set up (processes, checks, seeds), 2. data, 3. model, 4. optimizer / scheduler / EMA / mixup / loss, then
+the output folder (nothing is written before), 5. resume, 6. per epoch: train, evaluate, log, checkpoint,
+7. summary and plots.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import json
 import random
 import shutil
@@ -55,20 +57,42 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def prepare_output(cfg: TrainConfig) -> Path:
-    """The run folder: refuse one that holds another run unless --resume or --overwrite."""
+def check_output(cfg: TrainConfig) -> None:
+    """Refuse a run folder that holds another run unless --resume or --overwrite; --resume needs a run."""
     out = Path(cfg.output)
-    if out.exists() and any(out.iterdir()):
-        if cfg.overwrite:
-            shutil.rmtree(out)
-        elif not cfg.resume:
-            raise ValueError(
-                f"{out}: output folder already holds a run; pass --resume to continue it or --overwrite to replace it"
-            )
-    elif cfg.resume:
-        raise ValueError(f"{out}: nothing to resume (no run in this folder)")
+    holds_files = out.is_dir() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: exists and is not a folder")
+    if holds_files and not (cfg.resume or cfg.overwrite):
+        raise ValueError(
+            f"--output {out}: output folder already holds a run; pass --resume to continue it or --overwrite "
+            "to replace it"
+        )
+    if cfg.resume and checkpoint.find(out / "last") is None:
+        raise ValueError(f"--output {out}: nothing to resume (no complete checkpoint in {out / 'last'})")
+
+
+def prepare_output(cfg: TrainConfig) -> Path:
+    """The run folder, emptied for --overwrite (call after ``check_output``)."""
+    out = Path(cfg.output)
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def removed_unless_checkpointed(out: Path, existed: bool):
+    """On any failure before the run's first checkpoint, put the run folder back as it was (absent or empty),
+    so that the corrected command starts afresh; a run with a checkpoint is kept for --resume."""
+    try:
+        yield
+    except BaseException:
+        if checkpoint.find(out / "last") is None:
+            shutil.rmtree(out, ignore_errors=True)
+            if existed:
+                out.mkdir()
+        raise
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -85,13 +109,21 @@ def build_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
     kwargs = {"num_classes": data.num_classes, "in_chans": data.in_chans, **cfg.model_kwargs}
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
-    model = timm.create_model(cfg.model, pretrained=False, **kwargs)
-    if cfg.pretrained_file and not cfg.replace_convplus:
+    if not timm.is_model(cfg.model):
+        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.7)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (timm.list_models() lists them)"
+        raise ValueError(f"--model {cfg.model!r}: unknown model{hint}")
+    try:
+        model = timm.create_model(cfg.model, pretrained=False, **kwargs)
+    except TypeError as error:  # a keyword the model's constructor does not take
+        raise ValueError(f"--model-kwargs {cfg.model_kwargs}: not accepted by {cfg.model} ({error})") from error
+    if cfg.pretrained_file:  # into the plain model, before the exact conversion (which keeps its outputs)
         load_pretrained(model, cfg.pretrained_file)
     if cfg.replace_convplus:
-        if cfg.pretrained_file:  # weights into the plain model first: the exact conversion keeps its outputs
-            load_pretrained(model, cfg.pretrained_file)
-        replace_convplus(model, stages=cfg.convplus_stages, **cfg.convplus_kwargs)
+        try:
+            replace_convplus(model, stages=cfg.convplus_stages, **cfg.convplus_kwargs)
+        except TypeError as error:
+            raise ValueError(f"--convplus-kwargs {cfg.convplus_kwargs}: {error}") from error
     return model
 
 
@@ -124,8 +156,6 @@ def autocast(cfg: TrainConfig, device: torch.device):
         return contextlib.nullcontext()
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
-    if cfg.amp not in ("bf16", "fp16"):
-        raise ValueError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
@@ -171,9 +201,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, ema, sc
             loss = loss_fn(logits.float(), targets)
         finite = distributed.all_reduce_sum(torch.tensor([float(torch.isfinite(loss))]), ctx)
         if finite.item() < ctx.world_size:
+            kept = f"The last good checkpoint is in {Path(cfg.output) / 'last'}" if epoch else "No checkpoint yet"
             raise TrainingDiverged(
-                f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. The last "
-                f"good checkpoint is in {Path(cfg.output) / 'last'} (try a lower --lr)"
+                f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopped. {kept} (try a lower --lr)"
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -197,22 +227,27 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, ema, sc
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run one training as configured; returns the summary (also written to <output>/summary.json)."""
+    """Run one training as configured; returns the summary (also written to <output>/summary.json).
+
+    Settings, output folder, data, model and optimizer are all checked (``ValueError``) before anything is
+    written; a run that fails before its first checkpoint leaves the output folder as it found it.
+    """
     # 1. set up
+    cfg.check()
     ctx = distributed.setup()
     try:
-        return _train(cfg, ctx)
+        with contextlib.ExitStack() as on_failure:
+            return _train(cfg, ctx, on_failure)
     finally:
         distributed.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
+def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.ExitStack) -> dict:
     wall_start = time.perf_counter()
-    out = prepare_output(cfg) if ctx.is_main else Path(cfg.output)
-    distributed.barrier(ctx)
+    out = Path(cfg.output)
+    check_output(cfg)
+    autocast(cfg, ctx.device)  # refuses an AMP mode this device cannot run
     seed_everything(cfg.seed, cfg.deterministic)
-    if ctx.is_main and not cfg.resume:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     # 2. data
     data = build_data(cfg.data, cfg.img_size, cfg.seed, cfg.max_train_samples, cfg.max_val_samples)
@@ -221,7 +256,13 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
     # 3. model
     model = build_model(cfg, data).to(ctx.device)
     params = sum(p.numel() for p in model.parameters())
-    flops = count_flops(model, torch.zeros(1, data.in_chans, cfg.img_size, cfg.img_size, device=ctx.device))
+    try:
+        flops = count_flops(model, torch.zeros(1, data.in_chans, cfg.img_size, cfg.img_size, device=ctx.device))
+    except RuntimeError as error:
+        raise ValueError(
+            f"--model {cfg.model} cannot run on {data.in_chans}x{cfg.img_size}x{cfg.img_size} images "
+            f"({str(error).splitlines()[0]})"
+        ) from error
     net = DistributedDataParallel(model) if ctx.distributed else model
 
     # 4. optimizer, schedule, EMA, mixup, loss
@@ -252,12 +293,19 @@ def _train(cfg: TrainConfig, ctx: distributed.Context) -> dict:
         loss_fn = nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
 
+    # everything is checked: only now is the run folder written
+    existed = out.exists()
+    if ctx.is_main:
+        prepare_output(cfg)
+        if not cfg.resume:
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        on_failure.enter_context(removed_unless_checkpointed(out, existed))
+    distributed.barrier(ctx)
+
     # 5. resume
     start_epoch, best, rows = 0, {"val_top1": -1.0, "val_top5": 0.0, "epoch": 0}, []
     if cfg.resume:
         found = checkpoint.find(out / "last")
-        if found is None:
-            raise ValueError(f"{out}: no complete checkpoint to resume from")
         state = checkpoint.load(found, model, ema.module if ema else None)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
