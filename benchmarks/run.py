@@ -1,5 +1,5 @@
 """The Conv+ speed suite (``make bench``): every figure is a ratio against a baseline timed in the same run
-(median of repeats). Writes docs/performance.md (ending with the issue's targets, met or not, computed from
+(median of repeats). Writes docs/performance.md (ending with the speed targets, met or not, computed from
 the tables) and docs/scaling.png.
 
     python benchmarks/run.py [--quick] [--threads N] [--repeats 5] [--default-malloc]
@@ -291,7 +291,7 @@ def paired(ratio: tuple[float, float, float]) -> str:
 
 
 def targets(results: dict) -> list[str]:
-    """The issue's CPU targets, met or not, from the numbers measured above."""
+    """The CPU speed targets, met or not, from the numbers measured above."""
     dw, cp, att, unf = (results[k] for k in (DWCONV, CONVPLUS, ATTENTION, UNFOLD))
     plain, plus = results["convnextv2_atto"], results["convplus_convnextv2_atto"]
     local_p, steps = results["scaling"]["Conv+ local (window 7)"], results["scaling_steps"]
@@ -388,10 +388,10 @@ def main() -> None:
         "on CPU): the 'direct' score, attention term, gain, depthwise conv term and bias in one pass over the "
         "window.",
         "",
-        "**GPU: missing.** No GPU was lent to the sessions that built this suite. The Triton kernels "
+        "**No GPU timings:** this suite was run on a machine without a GPU. The Triton kernels "
         "(`backend='triton'`, what 'auto' picks on CUDA) are checked for correctness only, in Triton's CPU "
-        "interpreter (tests/test_triton.py); their timings against cuDNN, FlexAttention and NATTEN are still to be "
-        "measured.",
+        "interpreter (tests/test_triton.py); their timings against cuDNN, FlexAttention and NATTEN are not "
+        "measured yet.",
         "",
         *mixer_table(mixer_batch, 64, 56, args.repeats, results),
         "",

@@ -1,4 +1,4 @@
-"""Spec section 5: bad input gets a clear ValueError/TypeError, naming the argument, before any compute."""
+"""Bad input: a clear ValueError/TypeError naming the argument, before any compute (docs/definition.md, 'Errors')."""
 
 from __future__ import annotations
 

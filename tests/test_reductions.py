@@ -1,4 +1,4 @@
-"""Spec section 3: every reduction holds to float32 rounding (relative error <= 1e-5)."""
+"""Every reduction of docs/definition.md, 'Exact reductions', holds to float32 rounding (relative error <= 1e-5)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _neighborhood_mask(grid: tuple[int, ...], window: int, dilation: int) -> torch.Tensor:
-    """(N, N) bool, True where j is NOT in N(i): built by brute force from the spec's words."""
+    """(N, N) bool, True where j is NOT in N(i): built by brute force from the words of docs/definition.md."""
     points = list(itertools.product(*[range(s) for s in grid]))
     blocked = torch.ones(len(points), len(points), dtype=torch.bool)
     for a, i in enumerate(points):

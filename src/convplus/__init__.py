@@ -1,6 +1,6 @@
 """Conv+: one primitive that generalizes convolution and self-attention.
 
-``ConvPlus1d/2d/3d`` are the layers, ``conv_plus`` the functional form; see the spec for the definition.
+``ConvPlus1d/2d/3d`` are the layers, ``conv_plus`` the functional form; see docs/definition.md for the definition.
 """
 
 from . import models  # registers the convplus_convnextv2_* models with timm

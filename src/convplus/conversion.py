@@ -1,4 +1,4 @@
-"""Exact conversions of spec section 3: convolutions and self-attention as Conv+ modules.
+"""Exact conversions (docs/definition.md, 'Exact reductions'): convolutions and self-attention as Conv+ modules.
 
 The results are ordinary, trainable Conv+ modules: a converted conv starts as that exact conv (g = 0) and
 can learn attention from there; a converted attention starts with r = 0 and can learn a convolution.

@@ -1,4 +1,4 @@
-"""The functional form of Conv+ (spec section 2), in four steps any backend shares:
+"""The functional form of Conv+ (docs/definition.md, 'Definition'), in four steps any backend shares:
 
     v     = values(x, ...)                 (B, K, d, *S)    1x1 projection C -> K*d (identity if no weight)
     q, k  = score_features(x + P, ...)     (B, K, Dq, *S)   'direct' (cosine, temperature) or 'qk'

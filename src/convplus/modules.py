@@ -34,7 +34,7 @@ class _ConvPlusNd(nn.Module):
     y = W_o concat_k( g_k * sum_{j in N(i)} softmax_j(s_k(i, j)) V_k,j + depthwise_conv_k(V_k) ) + b,
     V = W_v x; s_k from the features plus an absolute positional encoding ('direct': cosine similarity of
     the head's channel slice times a learnable temperature; 'qk': scaled dot product of projections).
-    See the spec for the exact definition.
+    docs/definition.md gives the exact definition.
 
     Args:
         in_channels: C_in.
@@ -231,14 +231,18 @@ class _ConvPlusNd(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Module, **overrides) -> _ConvPlusNd:
-        """An exact, trainable Conv+ copy of a depthwise or dense ``nn.Conv{n}d`` (spec section 3)."""
+        """An exact, trainable Conv+ copy of a depthwise or dense ``nn.Conv{n}d``.
+
+        See docs/definition.md, 'Exact reductions'."""
         return conversion.from_conv(cls, conv, **overrides)
 
     @classmethod
     def from_attention(
         cls, mha: nn.MultiheadAttention, window: Size | None = None, dilation: Size = 1, **overrides
     ) -> _ConvPlusNd:
-        """An exact, trainable Conv+ copy of a self-attention ``nn.MultiheadAttention`` (spec section 3)."""
+        """An exact, trainable Conv+ copy of a self-attention ``nn.MultiheadAttention``.
+
+        See docs/definition.md, 'Exact reductions'."""
         return conversion.from_attention(cls, mha, window=window, dilation=dilation, **overrides)
 
     def extra_repr(self) -> str:

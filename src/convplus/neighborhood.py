@@ -1,4 +1,4 @@
-"""The attention neighborhood N(i) of spec section 2, in the two forms the backends need.
+"""The attention neighborhood N(i) (docs/definition.md, 'Definition'), in the two forms the backends need.
 
 N(i) = grid points j with |j - i| <= (w // 2) * dilation in every dim, j - i a multiple of the dilation,
 j inside the grid; all j when the window is None.

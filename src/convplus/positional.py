@@ -1,4 +1,4 @@
-"""Absolute positional encodings P of the grid (spec section 2: x^ = x + P)."""
+"""Absolute positional encodings P of the grid (docs/definition.md, 'Definition': x^ = x + P)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by the functional op and the modules (spec section 5).
+"""Argument checks shared by the functional op and the modules (docs/definition.md, 'Errors').
 
 Every check raises before any compute, naming the argument, the value given and what was expected.
 """

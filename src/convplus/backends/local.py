@@ -2,7 +2,7 @@
 
 Never builds an N x N matrix: the scores are (B, K, *S, W) for a window of W offsets, so time and memory
 grow linearly with the number of positions N. The window is clipped to the grid and out-of-grid keys are
-excluded with -inf before the softmax (spec section 2).
+excluded with -inf before the softmax (docs/definition.md, 'Definition').
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The 'reference' backend: spec section 2 written plainly, with a dense masked N x N attention matrix.
+"""The 'reference' backend: docs/definition.md written plainly, with a dense masked N x N attention matrix.
 
 O(N^2) time and memory. Every other backend is tested against this one.
 """
