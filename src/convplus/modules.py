@@ -1,11 +1,10 @@
 """``ConvPlus1d``, ``ConvPlus2d``, ``ConvPlus3d``: thin subclasses of one n-d module, as torch's Conv{n}d."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Sequence
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 from . import backends, conversion
@@ -62,6 +61,8 @@ class _ConvPlusNd(nn.Module):
     """
 
     spatial_dims: int
+    __constants__ = ("spatial_dims",)  # kept on the TorchScript module, for ``_conv_plus``
+    __jit_unused_properties__ = ("temperature",)  # a Python-side view, not compiled by TorchScript
 
     def __init__(
         self,
@@ -158,32 +159,30 @@ class _ConvPlusNd(nn.Module):
     @property
     def temperature(self) -> torch.Tensor | None:
         """tau_k (K,) of the 'direct' score, or None."""
-        if self.log_temperature is None:
-            return None
-        return self.log_temperature.clamp(max=MAX_LOG_TEMPERATURE).exp()
+        return _temperature(self)
 
     def positional_encoding(self, x: torch.Tensor) -> torch.Tensor | None:
         """P (C_in, *S) for the grid of x (B, C_in, *S), or None."""
-        spatial = tuple(x.shape[2:])
-        if self.pos_embed is not None:
-            return resize_learned(self.pos_embed, spatial)
-        if self.pos == "sincos" and self.gain is not None:
-            return sincos_encoding(self.in_channels, spatial, x.dtype, x.device)
-        return None
-
-    def _score_args(self, x: torch.Tensor) -> dict:
-        return {
-            "score": self.score,
-            "pos": self.positional_encoding(x),
-            "temperature": self.temperature,
-            "query_weight": self.query_weight,
-            "query_bias": self.query_bias,
-            "key_weight": self.key_weight,
-            "key_bias": self.key_bias,
-        }
+        return _positional_encoding(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C_in, *S) -> (B, C_out, *S)."""
+        """x (B, C_in, *S) -> (B, C_out, *S).
+
+        ``torch.jit.script`` compiles this method only: the op runs as a Python call (see ``_conv_plus``).
+        """
+        return self._conv_plus(x)
+
+    @torch.jit.ignore
+    def _conv_plus(self, x: torch.Tensor) -> torch.Tensor:
+        """The Conv+ op, left to Python by TorchScript: the backends dispatch on device, dtype and grid size
+        to Python autograd functions and compiled kernels, which TorchScript cannot compile. A scripted model
+        with Conv+ layers therefore runs and trains in a Python process, but ``torch.jit.save`` refuses it
+        ("Could not export Python function call '_conv_plus'"); deploy through ONNX
+        (``convplus.models.export_onnx``) instead.
+
+        Under TorchScript ``self`` is the scripted module, which keeps the parameters, the plain attributes
+        and the ``__constants__`` but not the Python methods: hence the module-level helpers below.
+        """
         check_input(x, self.spatial_dims, self.in_channels)
         return conv_plus(
             x,
@@ -197,7 +196,7 @@ class _ConvPlusNd(nn.Module):
             output_weight=self.output_weight,
             bias=self.bias,
             backend=self.backend,
-            **self._score_args(x),
+            **_score_args(self, x),
         )
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
@@ -206,7 +205,7 @@ class _ConvPlusNd(nn.Module):
         v = values(x, self.heads, self.value_weight, self.value_bias)
         if self.gain is None:
             return None, None, v
-        q, k = score_features(x, self.heads, **self._score_args(x))
+        q, k = score_features(x, self.heads, **_score_args(self, x))
         return q, k, v
 
     def decompose(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -230,7 +229,7 @@ class _ConvPlusNd(nn.Module):
         return attention_probs(q, k, self.window, self.dilation)
 
     @classmethod
-    def from_conv(cls, conv: nn.Module, **overrides) -> _ConvPlusNd:
+    def from_conv(cls, conv: nn.Module, **overrides) -> "_ConvPlusNd":
         """An exact, trainable Conv+ copy of a depthwise or dense ``nn.Conv{n}d``.
 
         See docs/definition.md, 'Exact reductions'."""
@@ -239,7 +238,7 @@ class _ConvPlusNd(nn.Module):
     @classmethod
     def from_attention(
         cls, mha: nn.MultiheadAttention, window: Size | None = None, dilation: Size = 1, **overrides
-    ) -> _ConvPlusNd:
+    ) -> "_ConvPlusNd":
         """An exact, trainable Conv+ copy of a self-attention ``nn.MultiheadAttention``.
 
         See docs/definition.md, 'Exact reductions'."""
@@ -267,18 +266,51 @@ class _ConvPlusNd(nn.Module):
         return ", ".join(parts)
 
 
+def _temperature(layer: _ConvPlusNd) -> torch.Tensor | None:
+    """tau_k = exp(min(log_temperature_k, log 100)) (K,) of a 'direct' score layer, or None."""
+    if layer.log_temperature is None:
+        return None
+    return layer.log_temperature.clamp(max=MAX_LOG_TEMPERATURE).exp()
+
+
+def _positional_encoding(layer: _ConvPlusNd, x: torch.Tensor) -> torch.Tensor | None:
+    """P (C_in, *S) of ``layer`` for the grid of x (B, C_in, *S), or None."""
+    spatial = tuple(x.shape[2:])
+    if layer.pos_embed is not None:
+        return resize_learned(layer.pos_embed, spatial)
+    if layer.pos == "sincos" and layer.gain is not None:
+        return sincos_encoding(layer.in_channels, spatial, x.dtype, x.device)
+    return None
+
+
+def _score_args(layer: _ConvPlusNd, x: torch.Tensor) -> dict:
+    """The score keyword arguments of ``conv_plus`` / ``score_features`` for ``layer`` on input x."""
+    return {
+        "score": layer.score,
+        "pos": _positional_encoding(layer, x),
+        "temperature": _temperature(layer),
+        "query_weight": layer.query_weight,
+        "query_bias": layer.query_bias,
+        "key_weight": layer.key_weight,
+        "key_bias": layer.key_bias,
+    }
+
+
+@register_notrace_module
 class ConvPlus1d(_ConvPlusNd):
     """Conv+ over sequences: (B, C_in, L) -> (B, C_out, L). See ``_ConvPlusNd`` for the arguments."""
 
     spatial_dims = 1
 
 
+@register_notrace_module
 class ConvPlus2d(_ConvPlusNd):
     """Conv+ over images: (B, C_in, H, W) -> (B, C_out, H, W). See ``_ConvPlusNd`` for the arguments."""
 
     spatial_dims = 2
 
 
+@register_notrace_module
 class ConvPlus3d(_ConvPlusNd):
     """Conv+ over volumes / video: (B, C_in, T, H, W) -> (B, C_out, T, H, W). See ``_ConvPlusNd``."""
 

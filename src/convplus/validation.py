@@ -58,6 +58,13 @@ def one_of(name: str, value: str, choices: Sequence[str]) -> str:
 def check_input(x: torch.Tensor, spatial_dims: int, channels: int | None) -> None:
     """``x`` must be a floating tensor of shape (B, channels, *S) with ``spatial_dims`` spatial dims
     (any channel count when ``channels`` is None)."""
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError(
+            "Conv+ cannot be traced through by torch.fx (its backend is chosen from the input's device and "
+            "shape): trace with the Conv+ layers as leaf modules, i.e. tracer leaf_modules="
+            "timm.models.get_notrace_modules(), as timm.models.create_feature_extractor and timm's FX feature "
+            "extraction do"
+        )
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():

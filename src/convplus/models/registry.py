@@ -15,10 +15,11 @@ default configuration is the same for every size (see docs/models.md for the rea
 from __future__ import annotations
 
 import timm
-from timm.models import register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from .replace import convnext_blocks, replace_convplus
+from .replace import replace_convplus
 
 SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
 LOCAL = {"kernel_size": 7, "window": 7, "heads": 4, "score": "direct", "pos": "sincos", "proj": False}
@@ -33,26 +34,55 @@ def stage_configs(global_stages: tuple[int, ...] = GLOBAL_STAGES) -> tuple[dict,
 STAGE_CONFIGS = stage_configs()
 """Conv+ settings per stage of the registered models (by default)."""
 
+default_cfgs = generate_default_cfgs(
+    {
+        f"convplus_convnextv2_{size}": {
+            "url": "",  # no downloadable weights: see load_pretrained / ``convplus convert``
+            "num_classes": 1000,
+            "input_size": (3, 224, 224),
+            "pool_size": (7, 7),
+            "crop_pct": 0.875,
+            "interpolation": "bicubic",
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "stem.0",
+            "classifier": "head.fc",
+            "license": "apache-2.0",
+        }
+        for size in SIZES
+    }
+)
+"""timm pretrained configs (the ImageNet-1k preprocessing of timm's ``convnextv2_*``), read by
+``register_model``: ``model.pretrained_cfg``, ``timm.data.resolve_data_config({}, model=model)``."""
+
 
 def convplus_convnextv2(
     size: str, pretrained: bool = False, global_stages: tuple[int, ...] = GLOBAL_STAGES, **kwargs
 ) -> nn.Module:
     """``convnextv2_<size>`` with Conv+ mixers (``stage_configs(global_stages)``); timm kwargs (num_classes,
-    drop_path_rate, features_only, out_indices, ...) pass through. Weights come from a local file: see
-    ``load_pretrained``."""
+    drop_path_rate, features_only, out_indices, feature_cls, pretrained_cfg_overlay, ...) pass through. Weights
+    come from a local file: see ``load_pretrained``."""
     if pretrained:
         raise ValueError(
             "convplus models have no downloadable weights: create with pretrained=False and load a local "
             "ConvNeXt V2 checkpoint with convplus.models.load_pretrained(model, path)"
         )
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    model = timm.create_model(f"convnextv2_{size}", pretrained=False, **kwargs)
     configs = stage_configs(tuple(global_stages))
-    present = {stage for stage, _, _ in convnext_blocks(model)}  # features_only may drop late stages
-    for stage in sorted(present):
-        replace_convplus(model, stages=[stage], **configs[stage])
-    return model
+
+    def build(**model_kwargs) -> nn.Module:
+        model = timm.create_model(f"convnextv2_{size}", **model_kwargs)
+        for stage, config in enumerate(configs):
+            replace_convplus(model, stages=[stage], **config)
+        return model
+
+    # timm's builder attaches the pretrained cfg and wraps features_only models (after the replacement)
+    return build_model_with_cfg(
+        build,
+        f"convplus_convnextv2_{size}",
+        pretrained=False,
+        feature_cfg={"out_indices": (0, 1, 2, 3), "flatten_sequential": True},
+        **kwargs,
+    )
 
 
 def _register(size: str) -> None:
