@@ -168,7 +168,7 @@ def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
 @pytest.mark.parametrize("with_pos", [True, False])
 @pytest.mark.parametrize("kernel_size", [5, 9])  # the conv term fused, and run apart (past the 5x5 window)
 def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, kernel_size):
-    from convplus.backends import cpu_kernel
+    from convplus.backends import cpu
 
     x = torch.randn(2, 6, 7, 40, dtype=torch.float64)  # rows wider than a register tile
     x[0, :3, 1, 2] = 0  # a zero feature vector of head 0: the clamped norm
@@ -185,10 +185,10 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
         p = inputs[4] if with_pos else None
         v = functional.values(xi, 2)
         if inside:
-            z = cpu_kernel.direct_mix(xi, p, tau, v, r, g, (5, 5), (1, 1))
+            z = cpu.direct_mix(xi, p, tau, v, r, g, (5, 5), (1, 1))
         else:
             q, k = functional.score_features(xi, 2, "direct", p, tau)
-            z = cpu_kernel.mix(q, k, v, r, g, (5, 5), (1, 1))
+            z = cpu.mix(q, k, v, r, g, (5, 5), (1, 1))
         z.backward(torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z))
         results.append([z.detach(), *[t.grad for t in inputs]])
     for inside_value, value in zip(results[1], results[0], strict=True):
@@ -197,9 +197,9 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
 def test_cpu_kernel_keeps_probabilities_only_when_a_gradient_can_follow(monkeypatch):
-    from convplus.backends import cpu_kernel
+    from convplus.backends import cpu
 
-    kernels, kept = cpu_kernel.extension(), []
+    kernels, kept = cpu.extension(), []
 
     class Recording:
         def __getattr__(self, name):
@@ -213,7 +213,7 @@ def test_cpu_kernel_keeps_probabilities_only_when_a_gradient_can_follow(monkeypa
             kept.append(("direct", args[-1]))
             return kernels.direct_window_mix_forward(*args)
 
-    monkeypatch.setattr(cpu_kernel, "extension", Recording)
+    monkeypatch.setattr(cpu, "extension", Recording)
     for score in ("direct", "qk"):
         module = MODULES[2](8, heads=2, kernel_size=5, score=score, backend="cpu")  # parameters require grad
         x = torch.randn(2, 8, 9, 10)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from . import backends
-from .backends import cpu_kernel
+from .backends import cpu
 from .validation import SCORES, check_input, one_of
 
 
@@ -138,8 +138,8 @@ def conv_plus(
     z_bias = bias.view(heads, -1) if output_weight is None and bias is not None else None
     if gain is None:
         z = mix_fn(None, None, v, kernel, gain, window, dilation, z_bias)
-    elif score == "direct" and mix_fn is backends.BACKENDS["cpu"] and cpu_kernel.runs_here(x, v):
-        z = cpu_kernel.direct_mix(x, pos, temperature, v, kernel, gain, window, dilation, z_bias)  # q, k in the pass
+    elif score == "direct" and mix_fn is backends.BACKENDS["cpu"] and cpu.runs_here(x, v):
+        z = cpu.direct_mix(x, pos, temperature, v, kernel, gain, window, dilation, z_bias)  # q, k in the pass
     else:
         q, k = score_features(x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias)
         z = mix_fn(q, k, v, kernel, gain, window, dilation, z_bias)

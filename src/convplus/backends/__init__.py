@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..neighborhood import covers_grid
-from . import cpu_kernel, global_attention, local, reference, triton_backend
+from . import cpu, global_attention, local, reference, triton
 from .terms import with_convolution_term
 
 MixFn = Callable[..., torch.Tensor]
@@ -23,8 +23,8 @@ BACKENDS: dict[str, MixFn] = {
     "reference": with_convolution_term(reference.attend),
     "local": with_convolution_term(local.attend),
     "global": with_convolution_term(global_attention.attend),
-    "cpu": cpu_kernel.mix,
-    "triton": triton_backend.mix,
+    "cpu": cpu.mix,
+    "triton": triton.mix,
 }
 """Backend name -> mix function. Fast backends register themselves here when they can run."""
 
@@ -40,9 +40,9 @@ def select(
     instead), else 'local'."""
     if covers_grid(spatial, window, dilation):
         return "global"
-    if device.type == "cuda" and triton_backend.unavailable_reason(device) is None:
+    if device.type == "cuda" and triton.unavailable_reason(device) is None:
         return "triton"
-    if device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.unavailable_reason() is None:
+    if device.type == "cpu" and not torch.compiler.is_compiling() and cpu.unavailable_reason() is None:
         return "cpu"
     return "local"
 
@@ -65,11 +65,11 @@ def resolve(
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' runs on CPU tensors, got device {device}; use 'local' or 'auto'")
-        reason = cpu_kernel.unavailable_reason()
+        reason = cpu.unavailable_reason()
         if reason is not None:
             raise ValueError(f"backend 'cpu' cannot run here: {reason}; use 'local'")
     if name == "triton":
-        reason = triton_backend.unavailable_reason(device)
+        reason = triton.unavailable_reason(device)
         if reason is not None:
             raise ValueError(f"backend 'triton' cannot run here: {reason}")
     return BACKENDS[name]

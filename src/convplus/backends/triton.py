@@ -1,5 +1,5 @@
 """The 'triton' backend: the windowed mixing step (attention term, gain and, when its kernel fits in the window,
-the depthwise conv term, in one pass) in Triton kernels (``triton_kernel``) on CUDA.
+the depthwise conv term, in one pass) in Triton kernels (``triton_kernels``) on CUDA.
 
 The kernel module (and triton) is imported on first use, so that ``import convplus`` never needs triton.
 With ``TRITON_INTERPRET=1`` set before that first use, the kernels run on CPU tensors in Triton's
@@ -32,7 +32,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
     """z = g * attention term + depthwise conv term + bias; see convplus.backends for the signature."""
-    from .triton_kernel import WindowMix
+    from .triton_kernels import WindowMix
 
     if gain is None:  # the conv term alone
         return blend(None, None, v, kernel, dilation, bias)
