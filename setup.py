@@ -25,7 +25,7 @@ setup(
             build["MODULE"],
             sources=relative(build["sources"]()),
             depends=relative(build["headers"]()),
-            extra_compile_args=build["EXTRA_CFLAGS"],
+            extra_compile_args=[*build["EXTRA_CFLAGS"], "-g0"],  # setuptools passes Python's -g; no debug info
             extra_link_args=build["EXTRA_LDFLAGS"],
         )
     ],
