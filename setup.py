@@ -26,7 +26,7 @@ setup(
             sources=relative(build["sources"]()),
             depends=relative(build["headers"]()),
             extra_compile_args=[*build["EXTRA_CFLAGS"], "-g0"],  # setuptools passes Python's -g; no debug info
-            extra_link_args=build["EXTRA_LDFLAGS"],
+            extra_link_args=list(build["EXTRA_LDFLAGS"]),
         )
     ],
     cmdclass={"build_ext": BuildExtension},

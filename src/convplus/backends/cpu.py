@@ -40,8 +40,8 @@ def _build_just_in_time() -> ModuleType:
     return cpp_extension.load(
         name=cpu_build.JIT_NAME,
         sources=[str(source) for source in cpu_build.sources()],
-        extra_cflags=cpu_build.EXTRA_CFLAGS,
-        extra_ldflags=cpu_build.EXTRA_LDFLAGS,
+        extra_cflags=list(cpu_build.EXTRA_CFLAGS),
+        extra_ldflags=list(cpu_build.EXTRA_LDFLAGS),
         verbose=False,
     )
 

@@ -18,8 +18,9 @@ MODULE = "convplus.backends._cpu_kernels"
 JIT_NAME = "convplus_cpu_kernels"
 """The module name of the just-in-time build (cached under TORCH_EXTENSIONS_DIR)."""
 
-EXTRA_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-EXTRA_LDFLAGS = ["-fopenmp"]
+EXTRA_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+EXTRA_LDFLAGS = ("-fopenmp",)
+"""Tuples: torch.utils.cpp_extension appends to the lists it is given, so each build gets fresh copies."""
 
 
 def sources() -> list[Path]:
