@@ -1,6 +1,6 @@
 """Parameters and forward FLOPs at 224x224 of every ConvNeXt V2 size, plain vs Conv+ (docs/models.md).
 
-FLOPs: ``convplus.flops.count_flops`` (torch.utils.flop_counter plus the local window's multiply-adds),
+FLOPs: ``convplus.flops.count_flops`` (torch.utils.flop_counter, with each Conv+ layer counted analytically),
 batch 1, counted on the meta device (no real compute).
 
     python benchmarks/model_table.py [--output docs/models.md]

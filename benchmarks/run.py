@@ -36,7 +36,7 @@ from measure import fitted_exponent, paired_ratio, peak_bytes, timed
 
 import convplus  # noqa: F401
 from convplus import ConvPlus2d
-from convplus.backends import cpu_kernel, global_attention
+from convplus.backends import cpu, global_attention
 
 ATTO_STAGES = [(40, 56), (80, 28), (160, 14), (320, 7)]
 TINY_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
@@ -110,7 +110,7 @@ def mixer_cases(batch: int, channels: int, side: int, heads: int = 4, window: in
         module = ConvPlus2d(channels, kernel_size=window, heads=heads, proj=False, backend=backend)
         cases[f"Conv+ mixer, backend '{backend}'"] = lambda m=module: m(x)
     qkv = [torch.randn(batch, heads, channels // heads, side, side, requires_grad=True) for _ in range(3)]
-    cases[ATTENTION] = lambda: cpu_kernel.attend(*qkv, (window,) * 2, (1, 1))
+    cases[ATTENTION] = lambda: cpu.attend(*qkv, (window,) * 2, (1, 1))
     cases[UNFOLD] = lambda: unfold_neighborhood_attention(*qkv, window)
     cases["attention term only: global SDPA"] = lambda: global_attention.attend(*qkv, None, (1, 1))
     return cases, qkv
@@ -372,7 +372,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    cpu_kernel.extension()  # build outside the timings
+    cpu.extension()  # build outside the timings
     mixer_batch, batch = (2, 2) if args.quick else (8, 16)
     rates = machine_rates(args.repeats)
     results: dict = {"repeats": args.repeats}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import warnings
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -124,12 +128,93 @@ def test_auto_picks_global_when_window_covers_grid_and_the_cpu_kernel_otherwise(
     assert backends.select((20, 20), torch.device("meta"), (7, 7), (1, 1)) == "local"
 
 
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("score", ["direct", "qk"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_backend_falls_back_to_the_loop_for_other_dtypes(dtype):
-    module = MODULES[2](8, heads=2, kernel_size=5, backend="cpu", dtype=torch.float32)
-    x = torch.randn(2, 8, 9, 10)
+def test_cpu_backend_runs_the_local_loop_for_other_dtypes(monkeypatch, dtype, score):
+    from convplus.backends import cpu
+
+    kernels, calls = cpu.extension(), []
+    monkeypatch.setattr(cpu, "extension", lambda: calls.append(1) or kernels)
+    module = MODULES[2](8, heads=2, kernel_size=5, score=score, backend="local", dtype=dtype)
+    x = torch.randn(2, 8, 9, 10, dtype=dtype)
     expected = module(x)
-    assert (module.to(dtype)(x.to(dtype)).float() - expected).abs().max() < 0.1
+    module.backend = "cpu"
+    torch.testing.assert_close(module(x), expected, rtol=0, atol=0)  # the same loop, the same bits
+    assert not calls  # the kernel never ran
+    module.float()(x.float())
+    assert calls  # while float32 takes the kernel
+
+
+FALLBACK_REASONS = {"cpu": "the C++ kernel could not be built (OSError: no compiler)", "triton": "no triton here"}
+
+
+@pytest.fixture
+def fused_unavailable(monkeypatch):
+    """Makes the fused backends ('cpu', 'triton') unavailable, with the reasons above, and forgets which
+    fallbacks were warned about."""
+    for name, reason in FALLBACK_REASONS.items():
+        record = dataclasses.replace(backends.BACKENDS[name], unavailable_reason=lambda device, r=reason: r)
+        monkeypatch.setitem(backends.BACKENDS, name, record)
+    monkeypatch.setattr(backends, "_warned", set())
+
+
+def _fallback_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, backends.BackendFallbackWarning)]
+
+
+@pytest.mark.usefixtures("fused_unavailable")
+def test_auto_falls_back_to_local_with_one_warning_naming_the_reason_and_the_cost():
+    module = MODULES[2](8, heads=2, kernel_size=3)
+    x = torch.randn(1, 8, 9, 9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = module(x)
+        module(x)
+        functional.conv_plus(
+            x, heads=2, kernel=None, gain=module.gain, window=(5, 5), dilation=(1, 1), temperature=module.temperature
+        )
+    (message,) = _fallback_warnings(caught)
+    assert FALLBACK_REASONS["cpu"] in message and "PyTorch loop ('local'), about 20x slower" in message
+    module.backend = "local"
+    torch.testing.assert_close(y, module(x), rtol=0, atol=0)  # what ran was the 'local' loop
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.select((20, 20), torch.device("cuda"), (7, 7), (1, 1)) == "local"
+        assert backends.select((20, 20), torch.device("cuda"), (7, 7), (1, 1)) == "local"
+    (message,) = _fallback_warnings(caught)
+    assert FALLBACK_REASONS["triton"] in message and "Triton" in message
+
+
+@pytest.mark.usefixtures("fused_unavailable")
+def test_asking_for_an_unavailable_fused_backend_raises_the_reason():
+    module = MODULES[2](8, heads=2, kernel_size=3, backend="cpu")
+    with pytest.raises(ValueError, match=re.escape(f"backend 'cpu' cannot run here: {FALLBACK_REASONS['cpu']}")):
+        module(torch.randn(1, 8, 9, 9))
+    with pytest.raises(ValueError, match=re.escape(f"backend 'triton' cannot run here: {FALLBACK_REASONS['triton']}")):
+        backends.resolve("triton", (9, 9), torch.device("cuda"), (3, 3), (1, 1))
+
+
+def test_a_failed_kernel_build_is_tried_once_per_process(monkeypatch):
+    from convplus.backends import cpu
+
+    attempts = []
+
+    def failing_build():
+        attempts.append(1)
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(cpu.cpu_build, "MODULE", "convplus.backends._not_compiled")
+    monkeypatch.setattr(cpu, "_build_just_in_time", failing_build)
+    cpu._load.cache_clear()
+    try:
+        for _ in range(3):
+            assert cpu.unavailable_reason(torch.device("cpu")) == FALLBACK_REASONS["cpu"]
+        with pytest.raises(RuntimeError, match="no compiler"):
+            cpu.extension()
+    finally:
+        cpu._load.cache_clear()  # later tests load the real kernel
+    assert attempts == [1]
 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
@@ -168,7 +253,7 @@ def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
 @pytest.mark.parametrize("with_pos", [True, False])
 @pytest.mark.parametrize("kernel_size", [5, 9])  # the conv term fused, and run apart (past the 5x5 window)
 def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, kernel_size):
-    from convplus.backends import cpu_kernel
+    from convplus.backends import cpu
 
     x = torch.randn(2, 6, 7, 40, dtype=torch.float64)  # rows wider than a register tile
     x[0, :3, 1, 2] = 0  # a zero feature vector of head 0: the clamped norm
@@ -185,10 +270,10 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
         p = inputs[4] if with_pos else None
         v = functional.values(xi, 2)
         if inside:
-            z = cpu_kernel.direct_mix(xi, p, tau, v, r, g, (5, 5), (1, 1))
+            z = cpu.direct_mix(xi, p, tau, v, r, g, (5, 5), (1, 1))
         else:
             q, k = functional.score_features(xi, 2, "direct", p, tau)
-            z = cpu_kernel.mix(q, k, v, r, g, (5, 5), (1, 1))
+            z = cpu.mix(q, k, v, r, g, (5, 5), (1, 1))
         z.backward(torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z))
         results.append([z.detach(), *[t.grad for t in inputs]])
     for inside_value, value in zip(results[1], results[0], strict=True):
@@ -197,9 +282,9 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
 def test_cpu_kernel_keeps_probabilities_only_when_a_gradient_can_follow(monkeypatch):
-    from convplus.backends import cpu_kernel
+    from convplus.backends import cpu
 
-    kernels, kept = cpu_kernel.extension(), []
+    kernels, kept = cpu.extension(), []
 
     class Recording:
         def __getattr__(self, name):
@@ -213,7 +298,7 @@ def test_cpu_kernel_keeps_probabilities_only_when_a_gradient_can_follow(monkeypa
             kept.append(("direct", args[-1]))
             return kernels.direct_window_mix_forward(*args)
 
-    monkeypatch.setattr(cpu_kernel, "extension", Recording)
+    monkeypatch.setattr(cpu, "extension", Recording)
     for score in ("direct", "qk"):
         module = MODULES[2](8, heads=2, kernel_size=5, score=score, backend="cpu")  # parameters require grad
         x = torch.randn(2, 8, 9, 10)

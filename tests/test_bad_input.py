@@ -108,3 +108,14 @@ def test_from_attention_refuses_cross_attention():
         ConvPlus1d.from_attention(nn.MultiheadAttention(8, 2, kdim=4, vdim=4))
     with pytest.raises(ValueError, match="add_bias_kv"):
         ConvPlus1d.from_attention(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+
+
+def test_a_module_checks_its_input_once_per_call(monkeypatch):
+    from convplus import functional, modules
+
+    calls = []
+    for namespace in (modules, functional):
+        checker = namespace.check_input
+        monkeypatch.setattr(namespace, "check_input", lambda *a, c=checker: calls.append(1) or c(*a))
+    ConvPlus2d(8, heads=2, kernel_size=3)(torch.randn(1, 8, 5, 5))
+    assert len(calls) == 1

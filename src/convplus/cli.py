@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("convplus.train.cli", "convplus.models.convert", "convplus.ablation.cli")
+COMMANDS: tuple[str, ...] = ("convplus.train.cli", "convplus.models.convert", "convplus.ablation.cli", "convplus.info")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,25 @@
-"""FLOP counting for models with Conv+ layers.
+"""FLOP counting for models with Conv+ layers (a multiply-add counts 2).
 
-``torch.utils.flop_counter.FlopCounterMode`` counts matmuls, convolutions and SDPA. The 'local' backend's
-windowed scores and aggregation are elementwise multiply-adds that it does not see, so they are added here:
-2 * B * N * W * K * Dq for the scores and 2 * B * N * W * K * d for the aggregation, with W the number of
-window offsets that fit the grid.
+``count_flops`` counts every layer but the Conv+ ones with ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls, convolutions, SDPA; elementwise ops are free), and each Conv+ layer analytically from its
+configuration and input size (``conv_plus_flops``): the same count on every backend and device, whatever the
+profiler happens to see of a fused kernel (it sees neither the C++ kernel's window nor the Triton kernels).
+
+The Conv+ convention, for input (B, C_in, *S), N = prod(S), K heads of d channels, Dq score channels per head
+(C_in / K for 'direct'):
+
+    value projection         2 B N C_in K d          (proj=True)
+    query and key proj.      2 x 2 B N C_in K Dq     (score='qk')
+    scores                   2 B N W K Dq            (attention term)
+    aggregation              2 B N W K d             (attention term)
+    convolution term         2 B N K d prod(kernel_size)
+    output projection        2 B N K d C_out         (proj=True)
+
+W, the keys each query scores, is the number of offsets of the window clipped to the grid, border positions
+included (as the windowed backends compute them), or N when the window covers the grid (global attention,
+as SDPA counts it). The positional encoding, normalization, softmax, gain and biases are elementwise: free, as
+in FlopCounterMode. On the 'local' backend (no fused kernel) the profiler's count of the layer plus the window
+multiply-adds it cannot see gives exactly this.
 """
 
 from __future__ import annotations
@@ -14,42 +30,60 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import backends
 from .modules import _ConvPlusNd
-from .neighborhood import reachable_halves
+from .neighborhood import covers_grid, reachable_halves
 
 
-def _windowed_flops(module: _ConvPlusNd, x: torch.Tensor) -> int:
-    """FLOPs of the local window's scores and aggregation for input x, 0 if another backend runs it."""
+def keys_per_query(spatial: tuple[int, ...], window: tuple[int, ...] | None, dilation: tuple[int, ...]) -> int:
+    """W of the convention above: the clipped window's offsets, or N = prod(spatial) for global attention."""
+    if covers_grid(spatial, window, dilation):
+        return math.prod(spatial)
+    return math.prod(2 * h + 1 for h in reachable_halves(spatial, window, dilation))
+
+
+def conv_plus_flops(module: _ConvPlusNd, x: torch.Tensor) -> int:
+    """Forward FLOPs of the Conv+ layer ``module`` on x (B, C_in, *S), by the convention above."""
     spatial = tuple(x.shape[2:])
-    if module.gain is None or module.window is None:
-        return 0
-    name = module.backend
-    if name == "auto":
-        name = backends.select(spatial, x.device, module.window, module.dilation)
-    if name not in ("local", "cpu"):
-        return 0
-    offsets = math.prod(2 * h + 1 for h in reachable_halves(spatial, module.window, module.dilation))
-    qk_dim = module.in_channels // module.heads if module.score == "direct" else module.qk_dim
-    return 2 * x.shape[0] * math.prod(spatial) * offsets * module.heads * (qk_dim + module.head_dim)
+    positions = x.shape[0] * math.prod(spatial)  # B N
+    inner = module.heads * module.head_dim  # K d
+    per_position = 0
+    if module.value_weight is not None:
+        per_position += module.in_channels * inner + inner * module.out_channels
+    if module.gain is not None:
+        qk_dim = module.in_channels // module.heads if module.score == "direct" else module.qk_dim
+        if module.score == "qk":
+            per_position += 2 * module.in_channels * module.heads * qk_dim
+        keys = keys_per_query(spatial, module.window, module.dilation)
+        per_position += keys * module.heads * (qk_dim + module.head_dim)
+    if module.kernel is not None:
+        per_position += inner * math.prod(module.kernel_size)
+    return 2 * positions * per_position
 
 
 @torch.no_grad()
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """Total forward FLOPs of ``model`` on ``x`` (a multiply-add counts 2)."""
-    extra = [0]
-    hooks = [
-        m.register_forward_hook(lambda mod, args, out: extra.__setitem__(0, extra[0] + _windowed_flops(mod, args[0])))
-        for m in model.modules()
-        if isinstance(m, _ConvPlusNd)
-    ]
+    """Total forward FLOPs of ``model`` on ``x``: the profiler's count, with each Conv+ layer's share replaced
+    by ``conv_plus_flops``."""
+    counter = FlopCounterMode(display=False)
+    correction = [0]  # sum over Conv+ layers of (analytic count - what the profiler saw inside the layer)
+
+    def before(module: nn.Module, args: tuple) -> None:
+        correction[0] += counter.get_total_flops()
+
+    def after(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        correction[0] += conv_plus_flops(module, args[0]) - counter.get_total_flops()
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, _ConvPlusNd):
+            hooks += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
     was_training = model.training
     try:
         model.eval()
-        with FlopCounterMode(display=False) as counter:
+        with counter:
             model(x)
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return counter.get_total_flops() + extra[0]
+    return counter.get_total_flops() + correction[0]

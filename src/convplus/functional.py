@@ -15,7 +15,7 @@ import math
 import torch
 
 from . import backends
-from .backends import cpu_kernel
+from .backends.terms import direct_score
 from .validation import SCORES, check_input, one_of
 
 
@@ -58,10 +58,7 @@ def score_features(
     one_of("score", score, SCORES)
     x_hat = x if pos is None else x + pos.to(x.dtype)
     if score == "direct":
-        sliced = split_heads(x_hat, heads)  # x / max(||x||, 1e-12), as F.normalize, but ~5x faster on dim 2
-        unit = sliced * torch.rsqrt(sliced.square().sum(dim=2, keepdim=True).clamp_min(1e-24))
-        scale = temperature.to(x.dtype).view(1, heads, *([1] * (unit.dim() - 2)))
-        return unit * scale, unit
+        return direct_score(x_hat, heads, temperature)
     q = split_heads(pointwise(x_hat, query_weight, query_bias), heads)
     k = split_heads(pointwise(x_hat, key_weight, key_bias), heads)
     return q * (1.0 / math.sqrt(q.shape[2])), k
@@ -82,8 +79,9 @@ def mix(
     q, k (B, K, Dq, *S) (q carries the score scale), v (B, K, D, *S), kernel (K, D, *kernel_size) or None,
     gain (K,) or None, window (odd ints) or None for global, dilation ints -> z (B, K, D, *S).
     """
-    mix_fn = backends.resolve(backend, tuple(v.shape[3:]), v.device, window, dilation)
-    return mix_fn(q, k, v, kernel, gain, window, dilation)
+    return backends.resolve(backend, tuple(v.shape[3:]), v.device, window, dilation).mix(
+        q, k, v, kernel, gain, window, dilation
+    )
 
 
 def project_out(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -123,13 +121,41 @@ def conv_plus(
     the attention term, ``kernel=None`` the convolution term. Weight shapes: value (K*d, C), query/key
     (K*Dq, C), output (C_out, K*d), kernel (K, d, *kernel_size), gain/temperature (K,), pos (C, *S).
     """
+    arguments = dict(locals())
     channels = value_weight.shape[1] if value_weight is not None else None
     check_input(x, len(dilation), channels)
     one_of("score", score, SCORES)
     if (value_weight is None or score == "direct") and x.shape[1] % heads:
         raise ValueError(f"heads ({heads}) must divide the input channels, got input shape {tuple(x.shape)}")
+    return conv_plus_unchecked(**arguments)
+
+
+def conv_plus_unchecked(
+    x: torch.Tensor,
+    *,
+    heads: int,
+    kernel: torch.Tensor | None,
+    gain: torch.Tensor | None,
+    window: tuple[int, ...] | None,
+    dilation: tuple[int, ...],
+    score: str = "direct",
+    pos: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    query_weight: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_weight: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    value_weight: torch.Tensor | None = None,
+    value_bias: torch.Tensor | None = None,
+    output_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``conv_plus`` without its argument checks, for callers that made them already (a ``ConvPlus`` module
+    checks its configuration once, at construction, and the input on every call). Whether the backend can
+    run here is still checked, before any compute."""
     spatial = tuple(x.shape[2:])
-    mix_fn = backends.resolve(backend, spatial, x.device, window, dilation)
+    mixer = backends.resolve(backend, spatial, x.device, window, dilation)
     layout = channels_last_format(x)
     if layout is not None:  # compute on a contiguous copy; output and input gradient keep x's layout
         x = _ContiguousKeepingGradLayout.apply(x, layout)
@@ -137,12 +163,12 @@ def conv_plus(
     # without W_o the bias lands on z, and the mixing step adds it in the same pass
     z_bias = bias.view(heads, -1) if output_weight is None and bias is not None else None
     if gain is None:
-        z = mix_fn(None, None, v, kernel, gain, window, dilation, z_bias)
-    elif score == "direct" and mix_fn is backends.BACKENDS["cpu"] and cpu_kernel.runs_here(x, v):
-        z = cpu_kernel.direct_mix(x, pos, temperature, v, kernel, gain, window, dilation, z_bias)  # q, k in the pass
+        z = mixer.mix(None, None, v, kernel, gain, window, dilation, z_bias)
+    elif score == "direct" and mixer.direct_mix is not None:  # q and k computed inside the pass
+        z = mixer.direct_mix(x, pos, temperature, v, kernel, gain, window, dilation, z_bias)
     else:
         q, k = score_features(x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias)
-        z = mix_fn(q, k, v, kernel, gain, window, dilation, z_bias)
+        z = mixer.mix(q, k, v, kernel, gain, window, dilation, z_bias)
     y = project_out(z, output_weight, bias if z_bias is None else None)
     return y if layout is None else y.contiguous(memory_format=layout)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import backends, conversion
 from .backends.reference import attention_probs
-from .functional import conv_plus, mix, score_features, values
+from .functional import conv_plus_unchecked, mix, score_features, values
 from .positional import resize_learned, sincos_encoding
 from .validation import (
     POSITIONAL,
@@ -50,7 +50,7 @@ class _ConvPlusNd(nn.Module):
         proj: False makes W_v = W_o = identity (needs heads * head_dim == in_channels == out_channels).
         bias: output bias b, and the biases of the value/query/key projections.
         attention / convolution: False drops that term (and its parameters).
-        backend: 'auto', 'reference', 'local', 'global' or another registered backend.
+        backend: 'auto' or one of ``convplus.backends.BACKENDS``: 'reference', 'local', 'global', 'cpu', 'triton'.
 
     Initialisation (``reset_parameters``): projections Xavier-uniform with zero biases (as
     ``nn.MultiheadAttention``); the convolution kernel uniform in +-1/sqrt(prod(kernel_size)) (the
@@ -183,8 +183,8 @@ class _ConvPlusNd(nn.Module):
         Under TorchScript ``self`` is the scripted module, which keeps the parameters, the plain attributes
         and the ``__constants__`` but not the Python methods: hence the module-level helpers below.
         """
-        check_input(x, self.spatial_dims, self.in_channels)
-        return conv_plus(
+        check_input(x, self.spatial_dims, self.in_channels)  # the configuration was checked at construction
+        return conv_plus_unchecked(
             x,
             heads=self.heads,
             kernel=self.kernel,

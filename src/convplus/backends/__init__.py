@@ -1,50 +1,127 @@
-"""Backends of the Conv+ mixing step, behind one signature (as in NATTEN).
+"""Backends of the Conv+ mixing step, behind one signature (as in NATTEN), each described by a ``Backend``
+record of what it computes, where it runs and what it needs.
 
-Each backend is a function ``mix(q, k, v, kernel, gain, window, dilation, bias=None) -> z`` with
-q, k (B, K, Dq, *S) (q already scaled), v (B, K, D, *S), kernel (K, D, *kernel_size) or None (no convolution
-term), gain (K,) or None (no attention term), window a tuple of odd ints or None (global), dilation a tuple,
-bias (K, D) or None. It returns z (B, K, D, *S) = g * sum_{j in N(i)} softmax_j(<q_i, k_j>) v_j +
-depthwise_conv(v, kernel) + bias (the bias of a Conv+ without output projection, added in the same pass).
+Every backend's ``mix(q, k, v, kernel, gain, window, dilation, bias=None) -> z`` takes q, k (B, K, Dq, *S)
+(q already scaled), v (B, K, D, *S), kernel (K, D, *kernel_size) or None (no convolution term), gain (K,) or
+None (no attention term), window a tuple of odd ints or None (global), dilation a tuple, bias (K, D) or None.
+It returns z (B, K, D, *S) = g * sum_{j in N(i)} softmax_j(<q_i, k_j>) v_j + depthwise_conv(v, kernel) + bias
+(the bias of a Conv+ without output projection, added in the same pass).
+
+A backend that computes the 'direct' score inside its pass also has
+``direct_mix(x, pos, temperature, v, kernel, gain, window, dilation, bias=None) -> z``: the same z as
+``functional.score_features(x, K, 'direct', pos, temperature)`` followed by ``mix``, without writing q and k.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..neighborhood import covers_grid
-from . import cpu_kernel, global_attention, local, reference, triton_backend
+from . import cpu, global_attention, local, reference, triton
 from .terms import with_convolution_term
 
 MixFn = Callable[..., torch.Tensor]
 
-BACKENDS: dict[str, MixFn] = {
-    "reference": with_convolution_term(reference.attend),
-    "local": with_convolution_term(local.attend),
-    "global": with_convolution_term(global_attention.attend),
-    "cpu": cpu_kernel.mix,
-    "triton": triton_backend.mix,
+
+def _runs_anywhere(device: torch.device) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend of the mixing step.
+
+    name: what ``backend=`` names it.
+    mix: the mixing step (signature in the package docstring).
+    direct_mix: the mixing step with the 'direct' score computed inside it, or None.
+    unavailable_reason: device -> why it cannot run there (a missing package, a kernel that does not build,
+        the wrong device), or None when it can. Computed once per process where it is costly.
+    needs_window: True if it runs a finite window only (not window=None).
+    traceable: False if torch.compile / torch.export cannot trace it ('auto' then picks 'local').
+    """
+
+    name: str
+    mix: MixFn
+    direct_mix: MixFn | None = None
+    unavailable_reason: Callable[[torch.device], str | None] = _runs_anywhere
+    needs_window: bool = False
+    traceable: bool = True
+
+
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        Backend("reference", with_convolution_term(reference.attend)),
+        Backend("local", with_convolution_term(local.attend), needs_window=True),
+        Backend("global", with_convolution_term(global_attention.attend)),
+        Backend(
+            "cpu",
+            cpu.mix,
+            direct_mix=cpu.direct_mix,
+            unavailable_reason=cpu.unavailable_reason,
+            needs_window=True,
+            traceable=False,
+        ),
+        Backend("triton", triton.mix, unavailable_reason=triton.unavailable_reason, needs_window=True),
+    )
 }
-"""Backend name -> mix function. Fast backends register themselves here when they can run."""
+"""Backend name -> its record."""
 
 CHOICES = ("auto", *BACKENDS)
+
+FUSED = {"cpu": "cpu", "cuda": "triton"}
+"""Device type -> the fused backend 'auto' picks there for a window that does not cover the grid."""
+
+FALLBACK_COST = {
+    "cpu": "the windowed mixer runs as a PyTorch loop ('local'), about 20x slower than the fused C++ kernel",
+    "triton": "the windowed mixer runs as a PyTorch loop ('local'), many times slower and with more memory than "
+    "the fused Triton kernels",
+}
+"""Fused backend -> what falling back from it to 'local' costs (CPU ratio: docs/performance.md)."""
+
+
+class BackendFallbackWarning(UserWarning):
+    """``backend='auto'`` could not use the fused backend of the device and runs a slower one."""
+
+
+_warned: set[tuple[str, str]] = set()
+"""(backend, reason) pairs already warned about in this process."""
+
+
+def _warn_fallback(name: str, reason: str) -> None:
+    """Warn once per process that 'auto' falls back from backend ``name`` to 'local', and why."""
+    if (name, reason) in _warned:
+        return
+    _warned.add((name, reason))
+    warnings.warn(
+        f"backend='auto' cannot use backend {name!r} ({reason}): {FALLBACK_COST[name]}",
+        BackendFallbackWarning,
+        stacklevel=2,
+    )
 
 
 def select(
     spatial: tuple[int, ...], device: torch.device, window: tuple[int, ...] | None, dilation: tuple[int, ...]
 ) -> str:
     """The backend ``backend="auto"`` uses for a grid of this size on this device, with this window:
-    'global' (SDPA) when the window covers the grid; else the Triton kernels on CUDA, the fused C++ kernel
-    on CPU if it builds here (not under torch.compile / torch.export, which trace the 'local' PyTorch loop
-    instead), else 'local'."""
+    'global' (SDPA) when the window covers the grid; else the device's fused backend ('triton' on CUDA, 'cpu'
+    on CPU) when it can run here and be traced (torch.compile / torch.export trace the 'local' PyTorch loop
+    instead of the C++ kernel), else 'local', with a ``BackendFallbackWarning`` (once per process) saying why
+    the fused one cannot run."""
     if covers_grid(spatial, window, dilation):
         return "global"
-    if device.type == "cuda" and triton_backend.unavailable_reason(device) is None:
-        return "triton"
-    if device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernel.unavailable_reason() is None:
-        return "cpu"
-    return "local"
+    fused = FUSED.get(device.type)
+    if fused is None or (torch.compiler.is_compiling() and not BACKENDS[fused].traceable):
+        return "local"
+    reason = BACKENDS[fused].unavailable_reason(device)
+    if reason is not None:
+        _warn_fallback(fused, reason)
+        return "local"
+    return fused
 
 
 def resolve(
@@ -53,23 +130,17 @@ def resolve(
     device: torch.device,
     window: tuple[int, ...] | None,
     dilation: tuple[int, ...],
-) -> MixFn:
-    """The mix function for backend ``name`` on this grid and device, or a ValueError if it is unknown or
-    cannot run here."""
+) -> Backend:
+    """The backend ``name`` ('auto': ``select``) for this grid and device, or a ValueError if it is unknown or
+    cannot run here, saying why."""
     if name == "auto":
         name = select(spatial, device, window, dilation)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}, got {name!r}")
-    if name in ("local", "cpu", "triton") and window is None:
+    backend = BACKENDS[name]
+    if backend.needs_window and window is None:
         raise ValueError(f"backend {name!r} needs a finite window, got window=None; use 'global' or 'auto'")
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend 'cpu' runs on CPU tensors, got device {device}; use 'local' or 'auto'")
-        reason = cpu_kernel.unavailable_reason()
-        if reason is not None:
-            raise ValueError(f"backend 'cpu' cannot run here: {reason}; use 'local'")
-    if name == "triton":
-        reason = triton_backend.unavailable_reason(device)
-        if reason is not None:
-            raise ValueError(f"backend 'triton' cannot run here: {reason}")
-    return BACKENDS[name]
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} cannot run here: {reason}; use 'local' or 'auto'")
+    return backend

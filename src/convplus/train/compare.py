@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ..backends import cpu_kernel as cpu_backend
+from ..info import backend_status
 from .config import TrainConfig
 from .engine import train
 
@@ -29,12 +30,11 @@ MODELS = {"Conv+ ConvNeXt V2 atto": "convplus_convnextv2_atto", "ConvNeXt V2 att
 
 
 def prepare_cpu_kernel() -> str:
-    """Build or load the C++ CPU kernel now, outside any timed run; one line saying how it went."""
+    """Load (or, in a never-built source checkout, build) the C++ CPU kernel now, outside any timed run; one
+    line saying how it went."""
     start = time.perf_counter()
-    reason = cpu_backend.unavailable_reason()
-    if reason is not None:
-        return f"C++ CPU kernel unavailable, Conv+ runs on the 'local' backend: {reason}"
-    return f"C++ CPU kernel ready (built or loaded in {time.perf_counter() - start:.1f} s, not counted below)"
+    status = backend_status("cpu", torch.device("cpu"))
+    return f"C++ CPU kernel {status}; {time.perf_counter() - start:.1f} s, not counted below"
 
 
 def comparison_plot(results: dict[str, dict], path: Path) -> Path:

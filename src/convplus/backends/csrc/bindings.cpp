@@ -1,4 +1,4 @@
-// Python bindings of the convplus CPU kernels (built by convplus.backends.cpu_kernel.extension()).
+// Python bindings of the convplus CPU kernels (built by convplus.backends.cpu.extension()).
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

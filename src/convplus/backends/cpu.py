@@ -1,9 +1,11 @@
 """The 'cpu' backend: the windowed mixing step in one fused C++ kernel, forward and backward: the attention
 term, its gain and the depthwise convolution term in a single pass over the window,
 z_i = sum_w (g * P_w(i) + r(o_w)) * v_{i + o_w} (+ bias). Parallel over rows, SIMD register tiles over the
-contiguous width; compiled with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached
-afterwards). With the 'direct' score (``direct_mix``) the pass computes the unit keys and the queries itself from
-the input features, so they are never written to memory; backward recomputes them in one pass.
+contiguous width. An installed package carries the kernel compiled at install time
+(``convplus.backends._cpu_kernels``); a source checkout that was never built compiles it with the system's C++
+compiler on first use instead (``torch.utils.cpp_extension``, cached afterwards). With the 'direct' score
+(``direct_mix``) the pass computes the unit keys and the queries itself from the input features, so they are
+never written to memory; backward recomputes them in one pass.
 
 It computes what the 'local' backend computes. Under ``torch.compile`` / ``torch.export`` (which cannot trace
 into the kernel) and for dtypes other than float32/float64 it runs the 'local' PyTorch loop instead; a
@@ -13,40 +15,68 @@ convolution kernel that reaches past the attention window runs as a separate dep
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import importlib
+import logging
 from types import ModuleType
 
 import torch
 
-from ..neighborhood import kernel_tap_index, reachable_halves, window_offsets
-from . import local
-from .terms import convolution_term, with_convolution_term
+from . import cpu_build, local
+from .fused_window import FusedWindow, fused_window
+from .terms import direct_score, with_convolution_term
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "window_mix.cpp", "direct_score.cpp")]
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-@functools.cache
-def extension() -> ModuleType:
-    """The compiled kernel module (built on first call; raises if no C++ toolchain can build it)."""
-    from torch.utils import cpp_extension
-
+def _build_just_in_time() -> ModuleType:
+    """The kernel compiled now (or taken from the TORCH_EXTENSIONS_DIR cache) with torch.utils.cpp_extension."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on machines without a GPU
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
     return cpp_extension.load(
-        name="convplus_cpu_kernels",
-        sources=[str(source) for source in SOURCES],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        name=cpu_build.JIT_NAME,
+        sources=[str(source) for source in cpu_build.sources()],
+        extra_cflags=list(cpu_build.EXTRA_CFLAGS),
+        extra_ldflags=list(cpu_build.EXTRA_LDFLAGS),
         verbose=False,
     )
 
 
-def unavailable_reason() -> str | None:
-    """Why the kernel cannot be used on this machine, or None if it builds and loads."""
+@functools.cache
+def _load() -> ModuleType | str:
+    """The kernel module: the one compiled at install time, else one built just in time; or, as a string, why
+    neither can be had. Tried once per process: a failed build is not retried on every call."""
     try:
-        extension()
+        return importlib.import_module(cpu_build.MODULE)
+    except ImportError as error:
+        installed = None if isinstance(error, ModuleNotFoundError) else error
+    try:
+        return _build_just_in_time()
     except Exception as error:  # any build or load failure: report it, the 'local' backend still works
-        return f"the C++ kernel could not be built ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-    return None
+        reason = f"the C++ kernel could not be built ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+        if installed is not None:
+            reason += f" and the installed one does not load ({str(installed).splitlines()[0][:200]})"
+        return reason
+
+
+def extension() -> ModuleType:
+    """The compiled kernel module; a RuntimeError saying why if there is none (see ``unavailable_reason``)."""
+    loaded = _load()
+    if isinstance(loaded, str):
+        raise RuntimeError(loaded)
+    return loaded
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernel cannot run on ``device``, or None."""
+    if device.type != "cpu":
+        return f"it runs on CPU tensors, got device {device}"
+    loaded = _load()
+    return loaded if isinstance(loaded, str) else None
 
 
 def _bias_grad(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
@@ -120,30 +150,9 @@ class _DirectWindowMix(torch.autograd.Function):
         )
 
 
-def _as_3d(t: torch.Tensor) -> torch.Tensor:
-    """(B, K, C, *S) with 1 <= len(S) <= 3 -> contiguous (B*K, C, T, H, X)."""
-    spatial = t.shape[3:]
-    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], *([1] * (3 - len(spatial))), *spatial).contiguous()
-
-
-@functools.lru_cache(maxsize=256)
-def _window(
-    spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...]
-) -> tuple[tuple[int, ...], torch.Tensor]:
-    """The clipped window on this grid: its reachable halves and its offsets as a (W, 3) int64 tensor (n-d
-    offsets padded to 3 dims at the front)."""
-    halves = reachable_halves(spatial, window, dilation)
-    offsets = [(0,) * (3 - len(o)) + o for o in window_offsets(halves, dilation)]
-    return halves, torch.tensor(offsets, dtype=torch.int64)
-
-
-@functools.lru_cache(maxsize=256)
-def _tap_index(
-    spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...], kernel_size: tuple[int, ...]
-) -> torch.Tensor | None:
-    """``neighborhood.kernel_tap_index`` as a (W,) int64 tensor (cached), or None."""
-    index = kernel_tap_index(spatial, window, dilation, kernel_size)
-    return None if index is None else torch.tensor(index, dtype=torch.int64)
+def _as_3d(t: torch.Tensor, geometry: FusedWindow) -> torch.Tensor:
+    """(B, K, C, *S) with 1 <= len(S) <= 3 -> contiguous (B*K, C, T, H, X), (T, H, X) = ``geometry.grid``."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], *geometry.grid).contiguous()
 
 
 def _kernel_arguments(
@@ -153,23 +162,15 @@ def _kernel_arguments(
     window: tuple[int, ...],
     dilation: tuple[int, ...],
     bias: torch.Tensor | None,
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """The kernel's (v, gain, kernel, tap_index, offsets, bias) arguments for v (B, K, D, *S), and the
-    convolution kernel to run apart as a depthwise conv (one that reaches past the window), or None."""
-    spatial = tuple(v.shape[3:])
-    _, offsets = _window(spatial, window, dilation)
-    tap_index = None if kernel is None else _tap_index(spatial, window, dilation, tuple(kernel.shape[2:]))
-    apart = kernel if tap_index is None else None
-    fused = v.new_zeros(0) if tap_index is None else kernel.to(v.dtype).flatten(2).contiguous()
-    taps = offsets.new_zeros(0) if tap_index is None else tap_index
+) -> tuple[tuple[torch.Tensor, ...], FusedWindow]:
+    """The kernel's (v, gain, kernel, tap_index, offsets, bias) arguments for v (B, K, D, *S), and the window
+    they were made for (which adds a convolution term the pass did not fuse)."""
+    geometry = fused_window(tuple(v.shape[3:]), window, dilation, None if kernel is None else tuple(kernel.shape[2:]))
+    fused = geometry.tap_index is not None
+    taps = geometry.tap_index if fused else geometry.offsets.new_zeros(0)
+    kernel = kernel.to(v.dtype).flatten(2).contiguous() if fused else v.new_zeros(0)
     bias = v.new_zeros(0) if bias is None else bias.to(v.dtype).contiguous()
-    return (_as_3d(v), gain.to(v.dtype), fused, taps, offsets, bias), apart
-
-
-def _with_apart(z: torch.Tensor, v: torch.Tensor, apart: torch.Tensor | None, dilation: tuple[int, ...]):
-    """z (BK, D, T, H, X) as (B, K, D, *S), plus the convolution term run apart, if any."""
-    z = z.view(v.shape)
-    return z if apart is None else z + convolution_term(v, apart, dilation)
+    return (_as_3d(v, geometry), gain.to(v.dtype), kernel, taps, geometry.offsets, bias), geometry
 
 
 def runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -194,9 +195,9 @@ def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
     signature."""
     if gain is None or not runs_here(q, v):
         return _unfused(q, k, v, kernel, gain, window, dilation, bias)
-    arguments, apart = _kernel_arguments(v, kernel, gain, window, dilation, bias)
-    z = _WindowMix.apply(_as_3d(q), _as_3d(k), *arguments, torch.is_grad_enabled())
-    return _with_apart(z, v, apart, dilation)
+    arguments, geometry = _kernel_arguments(v, kernel, gain, window, dilation, bias)
+    z = _WindowMix.apply(_as_3d(q, geometry), _as_3d(k, geometry), *arguments, torch.is_grad_enabled())
+    return geometry.add_apart(z.view(v.shape), v, kernel, dilation)
 
 
 def direct_mix(
@@ -212,11 +213,14 @@ def direct_mix(
 ) -> torch.Tensor:
     """``mix`` with the 'direct' score computed inside the kernel: the z that
     ``functional.score_features(x, K, 'direct', pos, temperature)`` followed by ``mix`` gives, without writing q
-    and k. x (B, C, *S) with C = K * Dq, pos (C, *S) or None, temperature (K,), v (B, K, D, *S);
-    needs ``runs_here(x, v)``."""
+    and k. x (B, C, *S) with C = K * Dq, pos (C, *S) or None, temperature (K,), v (B, K, D, *S). Tensors the
+    kernel does not take (``runs_here``) go that composed way."""
     heads = v.shape[1]
-    features = _as_3d(x.reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]))
+    if not runs_here(x, v):
+        q, k = direct_score(x if pos is None else x + pos.to(x.dtype), heads, temperature)
+        return mix(q, k, v, kernel, gain, window, dilation, bias)
+    arguments, geometry = _kernel_arguments(v, kernel, gain, window, dilation, bias)
+    features = _as_3d(x.reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]), geometry)
     pos = x.new_zeros(0) if pos is None else pos.to(x.dtype).reshape(heads, x.shape[1] // heads, -1).contiguous()
-    arguments, apart = _kernel_arguments(v, kernel, gain, window, dilation, bias)
     z = _DirectWindowMix.apply(features, pos, temperature.to(x.dtype), *arguments, torch.is_grad_enabled())
-    return _with_apart(z, v, apart, dilation)
+    return geometry.add_apart(z.view(v.shape), v, kernel, dilation)
