@@ -48,7 +48,7 @@ def test_converted_model_computes_the_same_logits(name, shape):
 
 @pytest.mark.parametrize("name", ["convnextv2_base", "convnextv2_large", "convnextv2_huge"])
 def test_large_models_convert_exactly_at_small_input(name):
-    plain = _randomized(name)
+    plain = _randomized(name, depths=(1, 1, 1, 1))  # the real widths; one block per stage (all blocks are alike)
     converted = replace_convplus(copy.deepcopy(plain), stages=[2, 3]).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_torch_compile_matches_eager():
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = timm.create_model("convplus_convnextv2_atto").eval()
+    model = timm.create_model("convplus_convnextv2_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)).eval()
     for m in model.modules():  # a model that uses its attention term
         if isinstance(m, ConvPlus2d):
             torch.nn.init.uniform_(m.gain, 0.5, 1.5)
