@@ -9,15 +9,19 @@ import torch
 
 from convplus import ConvPlus2d, conv_plus
 
+from . import oracle
 from .conftest import MODULES, rel_err
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_dtypes_run_and_agree_with_float64(n, dtype):
+def test_dtypes_run_and_agree_with_the_definition(n, dtype):
     module = MODULES[n](8, 6, kernel_size=3, heads=2, dtype=torch.float64)
+    with torch.no_grad():
+        module.gain.uniform_(0.5, 1.5)
     x = torch.randn(2, 8, *([5] * n), dtype=torch.float64)
-    expected = module(x)
+    with torch.no_grad():
+        expected = oracle.conv_plus(module, x)
     y = module.to(dtype)(x.to(dtype))
     assert y.dtype == dtype and y.shape == (2, 6, *([5] * n))
     assert rel_err(y.double(), expected) <= {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 5e-2}[dtype]
@@ -84,13 +88,19 @@ def test_attention_probs_rows_are_softmax_over_the_window():
     assert (probs[0, 0, 0] > 0).sum() == 4
 
 
-def test_terms_can_be_switched_off():
-    attention_only = ConvPlus2d(8, heads=2, convolution=False)
-    conv_only = ConvPlus2d(8, heads=2, attention=False)
-    assert attention_only.kernel is None and conv_only.gain is None
+@pytest.mark.parametrize(("kept", "dropped"), [("attention", "convolution"), ("convolution", "attention")])
+def test_terms_can_be_switched_off(kept, dropped):
+    module = ConvPlus2d(8, 6, kernel_size=3, heads=2, **{dropped: False})
+    assert (module.kernel if dropped == "convolution" else module.gain) is None
+    with torch.no_grad():
+        module.bias.uniform_(-1, 1)
     x = torch.randn(1, 8, 6, 6)
-    assert attention_only(x).shape == conv_only(x).shape == x.shape
-    assert torch.count_nonzero(attention_only.decompose(x)["convolution"]) == 0
+    terms = module.decompose(x)
+    assert torch.count_nonzero(terms[dropped]) == 0
+    assert terms[kept].abs().amax(dim=1).gt(1e-3).all()  # the kept term is on at every position
+    y = torch.einsum("oc,bchw->bohw", module.output_weight, terms[kept]) + module.bias.view(1, -1, 1, 1)
+    assert rel_err(module(x), y) <= 1e-5
+    assert rel_err(module(x), oracle.conv_plus(module, x)) <= 1e-5
 
 
 def test_window_larger_than_grid_is_clipped_and_equals_global():

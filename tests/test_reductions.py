@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from . import oracle
 from .conftest import CONVS, MODULES, rel_err
 
 TOL = 1e-5
@@ -59,19 +60,6 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(x, 2).transpose(1, 2)
 
 
-def _neighborhood_mask(grid: tuple[int, ...], window: int, dilation: int) -> torch.Tensor:
-    """(N, N) bool, True where j is NOT in N(i): built by brute force from the words of docs/definition.md."""
-    points = list(itertools.product(*[range(s) for s in grid]))
-    blocked = torch.ones(len(points), len(points), dtype=torch.bool)
-    for a, i in enumerate(points):
-        for b, j in enumerate(points):
-            blocked[a, b] = not all(
-                abs(jd - id_) <= (window // 2) * dilation and (jd - id_) % dilation == 0
-                for id_, jd in zip(i, j, strict=True)
-            )
-    return blocked
-
-
 @pytest.mark.parametrize(("n", "grid"), GRIDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_multihead_attention(n, grid, bias):
@@ -88,19 +76,52 @@ def test_neighborhood_attention(n, grid, window, dilation):
     mha = nn.MultiheadAttention(8, 4, batch_first=True).eval()
     module = MODULES[n].from_attention(mha, window=window, dilation=dilation)
     x = torch.randn(2, 8, *grid)
-    mask = _neighborhood_mask(grid, window, dilation)
+    mask = oracle.neighborhood_blocked(grid, (window,) * n, (dilation,) * n)
     expected, _ = mha(_flat(x), _flat(x), _flat(x), attn_mask=mask, need_weights=False)
     for backend in ("reference", "local", "global", "cpu"):
         module.backend = backend
         assert rel_err(_flat(module(x)), expected) <= TOL, backend
 
 
-def test_converted_conv_learns_attention():
-    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-    module = MODULES[2].from_conv(conv)
-    module(torch.randn(2, 8, 6, 6)).square().mean().backward()
-    assert module.gain.grad is not None and module.gain.grad.abs().sum() > 0
-    assert module.log_temperature.grad is not None
+def _finite_difference(loss, parameter: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """d loss() / d parameter by central differences, entry by entry (float64)."""
+    grad = torch.zeros_like(parameter)
+    with torch.no_grad():
+        for index in range(parameter.numel()):
+            entry = parameter.view(-1)[index : index + 1]
+            entry += eps
+            ahead = loss()
+            entry -= 2 * eps
+            behind = loss()
+            entry += eps
+            grad.view(-1)[index] = (ahead - behind) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("backend", ["reference", "local", "cpu"])
+def test_converted_conv_learns_attention(backend):
+    """At g = 0 the attention term does not reach the output, yet dL/dg_k = <dL/dz_k, attention term_k>
+    is its full value (the temperature, which acts only through g, gets exactly zero); once g moves, the
+    temperature learns too. Every gradient is checked against finite differences."""
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8).double()
+    module = MODULES[2].from_conv(conv, backend=backend)
+    x, target = torch.randn(2, 2, 8, 6, 6, dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return (module(x) - target).square().mean()
+
+    loss().backward()
+    gain_grad = module.gain.grad.clone()
+    torch.testing.assert_close(gain_grad, _finite_difference(loss, module.gain), rtol=1e-6, atol=1e-9)
+    assert gain_grad.abs().min() > 1e-3
+    assert torch.count_nonzero(module.log_temperature.grad) == 0
+    with torch.no_grad():
+        module.gain -= 10 * gain_grad
+    module.zero_grad()
+    loss().backward()
+    temperature_grad = module.log_temperature.grad
+    torch.testing.assert_close(temperature_grad, _finite_difference(loss, module.log_temperature), rtol=1e-6, atol=1e-9)
+    assert temperature_grad.abs().min() > 1e-4
 
 
 def test_converted_attention_learns_convolution():

@@ -165,35 +165,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def _train_cmd(output: Path, *extra: str) -> list[str]:
-    return [
-        *extra,
-        str(ROOT / "train.py"),
-        "--model",
-        "convnextv2_atto",
-        "--model-kwargs",
-        json.dumps(TINY),
-        "--data",
-        "digits",
-        "--img-size",
-        "32",
-        "--batch-size",
-        "32",
-        "--max-train-samples",
-        "512",
-        "--max-val-samples",
-        "64",
-        "--lr",
-        "1e-3",
-        "--warmup-epochs",
-        "0",
-        "--seed",
-        "3",
-        "--deterministic",
-        "--quiet",
-        "--output",
-        str(output),
-    ]
+def _train_cmd(output: Path, *launcher: str, **flags: str) -> list[str]:
+    """``launcher train.py`` with the tiny test settings; ``flags`` (``img_size="32"``) replace or add flags."""
+    settings = {
+        "model": "convnextv2_atto",
+        "model_kwargs": json.dumps(TINY),
+        "data": "digits",
+        "img_size": "32",
+        "batch_size": "32",
+        "max_train_samples": "512",
+        "max_val_samples": "64",
+        "lr": "1e-3",
+        "warmup_epochs": "0",
+        "seed": "3",
+        "output": str(output),
+        **flags,
+    }
+    args = [arg for name, value in settings.items() for arg in ("--" + name.replace("_", "-"), value)]
+    return [*launcher, str(ROOT / "train.py"), *args, "--deterministic", "--quiet"]
 
 
 def _env() -> dict[str, str]:
@@ -202,9 +191,9 @@ def _env() -> dict[str, str]:
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([*_train_cmd(one, sys.executable), "--epochs", "2"], check=True, env=_env())
+    subprocess.run(_train_cmd(one, sys.executable, epochs="2"), check=True, env=_env())
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731"]
-    subprocess.run([*_train_cmd(two, *torchrun), "--epochs", "2"], check=True, env=_env())
+    subprocess.run(_train_cmd(two, *torchrun, epochs="2"), check=True, env=_env())
     a, b = load_file(one / "last" / "model.safetensors"), load_file(two / "last" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -212,8 +201,19 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    """Every source of randomness on: augmentation in a data-loader worker, drop-path, mixup and cutmix."""
+    _write_image_folder(tmp_path / "data")
+    random_run = {
+        "data": f"imagefolder:{tmp_path / 'data'}",
+        "batch_size": "8",
+        "workers": "1",
+        "drop_path": "0.2",
+        "mixup": "0.8",
+        "cutmix": "1.0",
+        "epochs": "4",
+    }
     full, killed = tmp_path / "full", tmp_path / "killed"
-    cmd = [*_train_cmd(killed, sys.executable), "--epochs", "4"]
+    cmd = _train_cmd(killed, sys.executable, **random_run)
     process = subprocess.Popen(cmd, env=_env())
     metrics = killed / "metrics.csv"
     deadline = time.time() + 120
@@ -225,7 +225,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     done = len(metrics.read_text().splitlines()) - 1
     assert 1 <= done < 4, "the kill should land mid-run"
     subprocess.run([*cmd, "--resume"], check=True, env=_env())
-    subprocess.run([*_train_cmd(full, sys.executable), "--epochs", "4"], check=True, env=_env())
+    subprocess.run(_train_cmd(full, sys.executable, **random_run), check=True, env=_env())
     a, b = load_file(full / "last" / "model.safetensors"), load_file(killed / "last" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)

@@ -23,16 +23,17 @@ def _sincos(channels: int, spatial: tuple[int, ...], dtype: torch.dtype, device:
 
     The channels are split evenly between the n dims; each dim gets pairs of sin/cos of its integer
     coordinate at geometrically spaced frequencies 1 / 10000^(f / F). Channels left over (channels not a
-    multiple of 2n) are zero.
+    multiple of 2n) are zero. Computed in float64 for float64, else in float32 and rounded to ``dtype``.
     """
     n = len(spatial)
     freqs = channels // (2 * n)
-    enc = torch.zeros((channels, *spatial), dtype=torch.float32, device=device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    enc = torch.zeros((channels, *spatial), dtype=acc, device=device)
     if freqs == 0:
         return enc.to(dtype)
-    omega = 1.0 / 10000 ** (torch.arange(freqs, dtype=torch.float32, device=device) / freqs)
+    omega = 1.0 / 10000 ** (torch.arange(freqs, dtype=acc, device=device) / freqs)
     for dim, size in enumerate(spatial):
-        angle = torch.arange(size, dtype=torch.float32, device=device)[None, :] * omega[:, None]  # (F, size)
+        angle = torch.arange(size, dtype=acc, device=device)[None, :] * omega[:, None]  # (F, size)
         shape = [freqs] + [size if d == dim else 1 for d in range(n)]
         start = 2 * freqs * dim
         enc[start : start + freqs] = torch.sin(angle).view(shape)

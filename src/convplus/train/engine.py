@@ -141,8 +141,7 @@ def loaders(
         per_rank,
         sampler=sampler,
         drop_last=True,
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
+        num_workers=cfg.workers,  # fresh workers every epoch, seeded from the (checkpointed) torch RNG: exact resume
     )
     if len(train) == 0:
         raise ValueError(f"{cfg.data}: {len(data.train)} training images is less than one batch of {cfg.batch_size}")
