@@ -9,7 +9,8 @@ install: $(STAMP)
 
 # The package build compiles the C++ CPU kernel against torch: the build requirements of pyproject.toml go into the
 # venv first and the package builds there without isolation (an isolated build would download torch a second time).
-$(STAMP): pyproject.toml setup.py
+# An edited kernel source makes the next `make` rebuild it (an editable install does not recompile by itself).
+$(STAMP): pyproject.toml setup.py $(wildcard src/convplus/backends/csrc/*)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $$($(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')
