@@ -14,8 +14,12 @@
 #include <mutex>
 #include <vector>
 
+#include "direct_score.h"
+
 namespace convplus {
 namespace {
+
+using detail::kMinSquaredNorm;
 
 constexpr int64_t kBlock = 256;  // positions per task
 

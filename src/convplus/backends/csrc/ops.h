@@ -7,9 +7,6 @@
 
 namespace convplus {
 
-// The 'direct' score's unit vectors divide by max(||x||, 1e-12), as F.normalize does.
-constexpr double kMinSquaredNorm = 1e-24;
-
 // Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dkernel); bias (K, D) or empty.
 std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                               torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
