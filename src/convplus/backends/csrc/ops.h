@@ -1,4 +1,5 @@
-// The C++ CPU kernels of convplus (see the .cpp file of each for its layout and math).
+// The C++ CPU kernels of convplus (see the .cpp file of each for its layout and math). Every entry point checks
+// its arguments first (checks.h): a bad call raises c10::Error, a RuntimeError in Python.
 #pragma once
 
 #include <torch/extension.h>

@@ -23,6 +23,7 @@ struct Geometry {
   int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
   int64_t center_row = -1;       // the row offset (0, 0): the query's own row
 
+  // offsets (W, 3) int64, W >= 1, including the query's own row (0, 0, x): the entry points check them.
   Geometry(const torch::Tensor& q, const torch::Tensor& v, const torch::Tensor& offsets, int64_t heads,
            int64_t width)
       : BK(q.size(0)), K(heads), Dq(q.size(1)), D(v.size(1)), T(q.size(2)), H(q.size(3)), X(q.size(4)),
@@ -43,7 +44,6 @@ struct Geometry {
     }
     for (int64_t r = 0; r < rows(); ++r)
       if (rt[r] == 0 && ry[r] == 0) center_row = r;
-    TORCH_CHECK(center_row >= 0, "the window offsets must include the query's own row");
     span_t = *std::max_element(rt.begin(), rt.end()) - *std::min_element(rt.begin(), rt.end()) + 1;
     span_y = *std::max_element(ry.begin(), ry.end()) - *std::min_element(ry.begin(), ry.end()) + 1;
     lead = (halo + width - 1) / width * width;

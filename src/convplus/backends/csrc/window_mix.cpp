@@ -27,6 +27,7 @@
 #include <mutex>
 #include <vector>
 
+#include "checks.h"
 #include "register_tiles.h"
 #include "row_cache.h"
 #include "simd.h"
@@ -218,12 +219,66 @@ torch::Tensor taps_at_offsets(const torch::Tensor& kernel, const torch::Tensor& 
   return padded.index_select(2, index).contiguous().view({kernel.size(0), kernel.size(1), W});
 }
 
+// The checks shared by the windowed-mix entry points: v (BK, D, T, H, X) fixes the dtype and the sizes; query
+// (q or features, named query_name) (BK, Dq, T, H, X); gain (K,) with K dividing BK; offsets (W, 3) inside the
+// grid, including the query's own row; kernel (K, D, P) with tap_index (W,) of entries in [-1, P), or both empty.
+void check_window(const ArgumentChecks& check, const char* query_name, const torch::Tensor& query,
+                  const torch::Tensor& v, const torch::Tensor& gain, const torch::Tensor& kernel,
+                  const torch::Tensor& tap_index, const torch::Tensor& offsets) {
+  check.floating("v", v);
+  check.rank("v", v, 5, "(BK, D, T, H, X)");
+  const int64_t BK = v.size(0), D = v.size(1), T = v.size(2), H = v.size(3), X = v.size(4);
+  check.like(query_name, query, "v", v);
+  check.rank(query_name, query, 5, "(BK, Dq, T, H, X)");
+  check.shape(query_name, query, {BK, query.size(1), T, H, X}, "(BK, Dq, T, H, X)");
+  check.like("gain", gain, "v", v);
+  check.rank("gain", gain, 1, "(K,)");
+  const int64_t K = gain.size(0);
+  check.require(K >= 1 && BK % K == 0, "gain must have shape (K,) with K >= 1 dividing BK = ", BK, ", got ",
+                gain.sizes());
+  check.index("offsets", offsets);
+  check.rank("offsets", offsets, 2, "(W, 3)");
+  const int64_t W = offsets.size(0);
+  check.require(W >= 1 && offsets.size(1) == 3, "offsets must have shape (W, 3) with W >= 1, got ", offsets.sizes());
+  const auto off = offsets.accessor<int64_t, 2>();
+  const int64_t extent[3] = {T, H, X};
+  bool own_row = false;
+  for (int64_t w = 0; w < W; ++w) {
+    for (int64_t d = 0; d < 3; ++d)
+      check.require(-extent[d] < off[w][d] && off[w][d] < extent[d],
+                    "offsets must lie inside the grid (|offset| < (T, H, X) = (", T, ", ", H, ", ", X,
+                    ") in every dim), got offsets[", w, "] = (", off[w][0], ", ", off[w][1], ", ", off[w][2], ")");
+    own_row = own_row || (off[w][0] == 0 && off[w][1] == 0);
+  }
+  check.require(own_row, "offsets must include the query's own row (an offset (0, 0, x)), got none");
+  check.like("kernel", kernel, "v", v);
+  check.index("tap_index", tap_index);
+  check.rank("tap_index", tap_index, 1, "(W,)");
+  if (!kernel.numel()) {
+    check.require(!tap_index.numel(), "tap_index must have shape (0,) as kernel is empty, got ", tap_index.sizes());
+    return;
+  }
+  check.rank("kernel", kernel, 3, "(K, D, P) or empty");
+  const int64_t P = kernel.size(2);
+  check.shape("kernel", kernel, {K, D, P}, "(K, D, P)");
+  check.shape("tap_index", tap_index, {W}, "(W,)");
+  for (const int64_t entry : c10::ArrayRef<int64_t>(tap_index.data_ptr<int64_t>(), W))
+    check.require(-1 <= entry && entry < P, "tap_index must hold kernel entries in [-1, P = ", P, "), got ", entry);
+}
+
+// bias (K, D) or empty, of the dtype of v.
+void check_bias(const ArgumentChecks& check, const torch::Tensor& bias, const torch::Tensor& v,
+                const torch::Tensor& gain) {
+  check.like("bias", bias, "v", v);
+  if (bias.numel()) check.shape("bias", bias, {gain.size(0), v.size(1)}, "(K, D)");
+}
+
 std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& features,
                                    const torch::Tensor& pos, const torch::Tensor& temperature, const torch::Tensor& v,
                                    const torch::Tensor& gain, const torch::Tensor& kernel,
                                    const torch::Tensor& tap_index, const torch::Tensor& offsets,
                                    const torch::Tensor& bias, bool save_probs) {
-  const torch::Tensor& shape = features.numel() ? features : q;
+  const torch::Tensor& shape = features.dim() == 5 ? features : q;
   const Geometry g(shape, v, offsets, gain.size(0), kVectorBytes / v.element_size());
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto out = torch::empty_like(v);
@@ -242,6 +297,11 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& 
 std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                               torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
                                               torch::Tensor bias, bool save_probs) {
+  const ArgumentChecks check("window_mix_forward");
+  check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
+  check.like("k", k, "v", v);
+  check.shape("k", k, q.sizes().vec(), "(BK, Dq, T, H, X)");
+  check_bias(check, bias, v, gain);
   const auto none = v.new_empty({0});
   return forward(q, k, none, none, none, v, gain, kernel, tap_index, offsets, bias, save_probs);
 }
@@ -250,6 +310,14 @@ std::vector<torch::Tensor> direct_window_mix_forward(torch::Tensor features, tor
                                                      torch::Tensor temperature, torch::Tensor v, torch::Tensor gain,
                                                      torch::Tensor kernel, torch::Tensor tap_index,
                                                      torch::Tensor offsets, torch::Tensor bias, bool save_probs) {
+  const ArgumentChecks check("direct_window_mix_forward");
+  check_window(check, "features", features, v, gain, kernel, tap_index, offsets);
+  const int64_t K = gain.size(0), Dq = features.size(1), N = v.size(2) * v.size(3) * v.size(4);
+  check.like("pos", pos, "v", v);
+  if (pos.numel()) check.shape("pos", pos, {K, Dq, N}, "(K, Dq, N)");
+  check.like("temperature", temperature, "v", v);
+  check.shape("temperature", temperature, {K}, "(K,)");
+  check_bias(check, bias, v, gain);
   const auto none = v.new_empty({0});
   return forward(none, none, features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, save_probs);
 }
@@ -257,7 +325,15 @@ std::vector<torch::Tensor> direct_window_mix_forward(torch::Tensor features, tor
 std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                                torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor probs,
                                                torch::Tensor gout, torch::Tensor offsets) {
+  const ArgumentChecks check("window_mix_backward");
+  check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
+  check.like("k", k, "v", v);
+  check.shape("k", k, q.sizes().vec(), "(BK, Dq, T, H, X)");
+  check.like("gout", gout, "v", v);
+  check.shape("gout", gout, v.sizes().vec(), "(BK, D, T, H, X)");
   const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
+  check.like("probs", probs, "v", v);
+  check.shape("probs", probs, {g.BK * g.T * g.H, g.W, g.Xr}, "(BK*T*H, W, Xr)");
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto gscore = torch::empty_like(probs);
   auto gq = torch::empty_like(q), gk = torch::empty_like(k), gv = torch::empty_like(v);
