@@ -14,8 +14,13 @@
 #include <mutex>
 #include <vector>
 
+#include "checks.h"
+#include "direct_score.h"
+
 namespace convplus {
 namespace {
+
+using detail::kMinSquaredNorm;
 
 constexpr int64_t kBlock = 256;  // positions per task
 
@@ -107,7 +112,14 @@ void backward_kernel(const T* gq, const T* gk, const T* k, const T* inverse_norm
 }  // namespace
 
 std::vector<torch::Tensor> direct_score_forward(torch::Tensor x, torch::Tensor pos, torch::Tensor temperature) {
+  const detail::ArgumentChecks check("direct_score_forward");
+  check.floating("x", x);
+  check.rank("x", x, 4, "(B, K, D, N)");
   const int64_t B = x.size(0), K = x.size(1), D = x.size(2), N = x.size(3);
+  check.like("pos", pos, "x", x);
+  if (pos.numel()) check.shape("pos", pos, {K, D, N}, "(K, D, N)");
+  check.like("temperature", temperature, "x", x);
+  check.shape("temperature", temperature, {K}, "(K,)");
   auto q = torch::empty_like(x), k = torch::empty_like(x), inverse_norm = torch::empty({B, K, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convplus_direct_score_forward", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), pos.numel() ? pos.data_ptr<scalar_t>() : nullptr,
@@ -120,7 +132,18 @@ std::vector<torch::Tensor> direct_score_forward(torch::Tensor x, torch::Tensor p
 std::vector<torch::Tensor> direct_score_backward(torch::Tensor gq, torch::Tensor gk, torch::Tensor k,
                                                  torch::Tensor inverse_norm, torch::Tensor temperature,
                                                  bool with_pos) {
+  const detail::ArgumentChecks check("direct_score_backward");
+  check.floating("k", k);
+  check.rank("k", k, 4, "(B, K, D, N)");
   const int64_t B = k.size(0), K = k.size(1), D = k.size(2), N = k.size(3);
+  check.like("gq", gq, "k", k);
+  check.shape("gq", gq, k.sizes().vec(), "(B, K, D, N)");
+  check.like("gk", gk, "k", k);
+  check.shape("gk", gk, k.sizes().vec(), "(B, K, D, N)");
+  check.like("inverse_norm", inverse_norm, "k", k);
+  check.shape("inverse_norm", inverse_norm, {B, K, N}, "(B, K, N)");
+  check.like("temperature", temperature, "k", k);
+  check.shape("temperature", temperature, {K}, "(K,)");
   auto gx = torch::empty_like(k);
   auto gpos = torch::empty({with_pos ? K : 0, D, N}, k.options());
   auto gtemperature = torch::zeros({K}, k.options().dtype(torch::kFloat64));

@@ -1,4 +1,5 @@
-// The C++ CPU kernels of convplus (see the .cpp file of each for its layout and math).
+// The C++ CPU kernels of convplus (see the .cpp file of each for its layout and math). Every entry point checks
+// its arguments first (checks.h): a bad call raises c10::Error, a RuntimeError in Python.
 #pragma once
 
 #include <torch/extension.h>
@@ -6,9 +7,6 @@
 #include <vector>
 
 namespace convplus {
-
-// The 'direct' score's unit vectors divide by max(||x||, 1e-12), as F.normalize does.
-constexpr double kMinSquaredNorm = 1e-24;
 
 // Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dkernel); bias (K, D) or empty.
 std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,

@@ -22,363 +22,21 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <mutex>
-#include <new>
-#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "checks.h"
+#include "register_tiles.h"
+#include "row_cache.h"
+#include "simd.h"
+#include "window_geometry.h"
 
 namespace convplus {
 namespace {
 
-constexpr int64_t kVectorBytes = 64;
-
-// Allocates on vector boundaries.
-template <typename T>
-struct VectorAligned {
-  using value_type = T;
-  VectorAligned() = default;
-  template <typename U>
-  VectorAligned(const VectorAligned<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kVectorBytes))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(kVectorBytes)); }
-  template <typename U>
-  bool operator==(const VectorAligned<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const VectorAligned<U>&) const { return false; }
-};
-
-template <typename T>
-using Buffer = std::vector<T, VectorAligned<T>>;
-
-template <typename T>
-struct Simd {
-  typedef T vec __attribute__((vector_size(kVectorBytes)));
-  static constexpr int64_t width = kVectorBytes / sizeof(T);
-};
-
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-template <typename V, typename T>
-inline T horizontal_sum(const V& v) {
-  T s = 0;
-  for (int64_t j = 0; j < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++j) s += v[j];
-  return s;
-}
-
-// e^x for a vector: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial (degree 7 for float,
-// 12 for double: below one ulp of error from the truncation), times 2^n. Exactly 0 for x = -inf (masked scores)
-// and below the smallest normal result; NaN stays NaN.
-template <typename T>
-struct ExpConstants {
-  static constexpr int degree = sizeof(T) == 4 ? 7 : 12;
-  static constexpr T lo = sizeof(T) == 4 ? T(-87.0) : T(-708.0), hi = sizeof(T) == 4 ? T(88.0) : T(709.0);
-  static constexpr T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125),
-                     ln2_lo = T(1.42860682030941723212e-6);
-  // 1 / i! for i = 0 .. degree
-  static constexpr std::array<T, degree + 1> taylor() {
-    std::array<T, degree + 1> c{};
-    c[0] = T(1);
-    for (int i = 1; i <= degree; ++i) c[i] = c[i - 1] / i;
-    return c;
-  }
-};
-
-#if defined(__AVX512F__)
-// The same with AVX-512's rounding and 2^n scaling instructions, for 16 floats.
-inline __m512 exp_avx512(__m512 x) {
-  using E = ExpConstants<float>;
-  constexpr std::array<float, E::degree + 1> c = E::taylor();
-  const __m512 lo = _mm512_set1_ps(E::lo);
-  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(E::hi), _mm512_max_ps(lo, x));  // NaN: the second operand
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(E::log2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r =
-      _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_hi), xc));
-  __m512 poly = _mm512_set1_ps(c[E::degree]);
-  for (int i = E::degree - 1; i >= 0; --i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c[i]));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), _mm512_scalef_ps(poly, n));
-}
-#endif
-
-template <typename V, typename T>
-inline V exp_vec(V x) {
-#if defined(__AVX512F__)
-  if constexpr (sizeof(T) == 4 && sizeof(V) == sizeof(__m512)) return (V)exp_avx512((__m512)x);
-#endif
-  using E = ExpConstants<T>;
-  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef I ivec __attribute__((vector_size(sizeof(V))));
-  constexpr int mantissa = sizeof(T) == 4 ? 23 : 52;
-  constexpr I bias = sizeof(T) == 4 ? 127 : 1023;
-  constexpr std::array<T, E::degree + 1> c = E::taylor();
-  const V xc = x < E::lo ? V{} + E::lo : (x > E::hi ? V{} + E::hi : x);
-  const V y = xc * E::log2e;
-  const ivec n = __builtin_convertvector(y < T(0) ? y - T(0.5) : y + T(0.5), ivec);
-  const V nf = __builtin_convertvector(n, V);
-  const V r = (xc - nf * E::ln2_hi) - nf * E::ln2_lo;
-  V poly = V{} + c[E::degree];
-  for (int i = E::degree - 1; i >= 0; --i) poly = poly * r + c[i];
-  const V scale = (V)((n + bias) << mantissa);
-  return x < E::lo ? V{} : poly * scale;
-}
-
-// Sizes, the window's offsets, and the distinct (t, y) row offsets they use.
-struct Geometry {
-  int64_t BK, K, Dq, D, T, H, X, N;
-  int64_t W, halo, lead, Xr, Xp;  // offsets; max |o_x|; halo, X rounded up to whole vectors; lead + Xr + lead
-  std::vector<int64_t> ox, row;  // per offset: x offset, index of its (t, y) row offset
-  std::vector<int64_t> rt, ry;   // distinct (t, y) row offsets
-  std::vector<std::vector<int64_t>> by_row;  // per distinct row offset: the offsets w that use it
-  int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
-  int64_t center_row = -1;       // the row offset (0, 0): the query's own row
-
-  Geometry(const torch::Tensor& q, const torch::Tensor& v, const torch::Tensor& offsets, int64_t heads,
-           int64_t width)
-      : BK(q.size(0)), K(heads), Dq(q.size(1)), D(v.size(1)), T(q.size(2)), H(q.size(3)), X(q.size(4)),
-        N(T * H * X), W(offsets.size(0)), halo(0) {
-    const auto off = offsets.accessor<int64_t, 2>();
-    for (int64_t w = 0; w < W; ++w) {
-      halo = std::max(halo, std::abs(off[w][2]));
-      ox.push_back(off[w][2]);
-      int64_t r = 0;
-      while (r < static_cast<int64_t>(rt.size()) && !(rt[r] == off[w][0] && ry[r] == off[w][1])) ++r;
-      if (r == static_cast<int64_t>(rt.size())) {
-        rt.push_back(off[w][0]);
-        ry.push_back(off[w][1]);
-        by_row.emplace_back();
-      }
-      row.push_back(r);
-      by_row[r].push_back(w);
-    }
-    for (int64_t r = 0; r < rows(); ++r)
-      if (rt[r] == 0 && ry[r] == 0) center_row = r;
-    TORCH_CHECK(center_row >= 0, "the window offsets must include the query's own row");
-    span_t = *std::max_element(rt.begin(), rt.end()) - *std::min_element(rt.begin(), rt.end()) + 1;
-    span_y = *std::max_element(ry.begin(), ry.end()) - *std::min_element(ry.begin(), ry.end()) + 1;
-    lead = (halo + width - 1) / width * width;
-    Xr = (X + width - 1) / width * width;
-    Xp = lead + Xr + lead;
-  }
-
-  int64_t rows() const { return static_cast<int64_t>(rt.size()); }
-  bool row_in_grid(int64_t t, int64_t y) const { return t >= 0 && t < T && y >= 0 && y < H; }
-};
-
-// Copies row (t, y) of src (BK, C, T, H, X) at slice bk into buf (C, Xp) at column lead; the caller zeroes buf
-// once, so the columns outside stay zero.
-template <typename T>
-void gather_row(const T* src, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* buf) {
-  for (int64_t c = 0; c < C; ++c)
-    std::memcpy(buf + c * g.Xp + g.lead, src + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, g.X * sizeof(T));
-}
-
-// In place on the row (t, y) of slice bk that gather_row copied into buf (C, Xp): the 'direct' score's keys
-// k = x^ / max(||x^||, 1e-12) over the C channels at every column, x^ = x + pos (pos (K, C, T, H, X), or null),
-// in the order of operations of direct_score.cpp. norm: scratch of X values.
-template <typename T>
-void unit_row(T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* norm) {
-  std::fill(norm, norm + g.X, T(0));
-  for (int64_t c = 0; c < C; ++c) {
-    T* __restrict__ row = buf + c * g.Xp + g.lead;
-    if (pos) {
-      const T* __restrict__ pr = pos + ((bk % g.K * C + c) * g.T + t) * g.H * g.X + y * g.X;
-      for (int64_t x = 0; x < g.X; ++x) row[x] += pr[x];
-    }
-    for (int64_t x = 0; x < g.X; ++x) norm[x] += row[x] * row[x];
-  }
-  for (int64_t x = 0; x < g.X; ++x) norm[x] = T(1) / std::sqrt(std::max(norm[x], T(kMinSquaredNorm)));
-  for (int64_t c = 0; c < C; ++c) {
-    T* __restrict__ row = buf + c * g.Xp + g.lead;
-    for (int64_t x = 0; x < g.X; ++x) row[x] *= norm[x];
-  }
-}
-
-// The rows around a query (or key) row, copied into padded (C, Xp) buffers and kept while later rows still use
-// them: consecutive rows share all but one of their neighbor rows, so each source row is copied about once.
-// Direct-mapped on (t mod span_t, y mod span_y): the rows one query needs never share a slot. With ``unit``,
-// each row is turned into the 'direct' score's keys as it is copied (unit_row, with pos or null).
-template <typename T>
-class RowCache {
- public:
-  RowCache(const T* src, int64_t C, const Geometry& g, bool unit = false, const T* pos = nullptr)
-      : src_(src), pos_(pos), unit_(unit), C_(C), g_(g), data_(g.span_t * g.span_y * C * g.Xp, T(0)),
-        norm_(unit ? g.X : 0), tag_(g.span_t * g.span_y, -1), rows_(g.rows()), valid_(g.rows()) {}
-
-  // Points rows()[r] at row (t + sign * rt[r], y + sign * ry[r]) of slice bk for every r with valid()[r].
-  void gather(int64_t bk, int64_t t, int64_t y, int64_t sign) {
-    for (int64_t r = 0; r < g_.rows(); ++r) {
-      const int64_t tt = t + sign * g_.rt[r], yy = y + sign * g_.ry[r];
-      valid_[r] = g_.row_in_grid(tt, yy);
-      if (!valid_[r]) continue;
-      const int64_t slot = tt % g_.span_t * g_.span_y + yy % g_.span_y, id = (bk * g_.T + tt) * g_.H + yy;
-      T* buf = data_.data() + slot * C_ * g_.Xp;
-      if (tag_[slot] != id) {
-        gather_row(src_, C_, g_, bk, tt, yy, buf);
-        if (unit_) unit_row(buf, pos_, C_, g_, bk, tt, yy, norm_.data());
-        tag_[slot] = id;
-      }
-      rows_[r] = buf;
-    }
-  }
-  const T* row(int64_t r) const { return rows_[r]; }
-  bool valid(int64_t r) const { return valid_[r]; }
-
- private:
-  const T* src_;
-  const T* pos_;
-  bool unit_;
-  int64_t C_;
-  const Geometry& g_;
-  Buffer<T> data_;
-  std::vector<T> norm_;
-  std::vector<int64_t> tag_;
-  std::vector<const T*> rows_;
-  std::vector<char> valid_;
-};
-
-// Calls f(std::integral_constant<int, v>) for the value v in 1 .. Max, so that v can size register arrays.
-template <int Max, typename F>
-inline void with_constant(int64_t value, F&& f) {
-  if constexpr (Max > 1) {
-    if (value < Max) return with_constant<Max - 1>(value, f);
-  }
-  f(std::integral_constant<int, Max>{});
-}
-
-// Calls tile(std::integral_constant<int, n>, x) over x = 0 .. Xr in register tiles of n <= Max whole vectors.
-template <typename T, int Max, typename Tile>
-inline void over_tiles(int64_t Xr, Tile&& tile) {
-  constexpr int64_t L = Simd<T>::width;
-  for (int64_t x = 0; x < Xr; x += Max * L) with_constant<Max>((Xr - x) / L, [&](auto n) { tile(n, x); });
-}
-
-constexpr int kDotTile = 2;     // vectors per tile of the dot products,
-constexpr int kDotGroup = 8;    // times up to this many window offsets that share a key row
-constexpr int kSumTile = 2;     // vectors per tile of the weighted sums,
-constexpr int kSumChannels = 8;  // times this many channels
-
-// For the m offsets of one key row, at the n vectors of x from 0: out[o][x] = sum_c a[c * stride + x] *
-// b[o][c * stride + x]; with sums, also sums[o][c * sums_stride] += sum_x of the same products. Each load of a
-// serves all m offsets.
-template <typename T, int n, int m, bool with_sums>
-inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T* const* out, double* const* sums,
-                     int64_t sums_stride) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t L = Simd<T>::width;
-  V acc[m][n] = {};
-  for (int64_t c = 0; c < C; ++c) {
-    V av[n];
-    for (int j = 0; j < n; ++j) av[j] = load<V>(a + c * stride + j * L);
-    for (int o = 0; o < m; ++o) {
-      V part = {};
-      for (int j = 0; j < n; ++j) {
-        const V prod = av[j] * load<V>(b[o] + c * stride + j * L);
-        acc[o][j] += prod;
-        if constexpr (with_sums) part += prod;
-      }
-      if constexpr (with_sums) sums[o][c * sums_stride] += horizontal_sum<V, T>(part);
-    }
-  }
-  for (int o = 0; o < m; ++o)
-    for (int j = 0; j < n; ++j) store(out[o] + j * L, acc[o][j]);
-}
-
-// Dot products over C channels of the query-side row a (C, Xp) with key row b shifted by each offset of the
-// window that reads b: out[w][x] = sum_c a[c, x] * b[c, x + o_w] for x = 0 .. Xr and every w with row[w] = r
-// (a and b point at column lead). With sums (per w, c at sums + w + c * W): the same products summed over x.
-template <typename T, bool with_sums>
-void row_dots(const T* a, const T* b, int64_t r, int64_t C, const Geometry& g, T* out, double* sums) {
-  const std::vector<int64_t>& ws = g.by_row[r];
-  for (size_t first = 0; first < ws.size(); first += kDotGroup) {
-    const int64_t count = std::min<int64_t>(kDotGroup, static_cast<int64_t>(ws.size()) - first);
-    std::array<const T*, kDotGroup> bs;
-    std::array<T*, kDotGroup> outs;
-    std::array<double*, kDotGroup> ss;
-    for (int64_t o = 0; o < count; ++o) {
-      const int64_t w = ws[first + o];
-      bs[o] = b + g.ox[w];
-      outs[o] = out + w * g.Xr;
-      ss[o] = sums ? sums + w : nullptr;
-    }
-    with_constant<kDotGroup>(count, [&](auto m) {
-      over_tiles<T, kDotTile>(g.Xr, [&](auto n, int64_t x) {
-        std::array<const T*, kDotGroup> bx;
-        std::array<T*, kDotGroup> outx;
-        for (int o = 0; o < decltype(m)::value; ++o) {
-          bx[o] = bs[o] + x;
-          outx[o] = outs[o] + x;
-        }
-        dot_tile<T, decltype(n)::value, decltype(m)::value, with_sums>(a + x, bx.data(), C, g.Xp, outx.data(),
-                                                                      ss.data(), g.W);
-      });
-    });
-  }
-}
-
-// The weighted sum over the window, for a block of cb channels at the n vectors of x from 0:
-// out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] (taps null: no
-// convolution term). Each load of a weight serves all cb channels.
-template <typename T, int n, int cb, bool with_taps>
-inline void sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
-                     int64_t M, int64_t Xr, T* out) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t L = Simd<T>::width;
-  V acc[cb][n] = {};
-  for (int64_t m = 0; m < M; ++m) {
-    V wv[n];
-    for (int j = 0; j < n; ++j) wv[j] = load<V>(weight[m] + j * L);
-    const T* vm = value[m] + offset;
-    for (int c = 0; c < cb; ++c) {
-      if constexpr (with_taps) {
-        const T tap = taps[c * M + m];
-        for (int j = 0; j < n; ++j) acc[c][j] += (wv[j] + tap) * load<V>(vm + c * stride + j * L);
-      } else {
-        for (int j = 0; j < n; ++j) acc[c][j] += wv[j] * load<V>(vm + c * stride + j * L);
-      }
-    }
-  }
-  for (int c = 0; c < cb; ++c)
-    for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
-}
-
-// out (C, Xr): out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] for all C
-// channels and x = 0 .. Xr (taps (C, M), or null: no convolution term). shifted: scratch of at least M pointers.
-template <typename T>
-void window_sum(const T* const* weight, const T* const* value, int64_t stride, const T* taps, int64_t M, int64_t C,
-                int64_t Xr, T* out, std::vector<const T*>& shifted) {
-  over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
-    for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
-    for (int64_t c0 = 0; c0 < C; c0 += kSumChannels)
-      with_constant<kSumChannels>(std::min<int64_t>(kSumChannels, C - c0), [&](auto cb) {
-        constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
-        T* dst = out + c0 * Xr + x;
-        if (taps)
-          sum_tile<T, tile, block, true>(shifted.data(), value, c0 * stride + x, stride, taps + c0 * M, M, Xr, dst);
-        else
-          sum_tile<T, tile, block, false>(shifted.data(), value, c0 * stride + x, stride, nullptr, M, Xr, dst);
-      });
-  });
-}
-
-inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }
+using namespace detail;
 
 // The taps of head h at the M live offsets live[m], as a (D, M) matrix in out; null without a convolution term.
 template <typename T>
@@ -388,43 +46,6 @@ const T* live_taps(const T* taps, int64_t h, const std::vector<int64_t>& live, i
   for (int64_t d = 0; d < g.D; ++d)
     for (int64_t m = 0; m < M; ++m) out[d * M + m] = taps[(h * g.D + d) * g.W + live[m]];
   return out;
-}
-
-// Copies the C rows of buf (C, Xr) to row (t, y) of dst (BK, C, T, H, X) at slice bk.
-template <typename T>
-void scatter_rows(const T* buf, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* dst) {
-  for (int64_t c = 0; c < C; ++c)
-    std::memcpy(dst + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, buf + c * g.Xr, g.X * sizeof(T));
-}
-
-// In place, for each column x of p (W, Xr): p[w, x] = exp(p[w, x] - max_w p[., x]), and inverse[x] = 1 / sum_w
-// p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w.
-template <typename T>
-void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, T* inverse) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t L = Simd<T>::width;
-  over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0) {
-    constexpr int n = decltype(tile)::value;
-    V top[n], sum[n] = {};
-    for (int j = 0; j < n; ++j) top[j] = load<V>(p + x0 + j * L);
-    for (int64_t w = 1; w < W; ++w)
-      for (int j = 0; j < n; ++j) {
-        const V s = load<V>(p + w * Xr + x0 + j * L);
-        top[j] = s > top[j] ? s : top[j];
-      }
-    for (int64_t w = 0; w < W; ++w)
-      for (int j = 0; j < n; ++j) {
-        const V e = exp_vec<V, T>(load<V>(p + w * Xr + x0 + j * L) - top[j]);
-        store(p + w * Xr + x0 + j * L, e);
-        sum[j] += e;
-      }
-    for (int j = 0; j < n; ++j) {
-      V inv = T(1) / sum[j];
-      for (int64_t i = 0; i < L; ++i)
-        if (x0 + j * L + i >= X) inv[i] = 0;
-      store(inverse + x0 + j * L, inv);
-    }
-  });
 }
 
 // Where the scores come from: q and k (BK, Dq, T, H, X), or, with the 'direct' score (features non-null), the
@@ -598,16 +219,66 @@ torch::Tensor taps_at_offsets(const torch::Tensor& kernel, const torch::Tensor& 
   return padded.index_select(2, index).contiguous().view({kernel.size(0), kernel.size(1), W});
 }
 
-}  // namespace
+// The checks shared by the windowed-mix entry points: v (BK, D, T, H, X) fixes the dtype and the sizes; query
+// (q or features, named query_name) (BK, Dq, T, H, X); gain (K,) with K dividing BK; offsets (W, 3) inside the
+// grid, including the query's own row; kernel (K, D, P) with tap_index (W,) of entries in [-1, P), or both empty.
+void check_window(const ArgumentChecks& check, const char* query_name, const torch::Tensor& query,
+                  const torch::Tensor& v, const torch::Tensor& gain, const torch::Tensor& kernel,
+                  const torch::Tensor& tap_index, const torch::Tensor& offsets) {
+  check.floating("v", v);
+  check.rank("v", v, 5, "(BK, D, T, H, X)");
+  const int64_t BK = v.size(0), D = v.size(1), T = v.size(2), H = v.size(3), X = v.size(4);
+  check.like(query_name, query, "v", v);
+  check.rank(query_name, query, 5, "(BK, Dq, T, H, X)");
+  check.shape(query_name, query, {BK, query.size(1), T, H, X}, "(BK, Dq, T, H, X)");
+  check.like("gain", gain, "v", v);
+  check.rank("gain", gain, 1, "(K,)");
+  const int64_t K = gain.size(0);
+  check.require(K >= 1 && BK % K == 0, "gain must have shape (K,) with K >= 1 dividing BK = ", BK, ", got ",
+                gain.sizes());
+  check.index("offsets", offsets);
+  check.rank("offsets", offsets, 2, "(W, 3)");
+  const int64_t W = offsets.size(0);
+  check.require(W >= 1 && offsets.size(1) == 3, "offsets must have shape (W, 3) with W >= 1, got ", offsets.sizes());
+  const auto off = offsets.accessor<int64_t, 2>();
+  const int64_t extent[3] = {T, H, X};
+  bool own_row = false;
+  for (int64_t w = 0; w < W; ++w) {
+    for (int64_t d = 0; d < 3; ++d)
+      check.require(-extent[d] < off[w][d] && off[w][d] < extent[d],
+                    "offsets must lie inside the grid (|offset| < (T, H, X) = (", T, ", ", H, ", ", X,
+                    ") in every dim), got offsets[", w, "] = (", off[w][0], ", ", off[w][1], ", ", off[w][2], ")");
+    own_row = own_row || (off[w][0] == 0 && off[w][1] == 0);
+  }
+  check.require(own_row, "offsets must include the query's own row (an offset (0, 0, x)), got none");
+  check.like("kernel", kernel, "v", v);
+  check.index("tap_index", tap_index);
+  check.rank("tap_index", tap_index, 1, "(W,)");
+  if (!kernel.numel()) {
+    check.require(!tap_index.numel(), "tap_index must have shape (0,) as kernel is empty, got ", tap_index.sizes());
+    return;
+  }
+  check.rank("kernel", kernel, 3, "(K, D, P) or empty");
+  const int64_t P = kernel.size(2);
+  check.shape("kernel", kernel, {K, D, P}, "(K, D, P)");
+  check.shape("tap_index", tap_index, {W}, "(W,)");
+  for (const int64_t entry : c10::ArrayRef<int64_t>(tap_index.data_ptr<int64_t>(), W))
+    check.require(-1 <= entry && entry < P, "tap_index must hold kernel entries in [-1, P = ", P, "), got ", entry);
+}
 
-namespace {
+// bias (K, D) or empty, of the dtype of v.
+void check_bias(const ArgumentChecks& check, const torch::Tensor& bias, const torch::Tensor& v,
+                const torch::Tensor& gain) {
+  check.like("bias", bias, "v", v);
+  if (bias.numel()) check.shape("bias", bias, {gain.size(0), v.size(1)}, "(K, D)");
+}
 
 std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& features,
                                    const torch::Tensor& pos, const torch::Tensor& temperature, const torch::Tensor& v,
                                    const torch::Tensor& gain, const torch::Tensor& kernel,
                                    const torch::Tensor& tap_index, const torch::Tensor& offsets,
                                    const torch::Tensor& bias, bool save_probs) {
-  const torch::Tensor& shape = features.numel() ? features : q;
+  const torch::Tensor& shape = features.dim() == 5 ? features : q;
   const Geometry g(shape, v, offsets, gain.size(0), kVectorBytes / v.element_size());
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto out = torch::empty_like(v);
@@ -626,6 +297,11 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& 
 std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                               torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
                                               torch::Tensor bias, bool save_probs) {
+  const ArgumentChecks check("window_mix_forward");
+  check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
+  check.like("k", k, "v", v);
+  check.shape("k", k, q.sizes().vec(), "(BK, Dq, T, H, X)");
+  check_bias(check, bias, v, gain);
   const auto none = v.new_empty({0});
   return forward(q, k, none, none, none, v, gain, kernel, tap_index, offsets, bias, save_probs);
 }
@@ -634,6 +310,14 @@ std::vector<torch::Tensor> direct_window_mix_forward(torch::Tensor features, tor
                                                      torch::Tensor temperature, torch::Tensor v, torch::Tensor gain,
                                                      torch::Tensor kernel, torch::Tensor tap_index,
                                                      torch::Tensor offsets, torch::Tensor bias, bool save_probs) {
+  const ArgumentChecks check("direct_window_mix_forward");
+  check_window(check, "features", features, v, gain, kernel, tap_index, offsets);
+  const int64_t K = gain.size(0), Dq = features.size(1), N = v.size(2) * v.size(3) * v.size(4);
+  check.like("pos", pos, "v", v);
+  if (pos.numel()) check.shape("pos", pos, {K, Dq, N}, "(K, Dq, N)");
+  check.like("temperature", temperature, "v", v);
+  check.shape("temperature", temperature, {K}, "(K,)");
+  check_bias(check, bias, v, gain);
   const auto none = v.new_empty({0});
   return forward(none, none, features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, save_probs);
 }
@@ -641,7 +325,15 @@ std::vector<torch::Tensor> direct_window_mix_forward(torch::Tensor features, tor
 std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
                                                torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor probs,
                                                torch::Tensor gout, torch::Tensor offsets) {
+  const ArgumentChecks check("window_mix_backward");
+  check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
+  check.like("k", k, "v", v);
+  check.shape("k", k, q.sizes().vec(), "(BK, Dq, T, H, X)");
+  check.like("gout", gout, "v", v);
+  check.shape("gout", gout, v.sizes().vec(), "(BK, D, T, H, X)");
   const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
+  check.like("probs", probs, "v", v);
+  check.shape("probs", probs, {g.BK * g.T * g.H, g.W, g.Xr}, "(BK*T*H, W, Xr)");
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto gscore = torch::empty_like(probs);
   auto gq = torch::empty_like(q), gk = torch::empty_like(k), gv = torch::empty_like(v);

@@ -1,0 +1,173 @@
+// The register-tiled inner loops of the CPU mixing kernel, over x in tiles of whole SIMD vectors: the score dot
+// products of a query row with the key rows of the window, the weighted sums over the window, and the softmax
+// numerators.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+#include "window_geometry.h"
+
+namespace convplus::detail {
+namespace {  // internal linkage, see simd.h
+
+// Calls f(std::integral_constant<int, v>) for the value v in 1 .. Max, so that v can size register arrays.
+template <int Max, typename F>
+inline void with_constant(int64_t value, F&& f) {
+  if constexpr (Max > 1) {
+    if (value < Max) return with_constant<Max - 1>(value, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+// Calls tile(std::integral_constant<int, n>, x) over x = 0 .. Xr in register tiles of n <= Max whole vectors.
+template <typename T, int Max, typename Tile>
+inline void over_tiles(int64_t Xr, Tile&& tile) {
+  constexpr int64_t L = Simd<T>::width;
+  for (int64_t x = 0; x < Xr; x += Max * L) with_constant<Max>((Xr - x) / L, [&](auto n) { tile(n, x); });
+}
+
+constexpr int kDotTile = 2;     // vectors per tile of the dot products,
+constexpr int kDotGroup = 8;    // times up to this many window offsets that share a key row
+constexpr int kSumTile = 2;     // vectors per tile of the weighted sums,
+constexpr int kSumChannels = 8;  // times this many channels
+
+// For the m offsets of one key row, at the n vectors of x from 0: out[o][x] = sum_c a[c * stride + x] *
+// b[o][c * stride + x]; with sums, also sums[o][c * sums_stride] += sum_x of the same products. Each load of a
+// serves all m offsets.
+template <typename T, int n, int m, bool with_sums>
+inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T* const* out, double* const* sums,
+                     int64_t sums_stride) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t L = Simd<T>::width;
+  V acc[m][n] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    V av[n];
+    for (int j = 0; j < n; ++j) av[j] = load<V>(a + c * stride + j * L);
+    for (int o = 0; o < m; ++o) {
+      V part = {};
+      for (int j = 0; j < n; ++j) {
+        const V prod = av[j] * load<V>(b[o] + c * stride + j * L);
+        acc[o][j] += prod;
+        if constexpr (with_sums) part += prod;
+      }
+      if constexpr (with_sums) sums[o][c * sums_stride] += horizontal_sum<V, T>(part);
+    }
+  }
+  for (int o = 0; o < m; ++o)
+    for (int j = 0; j < n; ++j) store(out[o] + j * L, acc[o][j]);
+}
+
+// Dot products over C channels of the query-side row a (C, Xp) with key row b shifted by each offset of the
+// window that reads b: out[w][x] = sum_c a[c, x] * b[c, x + o_w] for x = 0 .. Xr and every w with row[w] = r
+// (a and b point at column lead). With sums (per w, c at sums + w + c * W): the same products summed over x.
+template <typename T, bool with_sums>
+void row_dots(const T* a, const T* b, int64_t r, int64_t C, const Geometry& g, T* out, double* sums) {
+  const std::vector<int64_t>& ws = g.by_row[r];
+  for (size_t first = 0; first < ws.size(); first += kDotGroup) {
+    const int64_t count = std::min<int64_t>(kDotGroup, static_cast<int64_t>(ws.size()) - first);
+    std::array<const T*, kDotGroup> bs;
+    std::array<T*, kDotGroup> outs;
+    std::array<double*, kDotGroup> ss;
+    for (int64_t o = 0; o < count; ++o) {
+      const int64_t w = ws[first + o];
+      bs[o] = b + g.ox[w];
+      outs[o] = out + w * g.Xr;
+      ss[o] = sums ? sums + w : nullptr;
+    }
+    with_constant<kDotGroup>(count, [&](auto m) {
+      over_tiles<T, kDotTile>(g.Xr, [&](auto n, int64_t x) {
+        std::array<const T*, kDotGroup> bx;
+        std::array<T*, kDotGroup> outx;
+        for (int o = 0; o < decltype(m)::value; ++o) {
+          bx[o] = bs[o] + x;
+          outx[o] = outs[o] + x;
+        }
+        dot_tile<T, decltype(n)::value, decltype(m)::value, with_sums>(a + x, bx.data(), C, g.Xp, outx.data(),
+                                                                      ss.data(), g.W);
+      });
+    });
+  }
+}
+
+// The weighted sum over the window, for a block of cb channels at the n vectors of x from 0:
+// out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] (taps null: no
+// convolution term). Each load of a weight serves all cb channels.
+template <typename T, int n, int cb, bool with_taps>
+inline void sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
+                     int64_t M, int64_t Xr, T* out) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t L = Simd<T>::width;
+  V acc[cb][n] = {};
+  for (int64_t m = 0; m < M; ++m) {
+    V wv[n];
+    for (int j = 0; j < n; ++j) wv[j] = load<V>(weight[m] + j * L);
+    const T* vm = value[m] + offset;
+    for (int c = 0; c < cb; ++c) {
+      if constexpr (with_taps) {
+        const T tap = taps[c * M + m];
+        for (int j = 0; j < n; ++j) acc[c][j] += (wv[j] + tap) * load<V>(vm + c * stride + j * L);
+      } else {
+        for (int j = 0; j < n; ++j) acc[c][j] += wv[j] * load<V>(vm + c * stride + j * L);
+      }
+    }
+  }
+  for (int c = 0; c < cb; ++c)
+    for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
+}
+
+// out (C, Xr): out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] for all C
+// channels and x = 0 .. Xr (taps (C, M), or null: no convolution term). shifted: scratch of at least M pointers.
+template <typename T>
+void window_sum(const T* const* weight, const T* const* value, int64_t stride, const T* taps, int64_t M, int64_t C,
+                int64_t Xr, T* out, std::vector<const T*>& shifted) {
+  over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
+    for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
+    for (int64_t c0 = 0; c0 < C; c0 += kSumChannels)
+      with_constant<kSumChannels>(std::min<int64_t>(kSumChannels, C - c0), [&](auto cb) {
+        constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
+        T* dst = out + c0 * Xr + x;
+        if (taps)
+          sum_tile<T, tile, block, true>(shifted.data(), value, c0 * stride + x, stride, taps + c0 * M, M, Xr, dst);
+        else
+          sum_tile<T, tile, block, false>(shifted.data(), value, c0 * stride + x, stride, nullptr, M, Xr, dst);
+      });
+  });
+}
+
+// In place, for each column x of p (W, Xr): p[w, x] = exp(p[w, x] - max_w p[., x]), and inverse[x] = 1 / sum_w
+// p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w.
+template <typename T>
+void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, T* inverse) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t L = Simd<T>::width;
+  over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0) {
+    constexpr int n = decltype(tile)::value;
+    V top[n], sum[n] = {};
+    for (int j = 0; j < n; ++j) top[j] = load<V>(p + x0 + j * L);
+    for (int64_t w = 1; w < W; ++w)
+      for (int j = 0; j < n; ++j) {
+        const V s = load<V>(p + w * Xr + x0 + j * L);
+        top[j] = s > top[j] ? s : top[j];
+      }
+    for (int64_t w = 0; w < W; ++w)
+      for (int j = 0; j < n; ++j) {
+        const V e = exp_vec<V, T>(load<V>(p + w * Xr + x0 + j * L) - top[j]);
+        store(p + w * Xr + x0 + j * L, e);
+        sum[j] += e;
+      }
+    for (int j = 0; j < n; ++j) {
+      V inv = T(1) / sum[j];
+      for (int64_t i = 0; i < L; ++i)
+        if (x0 + j * L + i >= X) inv[i] = 0;
+      store(inverse + x0 + j * L, inv);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace convplus::detail

@@ -1,0 +1,99 @@
+// The per-thread row buffers of the CPU mixing kernel: rows of a (BK, C, T, H, X) tensor copied into padded
+// (C, Xp) buffers laid out as window_geometry.h describes, optionally turned into the 'direct' score's keys, and
+// copied back out.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "direct_score.h"
+#include "simd.h"
+#include "window_geometry.h"
+
+namespace convplus::detail {
+namespace {  // internal linkage, see simd.h
+
+// Copies row (t, y) of src (BK, C, T, H, X) at slice bk into buf (C, Xp) at column lead; the caller zeroes buf
+// once, so the columns outside stay zero.
+template <typename T>
+void gather_row(const T* src, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* buf) {
+  for (int64_t c = 0; c < C; ++c)
+    std::memcpy(buf + c * g.Xp + g.lead, src + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, g.X * sizeof(T));
+}
+
+// In place on the row (t, y) of slice bk that gather_row copied into buf (C, Xp): the 'direct' score's keys
+// k = x^ / max(||x^||, 1e-12) over the C channels at every column, x^ = x + pos (pos (K, C, T, H, X), or null),
+// in the order of operations of direct_score.cpp. norm: scratch of X values.
+template <typename T>
+void unit_row(T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* norm) {
+  std::fill(norm, norm + g.X, T(0));
+  for (int64_t c = 0; c < C; ++c) {
+    T* __restrict__ row = buf + c * g.Xp + g.lead;
+    if (pos) {
+      const T* __restrict__ pr = pos + ((bk % g.K * C + c) * g.T + t) * g.H * g.X + y * g.X;
+      for (int64_t x = 0; x < g.X; ++x) row[x] += pr[x];
+    }
+    for (int64_t x = 0; x < g.X; ++x) norm[x] += row[x] * row[x];
+  }
+  for (int64_t x = 0; x < g.X; ++x) norm[x] = T(1) / std::sqrt(std::max(norm[x], T(kMinSquaredNorm)));
+  for (int64_t c = 0; c < C; ++c) {
+    T* __restrict__ row = buf + c * g.Xp + g.lead;
+    for (int64_t x = 0; x < g.X; ++x) row[x] *= norm[x];
+  }
+}
+
+// The rows around a query (or key) row, copied into padded (C, Xp) buffers and kept while later rows still use
+// them: consecutive rows share all but one of their neighbor rows, so each source row is copied about once.
+// Direct-mapped on (t mod span_t, y mod span_y): the rows one query needs never share a slot. With ``unit``,
+// each row is turned into the 'direct' score's keys as it is copied (unit_row, with pos or null).
+template <typename T>
+class RowCache {
+ public:
+  RowCache(const T* src, int64_t C, const Geometry& g, bool unit = false, const T* pos = nullptr)
+      : src_(src), pos_(pos), unit_(unit), C_(C), g_(g), data_(g.span_t * g.span_y * C * g.Xp, T(0)),
+        norm_(unit ? g.X : 0), tag_(g.span_t * g.span_y, -1), rows_(g.rows()), valid_(g.rows()) {}
+
+  // Points rows()[r] at row (t + sign * rt[r], y + sign * ry[r]) of slice bk for every r with valid()[r].
+  void gather(int64_t bk, int64_t t, int64_t y, int64_t sign) {
+    for (int64_t r = 0; r < g_.rows(); ++r) {
+      const int64_t tt = t + sign * g_.rt[r], yy = y + sign * g_.ry[r];
+      valid_[r] = g_.row_in_grid(tt, yy);
+      if (!valid_[r]) continue;
+      const int64_t slot = tt % g_.span_t * g_.span_y + yy % g_.span_y, id = (bk * g_.T + tt) * g_.H + yy;
+      T* buf = data_.data() + slot * C_ * g_.Xp;
+      if (tag_[slot] != id) {
+        gather_row(src_, C_, g_, bk, tt, yy, buf);
+        if (unit_) unit_row(buf, pos_, C_, g_, bk, tt, yy, norm_.data());
+        tag_[slot] = id;
+      }
+      rows_[r] = buf;
+    }
+  }
+  const T* row(int64_t r) const { return rows_[r]; }
+  bool valid(int64_t r) const { return valid_[r]; }
+
+ private:
+  const T* src_;
+  const T* pos_;
+  bool unit_;
+  int64_t C_;
+  const Geometry& g_;
+  Buffer<T> data_;
+  std::vector<T> norm_;
+  std::vector<int64_t> tag_;
+  std::vector<const T*> rows_;
+  std::vector<char> valid_;
+};
+
+// Copies the C rows of buf (C, Xr) to row (t, y) of dst (BK, C, T, H, X) at slice bk.
+template <typename T>
+void scatter_rows(const T* buf, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* dst) {
+  for (int64_t c = 0; c < C; ++c)
+    std::memcpy(dst + ((bk * C + c) * g.T + t) * g.H * g.X + y * g.X, buf + c * g.Xr, g.X * sizeof(T));
+}
+
+}  // namespace
+}  // namespace convplus::detail

@@ -1,0 +1,125 @@
+// The SIMD layer of the CPU kernels: vector-aligned buffers, a vector type of whole 64-byte registers (GCC vector
+// extensions), unaligned loads and stores, horizontal sums and e^x for a vector.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace convplus::detail {
+// The kernel's headers keep their code in an anonymous namespace: only window_mix.cpp includes them, and with
+// internal linkage GCC inlines these hot helpers into the passes as it does a .cpp file's own static functions
+// (external linkage changes its inlining decisions and so the generated code).
+namespace {
+
+constexpr int64_t kVectorBytes = 64;
+
+// Allocates on vector boundaries.
+template <typename T>
+struct VectorAligned {
+  using value_type = T;
+  VectorAligned() = default;
+  template <typename U>
+  VectorAligned(const VectorAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kVectorBytes))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(kVectorBytes)); }
+  template <typename U>
+  bool operator==(const VectorAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const VectorAligned<U>&) const { return false; }
+};
+
+template <typename T>
+using Buffer = std::vector<T, VectorAligned<T>>;
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVectorBytes)));
+  static constexpr int64_t width = kVectorBytes / sizeof(T);
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename V, typename T>
+inline T horizontal_sum(const V& v) {
+  T s = 0;
+  for (int64_t j = 0; j < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++j) s += v[j];
+  return s;
+}
+
+// e^x for a vector: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial (degree 7 for float,
+// 12 for double: below one ulp of error from the truncation), times 2^n. Exactly 0 for x = -inf (masked scores)
+// and below the smallest normal result; NaN stays NaN.
+template <typename T>
+struct ExpConstants {
+  static constexpr int degree = sizeof(T) == 4 ? 7 : 12;
+  static constexpr T lo = sizeof(T) == 4 ? T(-87.0) : T(-708.0), hi = sizeof(T) == 4 ? T(88.0) : T(709.0);
+  static constexpr T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125),
+                     ln2_lo = T(1.42860682030941723212e-6);
+  // 1 / i! for i = 0 .. degree
+  static constexpr std::array<T, degree + 1> taylor() {
+    std::array<T, degree + 1> c{};
+    c[0] = T(1);
+    for (int i = 1; i <= degree; ++i) c[i] = c[i - 1] / i;
+    return c;
+  }
+};
+
+#if defined(__AVX512F__)
+// The same with AVX-512's rounding and 2^n scaling instructions, for 16 floats.
+inline __m512 exp_avx512(__m512 x) {
+  using E = ExpConstants<float>;
+  constexpr std::array<float, E::degree + 1> c = E::taylor();
+  const __m512 lo = _mm512_set1_ps(E::lo);
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(E::hi), _mm512_max_ps(lo, x));  // NaN: the second operand
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(E::log2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r =
+      _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_hi), xc));
+  __m512 poly = _mm512_set1_ps(c[E::degree]);
+  for (int i = E::degree - 1; i >= 0; --i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c[i]));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), _mm512_scalef_ps(poly, n));
+}
+#endif
+
+template <typename V, typename T>
+inline V exp_vec(V x) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4 && sizeof(V) == sizeof(__m512)) return (V)exp_avx512((__m512)x);
+#endif
+  using E = ExpConstants<T>;
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I ivec __attribute__((vector_size(sizeof(V))));
+  constexpr int mantissa = sizeof(T) == 4 ? 23 : 52;
+  constexpr I bias = sizeof(T) == 4 ? 127 : 1023;
+  constexpr std::array<T, E::degree + 1> c = E::taylor();
+  const V xc = x < E::lo ? V{} + E::lo : (x > E::hi ? V{} + E::hi : x);
+  const V y = xc * E::log2e;
+  const ivec n = __builtin_convertvector(y < T(0) ? y - T(0.5) : y + T(0.5), ivec);
+  const V nf = __builtin_convertvector(n, V);
+  const V r = (xc - nf * E::ln2_hi) - nf * E::ln2_lo;
+  V poly = V{} + c[E::degree];
+  for (int i = E::degree - 1; i >= 0; --i) poly = poly * r + c[i];
+  const V scale = (V)((n + bias) << mantissa);
+  return x < E::lo ? V{} : poly * scale;
+}
+
+}  // namespace
+}  // namespace convplus::detail

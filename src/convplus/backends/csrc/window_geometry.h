@@ -1,0 +1,61 @@
+// The window of the CPU mixing kernel on one grid: sizes, the offsets, the distinct (t, y) row offsets they use,
+// and the padded row layout (a zero halo of max|o_x| widened to whole vectors on each side of X rounded up to
+// whole vectors).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+namespace convplus::detail {
+namespace {  // internal linkage, see simd.h
+
+// Sizes, the window's offsets, and the distinct (t, y) row offsets they use.
+struct Geometry {
+  int64_t BK, K, Dq, D, T, H, X, N;
+  int64_t W, halo, lead, Xr, Xp;  // offsets; max |o_x|; halo, X rounded up to whole vectors; lead + Xr + lead
+  std::vector<int64_t> ox, row;  // per offset: x offset, index of its (t, y) row offset
+  std::vector<int64_t> rt, ry;   // distinct (t, y) row offsets
+  std::vector<std::vector<int64_t>> by_row;  // per distinct row offset: the offsets w that use it
+  int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
+  int64_t center_row = -1;       // the row offset (0, 0): the query's own row
+
+  // offsets (W, 3) int64, W >= 1, including the query's own row (0, 0, x): the entry points check them.
+  Geometry(const torch::Tensor& q, const torch::Tensor& v, const torch::Tensor& offsets, int64_t heads,
+           int64_t width)
+      : BK(q.size(0)), K(heads), Dq(q.size(1)), D(v.size(1)), T(q.size(2)), H(q.size(3)), X(q.size(4)),
+        N(T * H * X), W(offsets.size(0)), halo(0) {
+    const auto off = offsets.accessor<int64_t, 2>();
+    for (int64_t w = 0; w < W; ++w) {
+      halo = std::max(halo, std::abs(off[w][2]));
+      ox.push_back(off[w][2]);
+      int64_t r = 0;
+      while (r < static_cast<int64_t>(rt.size()) && !(rt[r] == off[w][0] && ry[r] == off[w][1])) ++r;
+      if (r == static_cast<int64_t>(rt.size())) {
+        rt.push_back(off[w][0]);
+        ry.push_back(off[w][1]);
+        by_row.emplace_back();
+      }
+      row.push_back(r);
+      by_row[r].push_back(w);
+    }
+    for (int64_t r = 0; r < rows(); ++r)
+      if (rt[r] == 0 && ry[r] == 0) center_row = r;
+    span_t = *std::max_element(rt.begin(), rt.end()) - *std::min_element(rt.begin(), rt.end()) + 1;
+    span_y = *std::max_element(ry.begin(), ry.end()) - *std::min_element(ry.begin(), ry.end()) + 1;
+    lead = (halo + width - 1) / width * width;
+    Xr = (X + width - 1) / width * width;
+    Xp = lead + Xr + lead;
+  }
+
+  int64_t rows() const { return static_cast<int64_t>(rt.size()); }
+  bool row_in_grid(int64_t t, int64_t y) const { return t >= 0 && t < T && y >= 0 && y < H; }
+};
+
+inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }
+
+}  // namespace
+}  // namespace convplus::detail

@@ -1,0 +1,217 @@
+"""The C++ CPU kernel's entry points refuse bad arguments with a RuntimeError that names the entry point, the
+argument, what was expected and what was given, before touching any data."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from convplus.backends.cpu_kernel import extension, unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason="the C++ kernel does not build here")
+
+BK, K, DQ, D, T, H, X = 4, 2, 3, 4, 1, 5, 6  # BK = batch 2 times K = 2 heads; a 1 x 5 x 6 grid
+N = T * H * X
+OFFSETS = [(0, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # a 3 x 3 window: W = 9
+W = len(OFFSETS)
+
+# The positional arguments of each entry point, in call order; save_probs and with_pos are flags, not tensors.
+SIGNATURES = {
+    "window_mix_forward": ("q", "k", "v", "gain", "kernel", "tap_index", "offsets", "bias", "save_probs"),
+    "direct_window_mix_forward": (
+        "features",
+        "pos",
+        "temperature",
+        "v",
+        "gain",
+        "kernel",
+        "tap_index",
+        "offsets",
+        "bias",
+        "save_probs",
+    ),
+    "window_mix_backward": ("q", "k", "v", "gain", "kernel", "tap_index", "probs", "gout", "offsets"),
+    "direct_score_forward": ("x", "pos", "temperature"),
+    "direct_score_backward": ("gq", "gk", "k", "inverse_norm", "temperature", "with_pos"),
+}
+FLAGS = ("save_probs", "with_pos")
+
+
+def _call(entry: str, arguments: dict) -> list[torch.Tensor]:
+    return getattr(extension(), entry)(*(arguments[name] for name in SIGNATURES[entry]))
+
+
+def _window(dtype: torch.dtype, optional: bool) -> dict:
+    """v, gain, the convolution kernel with its tap_index, offsets and bias (kernel and bias empty unless
+    ``optional``)."""
+    v = torch.randn(BK, D, T, H, X, dtype=dtype)
+    return {
+        "v": v,
+        "gain": torch.rand(K, dtype=dtype),
+        "kernel": torch.randn(K, D, W, dtype=dtype) if optional else v.new_zeros(0),
+        "tap_index": torch.arange(W) if optional else torch.zeros(0, dtype=torch.int64),
+        "offsets": torch.tensor(OFFSETS),
+        "bias": torch.randn(K, D, dtype=dtype) if optional else v.new_zeros(0),
+    }
+
+
+def _window_mix_forward(dtype: torch.dtype, optional: bool) -> dict:
+    q = torch.randn(BK, DQ, T, H, X, dtype=dtype)
+    return {"q": q, "k": torch.randn_like(q), **_window(dtype, optional), "save_probs": True}
+
+
+def _direct_window_mix_forward(dtype: torch.dtype, optional: bool) -> dict:
+    return {
+        "features": torch.randn(BK, DQ, T, H, X, dtype=dtype),
+        "pos": torch.randn(K, DQ, N, dtype=dtype) if optional else torch.zeros(0, dtype=dtype),
+        "temperature": torch.rand(K, dtype=dtype) + 0.5,
+        **_window(dtype, optional),
+        "save_probs": True,
+    }
+
+
+def _window_mix_backward(dtype: torch.dtype, optional: bool) -> dict:
+    arguments = _window_mix_forward(dtype, optional)
+    out, probs = _call("window_mix_forward", arguments)
+    return {**arguments, "probs": probs, "gout": torch.randn_like(out)}
+
+
+def _direct_score_forward(dtype: torch.dtype, optional: bool) -> dict:
+    return {
+        "x": torch.randn(BK // K, K, DQ, N, dtype=dtype),
+        "pos": torch.randn(K, DQ, N, dtype=dtype) if optional else torch.zeros(0, dtype=dtype),
+        "temperature": torch.rand(K, dtype=dtype) + 0.5,
+    }
+
+
+def _direct_score_backward(dtype: torch.dtype, optional: bool) -> dict:
+    arguments = _direct_score_forward(dtype, optional)
+    q, k, inverse_norm = _call("direct_score_forward", arguments)
+    return {
+        "gq": torch.randn_like(q),
+        "gk": torch.randn_like(k),
+        "k": k,
+        "inverse_norm": inverse_norm,
+        "temperature": arguments["temperature"],
+        "with_pos": optional,
+    }
+
+
+VALID = {
+    "window_mix_forward": _window_mix_forward,
+    "direct_window_mix_forward": _direct_window_mix_forward,
+    "window_mix_backward": _window_mix_backward,
+    "direct_score_forward": _direct_score_forward,
+    "direct_score_backward": _direct_score_backward,
+}
+TENSOR_ARGUMENTS = [(entry, name) for entry, names in SIGNATURES.items() for name in names if name not in FLAGS]
+
+
+def _refused(entry: str, name: str, value, message: str) -> None:
+    """Calls entry with valid float64 arguments but name = value(valid) and expects a RuntimeError whose message
+    contains "<entry>: <message>"."""
+    arguments = VALID[entry](torch.float64, True)
+    arguments[name] = value(arguments[name])
+    with pytest.raises(RuntimeError, match=re.escape(f"{entry}: {message}")):
+        _call(entry, arguments)
+
+
+@pytest.mark.parametrize("entry", SIGNATURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("optional", [True, False], ids=["with_optional", "without_optional"])
+def test_valid_arguments_run(entry, dtype, optional):
+    outputs = _call(entry, VALID[entry](dtype, optional))
+    assert all(torch.isfinite(out).all() for out in outputs)
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """t's values and shape, not contiguous."""
+    return torch.stack([t, t], dim=-1)[..., 0]
+
+
+@pytest.mark.parametrize(("entry", "name"), TENSOR_ARGUMENTS)
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (lambda t: t.to("meta"), "must be a dense CPU tensor, got a Strided tensor on meta"),
+        (lambda t: t.to(torch.int32), "must have dtype"),
+        (_strided, "must be contiguous"),
+    ],
+    ids=["device", "dtype", "contiguity"],
+)
+def test_every_tensor_argument_is_a_contiguous_cpu_tensor_of_the_right_dtype(entry, name, value, message):
+    _refused(entry, name, value, f"{name} {message}")
+
+
+def _mix_cases(entry: str, query: str) -> list[tuple[str, str, Callable, str]]:
+    """The shape and value cases shared by the three windowed-mix entry points; query: q or features."""
+    return [
+        (entry, query, lambda t: t[0], f"{query} must be a 5-d tensor (BK, Dq, T, H, X), got shape [{DQ}, {T}, "),
+        (
+            entry,
+            query,
+            lambda t: t[..., :-1].contiguous(),
+            f"{query} must have shape (BK, Dq, T, H, X) = [4, 3, 1, 5, 6], got [4, 3, 1, 5, 5]",
+        ),
+        (entry, "v", lambda t: t[0], "v must be a 5-d tensor (BK, D, T, H, X)"),
+        (entry, "gain", lambda t: t.view(K, 1), "gain must be a 1-d tensor (K,), got shape [2, 1]"),
+        (
+            entry,
+            "gain",
+            lambda t: torch.ones(3, dtype=t.dtype),
+            "gain must have shape (K,) with K >= 1 dividing BK = 4, got [3]",
+        ),
+        (entry, "gain", lambda t: t[:0], "gain must have shape (K,) with K >= 1 dividing BK = 4, got [0]"),
+        (entry, "kernel", lambda t: t[0], "kernel must be a 3-d tensor (K, D, P) or empty"),
+        (entry, "kernel", lambda t: t[:, 1:].contiguous(), f"kernel must have shape (K, D, P) = [2, {D}, {W}]"),
+        (entry, "kernel", lambda t: t[:0], "tap_index must have shape (0,) as kernel is empty, got [9]"),
+        (entry, "tap_index", lambda t: t[1:], f"tap_index must have shape (W,) = [{W}], got [{W - 1}]"),
+        (entry, "tap_index", lambda t: t.view(1, -1), "tap_index must be a 1-d tensor (W,)"),
+        (entry, "tap_index", lambda t: t + 1, f"tap_index must hold kernel entries in [-1, P = {W}), got {W}"),
+        (entry, "tap_index", lambda t: t - 2, "tap_index must hold kernel entries in [-1, P = 9), got -2"),
+        (entry, "offsets", lambda t: t[:, 1:].contiguous(), "offsets must have shape (W, 3) with W >= 1, got [9, 2]"),
+        (entry, "offsets", lambda t: t[:0], "offsets must have shape (W, 3) with W >= 1, got [0, 3]"),
+        (entry, "offsets", lambda t: t.flatten(), "offsets must be a 2-d tensor (W, 3)"),
+        (entry, "offsets", lambda t: t * torch.tensor([1, 1, X]), "offsets must lie inside the grid"),
+        (entry, "offsets", lambda t: t + torch.tensor([T, 0, 0]), "offsets must lie inside the grid"),
+        (entry, "offsets", lambda t: t + torch.tensor([0, 2, 0]), "offsets must include the query's own row"),
+    ] + (
+        [(entry, "bias", lambda t: t[:, 1:].contiguous(), f"bias must have shape (K, D) = [2, {D}]")]
+        if entry != "window_mix_backward"
+        else []
+    )
+
+
+SHAPE_CASES = [
+    *_mix_cases("window_mix_forward", "q"),
+    ("window_mix_forward", "k", lambda t: t[:, 1:].contiguous(), "k must have shape (BK, Dq, T, H, X) = [4, 3, 1"),
+    *_mix_cases("direct_window_mix_forward", "features"),
+    (
+        "direct_window_mix_forward",
+        "pos",
+        lambda t: t[..., 1:].contiguous(),
+        "pos must have shape (K, Dq, N) = [2, 3, 30]",
+    ),
+    ("direct_window_mix_forward", "temperature", lambda t: t[:1], "temperature must have shape (K,) = [2], got [1]"),
+    *_mix_cases("window_mix_backward", "q"),
+    ("window_mix_backward", "k", lambda t: t[:2], "k must have shape (BK, Dq, T, H, X) = [4, 3, 1, 5, 6], got [2,"),
+    ("window_mix_backward", "probs", lambda t: t[:0], "probs must have shape (BK*T*H, W, Xr) = [20, 9, 8], got [0,"),
+    ("window_mix_backward", "probs", lambda t: t[..., :-1].contiguous(), "probs must have shape (BK*T*H, W, Xr)"),
+    ("window_mix_backward", "gout", lambda t: t[:, 1:].contiguous(), "gout must have shape (BK, D, T, H, X) = [4, 4,"),
+    ("direct_score_forward", "x", lambda t: t[0], "x must be a 4-d tensor (B, K, D, N), got shape [2, 3, 30]"),
+    ("direct_score_forward", "pos", lambda t: t[:, 1:].contiguous(), "pos must have shape (K, D, N) = [2, 3, 30]"),
+    ("direct_score_forward", "temperature", lambda t: t.repeat(2), "temperature must have shape (K,) = [2], got [4]"),
+    ("direct_score_backward", "k", lambda t: t[0], "k must be a 4-d tensor (B, K, D, N)"),
+    ("direct_score_backward", "gq", lambda t: t[..., 1:].contiguous(), "gq must have shape (B, K, D, N) = [2, 2, 3,"),
+    ("direct_score_backward", "gk", lambda t: t[:1], "gk must have shape (B, K, D, N) = [2, 2, 3, 30], got [1,"),
+    ("direct_score_backward", "inverse_norm", lambda t: t[0], "inverse_norm must have shape (B, K, N) = [2, 2, 30]"),
+    ("direct_score_backward", "temperature", lambda t: t[:1], "temperature must have shape (K,) = [2], got [1]"),
+]
+
+
+@pytest.mark.parametrize(("entry", "name", "value", "message"), SHAPE_CASES)
+def test_shapes_and_values_are_checked(entry, name, value, message):
+    _refused(entry, name, value, message)
