@@ -9,9 +9,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from convplus.backends.cpu_kernel import extension, unavailable_reason
+from convplus.backends.cpu import extension, unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason="the C++ kernel does not build here")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason(torch.device("cpu")) is not None, reason="the C++ kernel does not build here"
+)
 
 BK, K, DQ, D, T, H, X = 4, 2, 3, 4, 1, 5, 6  # BK = batch 2 times K = 2 heads; a 1 x 5 x 6 grid
 N = T * H * X

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 from types import ModuleType
 
 import torch
@@ -127,7 +128,7 @@ class _DirectWindowMix(torch.autograd.Function):
     def backward(ctx, grad_out):
         features, pos, temperature, v, gain, kernel, tap_index, probs, offsets, bias = ctx.saved_tensors
         kernels = extension()
-        flat = features.view(-1, temperature.numel(), features.shape[1], features[0, 0].numel())  # (B, K, Dq, N)
+        flat = features.view(-1, temperature.numel(), features.shape[1], math.prod(features.shape[2:]))  # (B, K, Dq, N)
         q, k, inverse_norm = kernels.direct_score_forward(flat, pos, temperature)
         dq, dk, dv, dgain, dkernel = kernels.window_mix_backward(
             q.view_as(features), k.view_as(features), v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
