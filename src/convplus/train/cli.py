@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from . import plots
+from . import distributed
 from .config import TrainConfig, add_arguments, config_from_args
-from .data import build_data
-from .engine import TrainingDiverged, build_model, train
+from .engine import TrainingDiverged, train
+from .tasks import task_class
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a (Conv+) model", description=_train_description())
     add_arguments(parser)
     parser.set_defaults(func=run_train)
-    evaluator = subparsers.add_parser("eval", help="evaluate a run's checkpoint: top-1/top-5, confusion matrix")
+    evaluator = subparsers.add_parser(
+        "eval", help="evaluate a run's checkpoint (top-1/top-5 and confusion matrix, box/mask AP, mIoU)"
+    )
     evaluator.add_argument("--checkpoint", required=True, help="a run folder (written by train) or its best/ last/")
     evaluator.add_argument("--data", default=None, help="dataset form (default: the run's own)")
     evaluator.add_argument("--batch-size", type=int, default=128)
@@ -33,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train_description() -> str:
     return (
         "Train any timm model on digits, an image folder, CIFAR pickles or a generated dataset; "
-        "--replace-convplus turns ConvNeXt depthwise convs into Conv+. Writes config.json, metrics.csv, "
+        "--replace-convplus turns ConvNeXt depthwise convs into Conv+. --task detection (coco:PATH, "
+        "synthetic:shapes) and --task segmentation (ade20k:PATH, synthetic:shapes) put --model under an FPN "
+        "with Faster / Mask R-CNN or a semantic FPN head. Writes config.json, metrics.csv, "
         "TensorBoard events, last/ and best/ checkpoints, summary.json and PNG plots to --output. "
         "Many processes: torchrun --nproc-per-node N train.py ..."
     )
@@ -47,9 +51,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not cfg.quiet and summary.get("plots") is not None:
+        key = task_class(cfg.task).best_key
         print(
-            f"best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), final top-1 "
-            f"{summary['final_top1']:.2f}%; {summary['params'] / 1e6:.2f}M params, "
+            f"best {key} {summary[f'best_{key}']:.4g} (epoch {summary['best_epoch']}), final {key} "
+            f"{summary[f'final_{key}']:.4g}; {summary['params'] / 1e6:.2f}M params, "
             f"{summary['flops'] / 1e6:.1f} MFLOPs; run folder {summary['output']}"
         )
     return 0
@@ -67,33 +72,24 @@ def _checkpoint_folder(path: Path) -> tuple[Path, Path]:
 @torch.no_grad()
 def run_eval(args: argparse.Namespace) -> int:
     run, folder = _checkpoint_folder(Path(args.checkpoint))
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-    data = build_data(args.data or cfg.data, cfg.img_size, cfg.seed)
-    model = build_model(TrainConfig(**{**cfg.to_dict(), "pretrained_file": None}), data)
+    saved = TrainConfig(**json.loads((run / "config.json").read_text()))
+    cfg = dataclasses.replace(saved, data=args.data or saved.data, pretrained_file=None, max_val_samples=None)
+    cls = task_class(cfg.task)
+    data = cls.build_data(cfg)
+    task = cls(cfg, data, torch.device("cpu"))
+    model = task.build_model()
     weights = folder / ("ema.safetensors" if args.ema else "model.safetensors")
     try:
         model.load_state_dict(load_file(weights))
     except RuntimeError as error:
         raise ValueError(f"{weights}: does not fit {cfg.model} ({str(error).splitlines()[0]})") from error
-    model.eval()
-    matrix = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
-    top5 = count = 0
-    for images, labels in DataLoader(data.val, args.batch_size):
-        logits = model(images)
-        np.add.at(matrix, (labels.numpy(), logits.argmax(1).numpy()), 1)
-        top5 += (logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]).any(1).sum().item()
-        count += len(labels)
-    top1 = 100 * np.trace(matrix) / count
+    loader = DataLoader(data.val, args.batch_size, collate_fn=task.collate)
+    metrics = task.evaluate(model, loader, distributed.Context(0, 1, torch.device("cpu")))
     out = run / "eval"
     out.mkdir(exist_ok=True)
-    png = plots.confusion_matrix(matrix, out / "confusion_matrix.png", getattr(data.val, "classes", None))
-    result = {
-        "checkpoint": str(weights),
-        "data": args.data or cfg.data,
-        "images": count,
-        "top1": top1,
-        "top5": 100 * top5 / count,
-    }
+    pictures = task.report(model, out)
+    result = {"checkpoint": str(weights), "data": cfg.data, "images": len(data.val), **metrics}
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"top-1 {top1:.2f}%  top-5 {result['top5']:.2f}%  on {count} images; confusion matrix: {png}")
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(f"{shown}  on {len(data.val)} images; {', '.join(map(str, pictures.values()))}")
     return 0
