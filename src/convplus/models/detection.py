@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -30,7 +31,7 @@ def create_detector(
     features_only=True)`` + ``FeaturePyramidNetwork`` with its ``LastLevelMaxPool`` level.
 
     ``num_classes`` counts object classes; the background class 0 is added here (labels are 1..num_classes).
-    Anchors are torchvision's for FPN: one size per level (32, 64, 128, ... px), aspect ratios 0.5, 1, 2.
+    ``fpn_channels``: the width of the FPN levels and of the mask head. Anchors are torchvision's for FPN: one size per level (32, 64, 128, ... px), aspect ratios 0.5, 1, 2.
     ``kwargs``: Faster/Mask R-CNN's own (``min_size``, ``max_size``, ...; see ``DETECTOR_KWARGS``), the rest
     go to timm (e.g. ``drop_path_rate``, ``out_indices``). Input: a list of (3, H_i, W_i) images in [0, 1];
     output as torchvision's (losses in training mode, per-image boxes / labels / scores (/ masks) in eval).
@@ -46,7 +47,9 @@ def create_detector(
     )
     detector_kwargs.setdefault("rpn_anchor_generator", anchors)
     detector_kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2))
-    if masks:
+    if masks:  # torchvision's mask head, fpn_channels wide (256 by default, as torchvision's)
         detector_kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2))
+        detector_kwargs.setdefault("mask_head", MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, 1))
+        detector_kwargs.setdefault("mask_predictor", MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1))
         return MaskRCNN(body, num_classes + 1, **detector_kwargs)
     return FasterRCNN(body, num_classes + 1, **detector_kwargs)
