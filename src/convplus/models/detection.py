@@ -31,7 +31,8 @@ def create_detector(
     features_only=True)`` + ``FeaturePyramidNetwork`` with its ``LastLevelMaxPool`` level.
 
     ``num_classes`` counts object classes; the background class 0 is added here (labels are 1..num_classes).
-    ``fpn_channels``: the width of the FPN levels and of the mask head. Anchors are torchvision's for FPN: one size per level (32, 64, 128, ... px), aspect ratios 0.5, 1, 2.
+    ``fpn_channels``: the width of the FPN levels and of the mask head. Anchors are torchvision's for FPN:
+    one size per level (32, 64, 128, ... px), aspect ratios 0.5, 1, 2.
     ``kwargs``: Faster/Mask R-CNN's own (``min_size``, ``max_size``, ...; see ``DETECTOR_KWARGS``), the rest
     go to timm (e.g. ``drop_path_rate``, ``out_indices``). Input: a list of (3, H_i, W_i) images in [0, 1];
     output as torchvision's (losses in training mode, per-image boxes / labels / scores (/ masks) in eval).
