@@ -140,7 +140,10 @@ class DetectionTask(Task):
 def _draw(image: torch.Tensor, target: dict, names: list[str]) -> torch.Tensor:
     """(3, H, W) uint8 image with the boxes (labelled) and masks of ``target``."""
     canvas = (image.cpu() * 255).to(torch.uint8)
-    if "masks" in target and len(target["masks"]):
-        canvas = draw_segmentation_masks(canvas, target["masks"].cpu().bool(), alpha=0.45)
+    colors = [plots.palette(len(names))[int(label)] for label in target["labels"]]
+    if len(colors) == 0:
+        return canvas
+    if "masks" in target:
+        canvas = draw_segmentation_masks(canvas, target["masks"].cpu().bool(), 0.45, colors)
     labels = [names[int(label)] for label in target["labels"]]
-    return draw_bounding_boxes(canvas, target["boxes"].cpu(), labels, width=2)
+    return draw_bounding_boxes(canvas, target["boxes"].cpu(), labels, colors, width=2)

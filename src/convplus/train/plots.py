@@ -79,6 +79,11 @@ def confusion_matrix(matrix: np.ndarray, path: Path, class_names: list[str] | No
     return path
 
 
+def palette(count: int) -> list[tuple[int, int, int]]:
+    """``count`` distinct RGB colours (matplotlib's tab20, repeated), one per class."""
+    return [tuple(int(255 * c) for c in plt.cm.tab20(i % 20)[:3]) for i in range(count)]
+
+
 def image_grid(rows: list[list[torch.Tensor]], path: Path, titles: list[str]) -> Path:
     """Rows of (3, H, W) uint8 images side by side (e.g. ground truth | prediction), one title per column."""
     fig, axes = plt.subplots(len(rows), len(titles), figsize=(3 * len(titles), 3 * len(rows)), squeeze=False)

@@ -108,11 +108,12 @@ class SegmentationTask(Task):
         images, labels = collate([self.data.val[i] for i in range(min(SHOWN, len(self.data.val)))])
         predicted = model(images.to(self.device)).argmax(1).cpu()
         classes = torch.arange(self.data.num_classes)[:, None, None]
+        colors = plots.palette(self.data.num_classes)
         rows = []
         for image, label, prediction in zip(images, labels, predicted, strict=True):
             canvas = (image * 255).to(torch.uint8)
             rows.append(
-                [canvas, *(draw_segmentation_masks(canvas, m[None] == classes, alpha=0.6) for m in (label, prediction))]
+                [canvas, *(draw_segmentation_masks(canvas, m[None] == classes, 0.6, colors) for m in (label, prediction))]
             )
         path = plots.image_grid(rows, out / "predictions.png", ["image", "ground truth", "prediction"])
         return {"predictions": str(path)}
