@@ -112,8 +112,7 @@ class SegmentationTask(Task):
         rows = []
         for image, label, prediction in zip(images, labels, predicted, strict=True):
             canvas = (image * 255).to(torch.uint8)
-            rows.append(
-                [canvas, *(draw_segmentation_masks(canvas, m[None] == classes, 0.6, colors) for m in (label, prediction))]
-            )
+            drawn = [draw_segmentation_masks(canvas, m[None] == classes, 0.6, colors) for m in (label, prediction)]
+            rows.append([canvas, *drawn])
         path = plots.image_grid(rows, out / "predictions.png", ["image", "ground truth", "prediction"])
         return {"predictions": str(path)}
