@@ -48,9 +48,12 @@ def create_detector(
     )
     detector_kwargs.setdefault("rpn_anchor_generator", anchors)
     detector_kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2))
-    if masks:  # torchvision's mask head, fpn_channels wide (256 by default, as torchvision's)
-        detector_kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2))
-        detector_kwargs.setdefault("mask_head", MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, 1))
-        detector_kwargs.setdefault("mask_predictor", MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1))
-        return MaskRCNN(body, num_classes + 1, **detector_kwargs)
-    return FasterRCNN(body, num_classes + 1, **detector_kwargs)
+    if not masks:
+        return FasterRCNN(body, num_classes + 1, **detector_kwargs)
+    detector_kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2))
+    custom_head = "mask_head" in detector_kwargs or "mask_predictor" in detector_kwargs
+    model = MaskRCNN(body, None if custom_head else num_classes + 1, **detector_kwargs)
+    if not custom_head:  # torchvision's mask head and predictor, fpn_channels wide (256 by default, as torchvision's)
+        model.roi_heads.mask_head = MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, 1)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1)
+    return model

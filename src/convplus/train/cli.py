@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluator.add_argument("--data", default=None, help="dataset form (default: the run's own)")
     evaluator.add_argument("--batch-size", type=int, default=128)
     evaluator.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    evaluator.add_argument("--max-val-samples", type=int, default=None, help="only the first N validation images")
     evaluator.set_defaults(func=run_eval)
 
 
@@ -73,7 +74,9 @@ def _checkpoint_folder(path: Path) -> tuple[Path, Path]:
 def run_eval(args: argparse.Namespace) -> int:
     run, folder = _checkpoint_folder(Path(args.checkpoint))
     saved = TrainConfig(**json.loads((run / "config.json").read_text()))
-    cfg = dataclasses.replace(saved, data=args.data or saved.data, pretrained_file=None, max_val_samples=None)
+    cfg = dataclasses.replace(
+        saved, data=args.data or saved.data, pretrained_file=None, max_val_samples=args.max_val_samples
+    )
     cls = task_class(cfg.task)
     data = cls.build_data(cfg)
     task = cls(cfg, data, torch.device("cpu"))
