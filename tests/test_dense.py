@@ -3,8 +3,13 @@ layouts, COCO AP and mIoU, bad input, and the trainer end to end on synthetic:sh
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from convplus import backends
 from convplus.cli import main as cli_main
@@ -24,8 +29,11 @@ from convplus.modules import ConvPlus2d
 from convplus.train import TrainConfig, train
 from convplus.train.metrics import coco_ap, coco_results, confusion_matrix, segmentation_scores
 
+from .test_train import ROOT, _env
+
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64], "fpn_channels": 16}
 SMALL_DETECTOR = {"min_size": 96, "max_size": 160, "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32}
+FEW_DETECTIONS = {"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "box_detections_per_img": 10}
 
 
 def tiny_detector(masks: bool = False, backbone: str = "convplus_convnextv2_atto", **kwargs):
@@ -319,7 +327,7 @@ def shapes_cache(tmp_path_factory):
         yield cache
 
 
-@pytest.mark.parametrize("task", ["segmentation", "detection"])
+@pytest.mark.parametrize("task", ["segmentation"])  # detection: in the resume test below
 def test_train_and_eval_end_to_end_on_shapes(tmp_path, shapes_cache, task):
     run = tmp_path / "run"
     args = [
@@ -331,7 +339,7 @@ def test_train_and_eval_end_to_end_on_shapes(tmp_path, shapes_cache, task):
         "--model",
         "convplus_convnextv2_atto",
         "--model-kwargs",
-        json.dumps(TINY),
+        json.dumps({**TINY, **(FEW_DETECTIONS if task == "detection" else {})}),
         "--img-size",
         "64",
         "--epochs",
@@ -364,3 +372,67 @@ def test_train_and_eval_end_to_end_on_shapes(tmp_path, shapes_cache, task):
         assert (run / name).is_file(), name
     assert cli_main(["eval", "--checkpoint", str(run), "--batch-size", "4", "--max-val-samples", "4"]) == 0
     assert all(k in json.loads((run / "eval" / "eval.json").read_text()) for k in keys)
+
+
+def test_detection_sigkill_then_resume_equals_uninterrupted_run(tmp_path, shapes_cache):
+    env = {**_env(), "CONVPLUS_CACHE": str(shapes_cache)}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+
+    def command(output: Path) -> list[str]:
+        return [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--task",
+            "detection",
+            "--data",
+            "synthetic:shapes",
+            "--model",
+            "convplus_convnextv2_atto",
+            "--model-kwargs",
+            json.dumps({**TINY, **FEW_DETECTIONS}),
+            "--img-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-train-samples",
+            "8",
+            "--max-val-samples",
+            "2",
+            "--epochs",
+            "3",
+            "--warmup-epochs",
+            "0",
+            "--seed",
+            "3",
+            "--deterministic",
+            "--quiet",
+            "--masks",
+            "--output",
+            str(output),
+        ]
+
+    process = subprocess.Popen(command(killed), env=env)
+    metrics = killed / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(metrics.read_text().splitlines()) - 1
+    assert 1 <= done < 3, "the kill should land mid-run"
+    subprocess.run([*command(killed), "--resume"], check=True, env=env)
+    subprocess.run(command(full), check=True, env=env)
+    a, b = load_file(full / "last" / "model.safetensors"), load_file(killed / "last" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    rows = [list(csv.DictReader(m.read_text().splitlines())) for m in (metrics, full / "metrics.csv")]
+    for key in ("train_loss", "val_box_ap", "val_mask_ap"):
+        assert [float(r[key]) for r in rows[0]] == pytest.approx([float(r[key]) for r in rows[1]], rel=1e-5), key
+    assert len(metrics.read_text().splitlines()) == 4
+    summary = json.loads((full / "summary.json").read_text())
+    assert all(0.0 <= summary[k] <= 1.0 for k in ("box_ap", "box_ap50", "mask_ap"))
+    for name in ("predictions.png", "learning_curves.png", "convplus_layers.png", "best/model.safetensors"):
+        assert (full / name).is_file(), name
+    assert cli_main(["eval", "--checkpoint", str(full), "--batch-size", "2", "--max-val-samples", "2"]) == 0
+    assert json.loads((full / "eval" / "eval.json").read_text())["box_ap"] == pytest.approx(summary["box_ap"])
