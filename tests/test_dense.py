@@ -436,3 +436,22 @@ def test_detection_sigkill_then_resume_equals_uninterrupted_run(tmp_path, shapes
         assert (full / name).is_file(), name
     assert cli_main(["eval", "--checkpoint", str(full), "--batch-size", "2", "--max-val-samples", "2"]) == 0
     assert json.loads((full / "eval" / "eval.json").read_text())["box_ap"] == pytest.approx(summary["box_ap"])
+
+
+def test_segmentation_torchrun_two_processes_match_one_process(tmp_path, shapes_cache):
+    """Each sample is augmented from its own seed, so 2 ranks x 2 images train on what 1 process x 4 does."""
+    env = {**_env(), "CONVPLUS_CACHE": str(shapes_cache)}
+    args = ["--task", "segmentation", "--data", "synthetic:shapes", "--model", "convplus_convnextv2_atto",
+            "--model-kwargs", json.dumps(TINY), "--img-size", "64", "--batch-size", "4", "--max-train-samples",
+            "8", "--max-val-samples", "6", "--epochs", "2", "--warmup-epochs", "0", "--seed", "5",
+            "--deterministic", "--quiet"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--output", str(one)], check=True, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29733"]
+    subprocess.run([*torchrun, str(ROOT / "train.py"), *args, "--output", str(two)], check=True, env=env)
+    a, b = load_file(one / "last" / "model.safetensors"), load_file(two / "last" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    single, double = (json.loads((run / "summary.json").read_text()) for run in (one, two))
+    assert double["world_size"] == 2
+    assert double["miou"] == pytest.approx(single["miou"], abs=1e-4)

@@ -33,6 +33,7 @@ from ..flops import count_flops
 from . import checkpoint, distributed, plots
 from .config import TrainConfig
 from .data import DataSplits
+from .sampling import SeededDataset, SeededSampler
 from .tasks import Task, task_class
 
 
@@ -79,14 +80,14 @@ def loaders(
     task: Task, cfg: TrainConfig, ctx: distributed.Context
 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Training batches sharded over ranks (each rank gets batch_size / world_size of every global batch,
-    the same global batches as one process), and validation shards without padding."""
+    the same global batches as one process, augmented the same way), and validation shards without padding."""
     data = task.data
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {ctx.world_size}")
-    sampler = DistributedSampler(data.train, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = SeededSampler(data.train, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     per_rank = cfg.batch_size // ctx.world_size
     train = DataLoader(
-        data.train,
+        SeededDataset(data.train),
         per_rank,
         sampler=sampler,
         drop_last=True,

@@ -1,6 +1,6 @@
 """Semantic segmentation: a semantic FPN head on the ``--model`` backbone + FPN, per-pixel cross-entropy
-(ignoring unlabelled pixels), evaluated with mIoU and pixel accuracy from one confusion matrix summed over
-all ranks."""
+(ignoring unlabelled pixels, averaged per image), evaluated with mIoU and pixel accuracy from one confusion
+matrix summed over all ranks."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images[i, :, : image.shape[-2], : image.shape[-1]] = image
         labels[i, : label.shape[-2], : label.shape[-1]] = label
     return images, labels
+
+
+def per_image_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) cross-entropy of each image, averaged over its labelled pixels. Their mean weighs every image
+    alike, whichever rank holds it, so N processes follow the gradient of one."""
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    return per_pixel.sum((1, 2)) / (labels != IGNORE).sum((1, 2)).clamp(min=1)
 
 
 class SegmentationTask(Task):
@@ -74,7 +81,7 @@ class SegmentationTask(Task):
         images, labels = batch[0].to(self.device), batch[1].to(self.device)
         with self.autocast():
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+        loss = per_image_loss(logits.float(), labels).mean()
         return loss, {"loss": loss.item() * len(images), "n": len(images)}
 
     @torch.no_grad()
@@ -89,9 +96,7 @@ class SegmentationTask(Task):
             with self.autocast():
                 logits = model(images).float()
             matrix += confusion_matrix(logits.argmax(1), labels, classes, IGNORE).cpu().double()
-            per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
-            valid = (labels != IGNORE).sum((1, 2)).clamp(min=1)
-            loss += torch.tensor([(per_pixel.sum((1, 2)) / valid).sum().item(), len(images)], dtype=torch.float64)
+            loss += torch.tensor([per_image_loss(logits, labels).sum().item(), len(images)], dtype=torch.float64)
         matrix = distributed.all_reduce_sum(matrix, ctx)
         loss_sum, count = distributed.all_reduce_sum(loss, ctx).tolist()
         scores = segmentation_scores(matrix)
