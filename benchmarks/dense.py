@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from measure import paired_ratio, peak_bytes, timed
 
-sys.path.insert(0, str(Path(__file__).parent))
-from measure import paired_ratio, peak_bytes, timed  # noqa: E402
-
-from convplus.models import create_detector  # noqa: E402
-from convplus.train import TrainConfig, train  # noqa: E402
+from convplus.models import create_detector
+from convplus.train import TrainConfig, train
 
 BACKBONES = {"Conv+ atto": "convplus_convnextv2_atto", "ConvNeXt V2 atto": "convnextv2_atto"}
 METRICS = {"box AP": ("detection", "box_ap"), "mask AP": ("detection", "mask_ap"), "mIoU": ("segmentation", "miou")}
@@ -84,7 +81,7 @@ def cost(sizes: tuple[int, int], repeats: int, quick: bool) -> list[str]:
         for detector in detectors.values():
             detector.transform.min_size, detector.transform.max_size = (size,), size
         images = _images(size, 1)
-        calls = {name: lambda d=detector: _infer(d, images) for name, detector in detectors.items()}
+        calls = {name: lambda d=detector, x=images: _infer(d, x) for name, detector in detectors.items()}
         plain, conv_plus = (calls[name] for name in ("ConvNeXt V2 atto", "Conv+ atto"))
         ratio = paired_ratio(plain, conv_plus, backward=False, repeats=repeats)
         seconds = {name: timed(fn, False, 0) for name, fn in calls.items()}
