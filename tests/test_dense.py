@@ -140,6 +140,16 @@ def test_backbone_weights_from_a_convnext_checkpoint_and_clear_missing_key_error
     with torch.no_grad():
         for a, b in zip(reference(x), converted.backbone.body(x).values(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    trained = timm.create_model("convplus_convnextv2_atto", num_classes=7, **dims)  # a Conv+ run's weights
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_(0, 0.2)
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "run/best/model.safetensors")
+    loaded = create_segmenter("convplus_convnextv2_atto", 3, tmp_path / "run", **TINY).backbone.body.body
+    for key, value in loaded.state_dict().items():  # trained gains and temperatures kept, not reset
+        name = key.replace("stem_", "stem.").replace("stages_", "stages.")
+        torch.testing.assert_close(value, trained.state_dict()[name], msg=key)
     del state["stages.2.blocks.0.mlp.fc1.weight"]
     save_file(state, tmp_path / "broken.safetensors")
     with pytest.raises(CheckpointError, match=r"broken.safetensors.*missing backbone keys.*stages_2.blocks.0.mlp.fc1"):
