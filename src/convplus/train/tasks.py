@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
-class Task:
+class Task(ABC):
     """The task-specific part of a run. Subclasses set the class attributes and implement the methods.
 
     ``train_keys``: per-epoch training means (``train_<key>`` in metrics.csv), ``val_keys``: validation
@@ -63,23 +64,25 @@ class Task:
         self.cfg, self.data, self.device = cfg, data, device
 
     @staticmethod
+    @abstractmethod
     def build_data(cfg: TrainConfig) -> DataSplits:
-        raise NotImplementedError
+        """The train / validation data of ``cfg.data`` (checked: bad input raises before training)."""
 
+    @abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The model for ``self.data`` (``cfg.model`` names the network or backbone)."""
 
+    @abstractmethod
     def step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss to minimise, sums over the batch of ``train_keys`` values and ``n``, the image count)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate(self, model: nn.Module, loader: DataLoader, ctx: distributed.Context) -> dict[str, float]:
         """``val_keys`` metrics over the whole validation set (all ranks' shards together)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def inputs(self, count: int) -> Any:
         """A model input of the first ``count`` validation images (FLOPs, Conv+ layer statistics)."""
-        raise NotImplementedError
 
     def plots(self, model: nn.Module, out: Path) -> dict[str, str]:
         """Task-specific pictures written into the run folder ``out``; name -> path."""
