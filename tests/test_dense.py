@@ -311,11 +311,17 @@ def test_bad_dense_input_is_named_and_leaves_no_run_folder(tmp_path, task, write
     assert not (tmp_path / "run").exists()
 
 
-def test_corrupt_coco_image_is_skipped_and_counted(tmp_path):
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
     _write_coco(tmp_path / "coco", corrupt=True)
     with pytest.warns(UserWarning, match="skipping 1 corrupt image"):
         data = load_coco(tmp_path / "coco", masks=False)
     assert data.corrupt_images == 1 and len(data.train) == 2
+    _write_ade(tmp_path / "ade")
+    (tmp_path / "ade/images/training/ADE_training_00000001.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "ade/annotations/validation/ADE_validation_00000002.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipping 1 corrupt image"):
+        data = load_ade20k(tmp_path / "ade", img_size=32)
+    assert data.corrupt_images == 2 and len(data.train) == len(data.val) == 2
 
 
 def test_shapes_are_deterministic_per_seed(tmp_path):
