@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench dense-study clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: install
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/local_vs_reference.py
 	$(PY) benchmarks/model_table.py
+
+# Conv+ vs ConvNeXt V2 atto backbones for detection and segmentation on synthetic:shapes, 3 seeds: docs/dense.md.
+dense-study: install
+	$(PY) benchmarks/dense.py --seeds 3 --output docs/dense.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info src/convplus/backends/_cpu_kernels*.so

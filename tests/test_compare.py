@@ -7,7 +7,15 @@ import csv
 from PIL import Image
 
 from convplus.train import compare
-from convplus.train.engine import METRICS
+
+METRICS = (
+    "epoch",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+)  # metrics.csv of a classification run
 
 
 def _run(folder, val_top1: list[float], seconds: float, params: int) -> dict:

@@ -42,7 +42,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _to_convplus_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+def to_convplus_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Rename ``<conv_dw>.weight`` to ``<conv_dw>.kernel`` for every Conv+ layer; also returns the Conv+-only
     parameter names the file cannot provide."""
     state = dict(state)
@@ -70,7 +70,7 @@ def load_pretrained(model: nn.Module, path: str | Path, strict_head: bool = Fals
     A classifier head of another size (fine-tuning to new classes) is skipped with a warning unless
     ``strict_head``; any other missing, unexpected or mis-shaped key raises ``CheckpointError``.
     """
-    state, convplus_only = _to_convplus_keys(model, read_state_dict(path))
+    state, convplus_only = to_convplus_keys(model, read_state_dict(path))
     own = model.state_dict()
     head = [k for k in state if k.startswith("head.fc.") and k in own and own[k].shape != state[k].shape]
     if head and not strict_head:

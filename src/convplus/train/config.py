@@ -23,8 +23,11 @@ def _number(value: Any) -> float:
 class TrainConfig:
     """Every setting of ``convplus train`` (the CLI flag is the field name with dashes)."""
 
+    task: str = "classification"
     model: str = "convplus_convnextv2_atto"
     data: str = "digits"
+    num_classes: int | None = None
+    masks: bool = False
     img_size: int = 32
     epochs: int = 10
     batch_size: int = 64
@@ -55,8 +58,12 @@ class TrainConfig:
     quiet: bool = False
 
     HELP: ClassVar[dict[str, str]] = {
-        "model": "any timm model name (convplus_convnextv2_* included)",
-        "data": "digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | synthetic:NAME",
+        "task": "classification | detection | segmentation",
+        "model": "any timm model name (convplus_convnextv2_* included); the backbone for detection / segmentation",
+        "data": "classification: digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | synthetic:NAME; "
+        "detection: coco:PATH | synthetic:shapes; segmentation: ade20k:PATH | synthetic:shapes",
+        "num_classes": "classes of an ade20k:PATH folder (default: 150 for ADE20K, else the largest label)",
+        "masks": "detection: Mask R-CNN (boxes and instance masks) instead of Faster R-CNN",
         "amp": "none | bf16 | fp16 (fp16 on CUDA only)",
         "ema": "EMA decay of the weights (0 = off), evaluated alongside the model",
         "resume": "continue the run in --output from its last checkpoint",
@@ -65,6 +72,8 @@ class TrainConfig:
         "convplus_stages": "stage indices to convert (default: all)",
         "model_kwargs": "JSON dict for timm.create_model, e.g. '{\"depths\": [1,1,1,1]}'",
         "convplus_kwargs": 'JSON dict of Conv+ settings for fresh layers, e.g. \'{"heads": 4, "window": null}\'',
+        "img_size": "training resolution: the image side (classification, segmentation crops) or the shorter "
+        "side (detection; the longer one capped at 1333/800 of it)",
         "max_train_samples": "use only the first N training images (quick runs)",
         "max_val_samples": "use only the first N validation images",
         "quiet": "no progress bars or per-epoch lines",

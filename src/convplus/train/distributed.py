@@ -56,3 +56,12 @@ def barrier(ctx: Context) -> None:
 def teardown(ctx: Context) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_objects(obj: object, ctx: Context) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order (``[obj]`` in a single process)."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list[object] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

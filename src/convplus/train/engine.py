@@ -1,8 +1,11 @@
-"""The training loop: ``train(cfg) -> summary``. Read it top to bottom:
+"""The training loop: ``train(cfg) -> summary``, the same for every task. Read it top to bottom:
 
-1. set up (processes, checks, seeds), 2. data, 3. model, 4. optimizer / scheduler / EMA / mixup / loss, then
-the output folder (nothing is written before), 5. resume, 6. per epoch: train, evaluate, log, checkpoint,
-7. summary and plots.
+1. set up (processes, checks, seeds), 2. data, 3. model (the task supplies both), 4. optimizer / scheduler /
+EMA, then the output folder (nothing is written before), 5. resume, 6. per epoch: train, evaluate, log,
+checkpoint, 7. summary and plots.
+
+The task (``tasks.Task``: classification, detection, segmentation) turns batches into losses, evaluates,
+and draws its own pictures.
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -34,23 +34,11 @@ from tqdm import tqdm
 
 from .. import analysis
 from ..flops import count_flops
-from ..models import load_pretrained, replace_convplus
 from . import checkpoint, distributed, plots
 from .config import TrainConfig
-from .data import DataSplits, build_data
-
-METRICS = (
-    "epoch",
-    "train_loss",
-    "train_top1",
-    "val_loss",
-    "val_top1",
-    "val_top5",
-    "ema_val_top1",
-    "lr",
-    "images_per_s",
-    "epoch_seconds",
-)
+from .data import DataSplits
+from .sampling import SeededDataset, SeededSampler
+from .tasks import Task, autocast, task_class
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,100 +92,64 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def build_data(cfg: TrainConfig) -> DataSplits:
+    """The data of ``cfg.data`` for ``cfg.task``."""
+    return task_class(cfg.task).build_data(cfg)
+
+
 def build_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
-    """timm model (+ Conv+ replacement, + weights from a local file) for this data's classes and channels."""
-    kwargs = {"num_classes": data.num_classes, "in_chans": data.in_chans, **cfg.model_kwargs}
-    if cfg.drop_path:
-        kwargs["drop_path_rate"] = cfg.drop_path
+    """The model of ``cfg.task`` for this data (``cfg.model`` names the network or backbone), or a ValueError
+    naming the setting that does not fit."""
     if not timm.is_model(cfg.model):
         close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.7)
         hint = f"; did you mean {' or '.join(close)}?" if close else " (timm.list_models() lists them)"
         raise ValueError(f"--model {cfg.model!r}: unknown model{hint}")
     try:
-        model = timm.create_model(cfg.model, pretrained=False, **kwargs)
-    except TypeError as error:  # a keyword the model's constructor does not take
-        raise ValueError(f"--model-kwargs {cfg.model_kwargs}: not accepted by {cfg.model} ({error})") from error
-    if cfg.pretrained_file:  # into the plain model, before the exact conversion (which keeps its outputs)
-        load_pretrained(model, cfg.pretrained_file)
-    if cfg.replace_convplus:
-        try:
-            replace_convplus(model, stages=cfg.convplus_stages, **cfg.convplus_kwargs)
-        except TypeError as error:
-            raise ValueError(f"--convplus-kwargs {cfg.convplus_kwargs}: {error}") from error
-    return model
+        return task_class(cfg.task)(cfg, data, torch.device("cpu")).build_model()
+    except TypeError as error:  # a keyword the model's constructor or the Conv+ layers do not take
+        raise ValueError(
+            f"--model-kwargs {cfg.model_kwargs} / --convplus-kwargs {cfg.convplus_kwargs}: not accepted by "
+            f"{cfg.model} ({error})"
+        ) from error
 
 
 def loaders(
-    data: DataSplits, cfg: TrainConfig, ctx: distributed.Context
+    task: Task, cfg: TrainConfig, ctx: distributed.Context
 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Training batches sharded over ranks (each rank gets batch_size / world_size of every global batch,
-    the same global batches as one process), and validation shards without padding."""
+    the same global batches as one process, augmented the same way), and validation shards without padding."""
+    data = task.data
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {ctx.world_size}")
-    sampler = DistributedSampler(data.train, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = SeededSampler(data.train, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     per_rank = cfg.batch_size // ctx.world_size
     train = DataLoader(
-        data.train,
+        SeededDataset(data.train),
         per_rank,
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.workers,  # fresh workers every epoch, seeded from the (checkpointed) torch RNG: exact resume
+        collate_fn=task.collate,
     )
     if len(train) == 0:
         raise ValueError(f"{cfg.data}: {len(data.train)} training images is less than one batch of {cfg.batch_size}")
     val_shard: Dataset = Subset(data.val, range(ctx.rank, len(data.val), ctx.world_size))
-    val = DataLoader(val_shard, per_rank, shuffle=False, num_workers=cfg.workers)
+    val = DataLoader(val_shard, per_rank, shuffle=False, num_workers=cfg.workers, collate_fn=task.collate)
     return train, val, sampler
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "none":
-        return contextlib.nullcontext()
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, cfg: TrainConfig, ctx: distributed.Context) -> dict[str, float]:
-    """Loss, top-1 and top-5 (%) over the whole validation set, summed across ranks."""
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count
-    for images, labels in loader:
-        images, labels = images.to(ctx.device), labels.to(ctx.device)
-        with autocast(cfg, ctx.device):
-            logits = model(images).float()
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = topk == labels[:, None]
-        totals += torch.tensor(
-            [
-                F.cross_entropy(logits, labels, reduction="sum").item(),
-                hits[:, 0].sum().item(),
-                hits.any(1).sum().item(),
-                len(labels),
-            ],
-            dtype=torch.float64,
-        )
-    loss, top1, top5, count = distributed.all_reduce_sum(totals, ctx).tolist()
-    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
-
-
-def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, ema, scaler, epoch, cfg, ctx) -> dict:
-    """One pass over the training shard; returns mean loss, top-1 (%) and images/s (all ranks)."""
+def train_one_epoch(task: Task, model, loader, optimizer, scheduler, ema, scaler, epoch, cfg, ctx) -> dict[str, float]:
+    """One pass over the training shard; returns the means of the task's ``train_keys``, images/s and
+    seconds (all ranks)."""
     model.train()
     updates_per_epoch = len(loader)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, top-1 hits, count
+    keys = (*task.train_keys, "n")
+    totals = torch.zeros(len(keys), dtype=torch.float64)
     start = time.perf_counter()
     show = ctx.is_main and not cfg.quiet and sys.stderr.isatty()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
-    for step, (images, labels) in enumerate(bar):
-        images, labels = images.to(ctx.device), labels.to(ctx.device)
-        targets = labels
-        if mixup is not None:
-            images, targets = mixup(images, labels)
-        with autocast(cfg, ctx.device):
-            logits = model(images)
-            loss = loss_fn(logits.float(), targets)
+    for step, batch in enumerate(bar):
+        loss, sums = task.step(model, batch)
         finite = distributed.all_reduce_sum(torch.tensor([float(torch.isfinite(loss))]), ctx)
         if finite.item() < ctx.world_size:
             kept = f"The last good checkpoint is in {Path(cfg.output) / 'last'}" if epoch else "No checkpoint yet"
@@ -211,18 +163,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, ema, sc
         scheduler.step_update(num_updates=epoch * updates_per_epoch + step + 1)
         if ema is not None:
             ema.update(model.module if isinstance(model, DistributedDataParallel) else model)
-        batch = torch.tensor(
-            [loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64
-        )
-        totals += batch
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}",
-            acc=f"{100 * batch[1] / batch[2]:.1f}",
-            img_s=f"{totals[2] / (time.perf_counter() - start):.0f}",
-        )
+        totals += torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        shown = {k: f"{sums[k] / sums['n']:.3f}" for k in task.train_keys[:2]}
+        bar.set_postfix(**shown, img_s=f"{totals[-1] / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
-    loss_sum, hits, count = distributed.all_reduce_sum(totals, ctx).tolist()
-    return {"loss": loss_sum / count, "top1": 100 * hits / count, "images_per_s": count / seconds, "seconds": seconds}
+    reduced = distributed.all_reduce_sum(totals, ctx).tolist()
+    count = reduced[-1]
+    means = {k: v / count for k, v in zip(task.train_keys, reduced, strict=False)}
+    return {**means, "images_per_s": count / seconds, "seconds": seconds}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -249,22 +197,25 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
     seed_everything(cfg.seed, cfg.deterministic)
 
     # 2. data
-    data = build_data(cfg.data, cfg.img_size, cfg.seed, cfg.max_train_samples, cfg.max_val_samples)
-    train_loader, val_loader, sampler = loaders(data, cfg, ctx)
+    cls = task_class(cfg.task)
+    data = build_data(cfg)
+    task = cls(cfg, data, ctx.device)
+    train_loader, val_loader, sampler = loaders(task, cfg, ctx)
 
     # 3. model
     model = build_model(cfg, data).to(ctx.device)
     params = sum(p.numel() for p in model.parameters())
+    inputs = task.inputs(1)
     try:
-        flops = count_flops(model, torch.zeros(1, data.in_chans, cfg.img_size, cfg.img_size, device=ctx.device))
+        flops = count_flops(model, inputs)
     except RuntimeError as error:
+        shape = "x".join(map(str, inputs[0].shape))  # the first image, (C, H, W)
         raise ValueError(
-            f"--model {cfg.model} cannot run on {data.in_chans}x{cfg.img_size}x{cfg.img_size} images "
-            f"({str(error).splitlines()[0]})"
+            f"--model {cfg.model} cannot run on {shape} images ({str(error).splitlines()[0]}); try a larger --img-size"
         ) from error
     net = DistributedDataParallel(model) if ctx.distributed else model
 
-    # 4. optimizer, schedule, EMA, mixup, loss
+    # 4. optimizer, schedule, EMA
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -277,19 +228,6 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
         updates_per_epoch=len(train_loader),
     )
     ema = ModelEmaV3(model, decay=cfg.ema) if cfg.ema else None
-    mixup = None
-    if cfg.mixup or cfg.cutmix:
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=data.num_classes,
-        )
-        loss_fn: nn.Module = SoftTargetCrossEntropy()
-    elif cfg.label_smoothing:
-        loss_fn = LabelSmoothingCrossEntropy(cfg.label_smoothing)
-    else:
-        loss_fn = nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
 
     # everything is checked: only now is the run folder written
@@ -302,7 +240,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
     distributed.barrier(ctx)
 
     # 5. resume
-    start_epoch, best, rows = 0, {"val_top1": -1.0, "val_top5": 0.0, "epoch": 0}, []
+    start_epoch, best, rows = 0, {"epoch": 0, "val": {}}, []
     if cfg.resume:
         found = checkpoint.find(out / "last")
         state = checkpoint.load(found, model, ema.module if ema else None)
@@ -320,28 +258,25 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
     # 6. epochs
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(net, train_loader, optimizer, scheduler, loss_fn, mixup, ema, scaler, epoch, cfg, ctx)
+        stats = train_one_epoch(task, net, train_loader, optimizer, scheduler, ema, scaler, epoch, cfg, ctx)
         scheduler.step(epoch + 1)
-        val = evaluate(net, val_loader, cfg, ctx)
-        ema_val = evaluate(ema.module, val_loader, cfg, ctx) if ema else None
+        val = task.evaluate(net, val_loader, ctx)
+        ema_val = task.evaluate(ema.module, val_loader, ctx) if ema else None
         row = {
             "epoch": epoch + 1,
-            "train_loss": stats["loss"],
-            "train_top1": stats["top1"],
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "ema_val_top1": ema_val["top1"] if ema_val else "",
+            **{f"train_{k}": stats[k] for k in task.train_keys},
+            **{f"val_{k}": val[k] for k in task.val_keys},
+            f"ema_val_{task.best_key}": ema_val[task.best_key] if ema_val else "",
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": stats["images_per_s"],
             "epoch_seconds": stats["seconds"],
         }
         rows.append(row)
-        is_best = val["top1"] > best["val_top1"]
+        is_best = best["epoch"] == 0 or val[task.best_key] > best["val"][task.best_key]
         if is_best:
-            best = {"val_top1": val["top1"], "val_top5": val["top5"], "epoch": epoch + 1}
+            best = {"epoch": epoch + 1, "val": {k: val[k] for k in task.val_keys}}
         if ctx.is_main:
-            _log(writer, out, rows, row, cfg)
+            _log(writer, out, rows, row, cfg, task)
             state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -357,16 +292,17 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
         distributed.barrier(ctx)
 
     # 7. summary and plots
+    final = {k: rows[-1][f"val_{k}"] for k in task.summary_keys} if rows else {}
     summary = {
+        "task": cfg.task,
         "model": cfg.model,
         "data": cfg.data,
         "params": params,
         "flops": flops,
-        "best_top1": best["val_top1"],
-        "best_top5": best["val_top5"],
+        **final,
+        **{f"best_{k}": best["val"].get(k) for k in task.summary_keys},
         "best_epoch": best["epoch"],
-        "final_top1": rows[-1]["val_top1"] if rows else None,
-        "final_top5": rows[-1]["val_top5"] if rows else None,
+        **{f"final_{k}": final.get(k) for k in task.summary_keys},
         "epochs": cfg.epochs,
         "wall_seconds": time.perf_counter() - wall_start,
         "corrupt_images": data.corrupt_images,
@@ -375,36 +311,41 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
     }
     if ctx.is_main:
         writer.close()
-        summary["plots"] = _plots(model, data, rows, out, ctx)
+        summary["plots"] = _plots(task, model, rows, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _log(writer, out: Path, rows: list[dict], row: dict, cfg: TrainConfig) -> None:
+def _log(writer, out: Path, rows: list[dict], row: dict, cfg: TrainConfig, task: Task) -> None:
     """metrics.csv (rewritten whole: a resumed run keeps one row per epoch), TensorBoard, one printed line."""
     with open(out / "metrics.csv", "w", newline="") as f:
-        csv_writer = csv.DictWriter(f, fieldnames=METRICS)
+        csv_writer = csv.DictWriter(f, fieldnames=task.columns())
         csv_writer.writeheader()
         csv_writer.writerows(rows)
-    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "images_per_s"):
+    scalars = [k for k in task.columns() if k.startswith(("train_", "val_"))] + ["lr", "images_per_s"]
+    for key in scalars:
         writer.add_scalar(key, row[key], row["epoch"])
     if not cfg.quiet:
+        train = " ".join(f"{k} {row[f'train_{k}']:.4g}" for k in task.train_keys)
+        val = " ".join(f"{k} {row[f'val_{k}']:.4g}" for k in task.val_keys)
         print(
-            f"epoch {row['epoch']}/{cfg.epochs}  train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.1f}%"
-            f"  | val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+            f"epoch {row['epoch']}/{cfg.epochs}  train {train}  | val {val}"
             f"  | lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s",
             flush=True,
         )
 
 
-def _plots(model: nn.Module, data: DataSplits, rows: list[dict], out: Path, ctx: distributed.Context) -> dict:
-    """learning_curves.png, and convplus_layers.png for a model with Conv+ layers (on 64 validation images)."""
+def _plots(task: Task, model: nn.Module, rows: list[dict], out: Path) -> dict:
+    """learning_curves.png, convplus_layers.png for a model with Conv+ layers (on up to 64 validation images),
+    and the task's own pictures."""
     written = {}
     if rows:
-        written["learning_curves"] = str(plots.learning_curves(rows, out / "learning_curves.png"))
-    images = torch.stack([data.val[i][0] for i in range(min(64, len(data.val)))]).to(ctx.device)
-    stats = analysis.layer_behaviour(model, images)
+        metric, label, limits = task.curve
+        curves = plots.learning_curves(rows, out / "learning_curves.png", metric, label, limits)
+        written["learning_curves"] = str(curves)
+    stats = analysis.layer_behaviour(model, task.inputs(task.sample_images))
     if stats:
         (out / "convplus_layers.json").write_text(json.dumps(stats, indent=2) + "\n")
         written["convplus_layers"] = str(plots.convplus_behaviour(stats, out / "convplus_layers.png"))
+    written.update(task.plots(model, out))
     return written

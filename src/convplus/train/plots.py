@@ -1,4 +1,4 @@
-"""PNG plots of a run: learning curves, per-layer Conv+ behaviour, confusion matrix."""
+"""PNG plots of a run: learning curves, per-layer Conv+ behaviour, confusion matrix, predictions."""
 
 from __future__ import annotations
 
@@ -9,19 +9,27 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 
-def learning_curves(rows: list[dict], path: Path) -> Path:
-    """Loss and top-1 accuracy per epoch, train vs validation (rows of metrics.csv)."""
+def learning_curves(
+    rows: list[dict],
+    path: Path,
+    metric: str = "top1",
+    label: str = "top-1 accuracy (%)",
+    limits: tuple[float, float] = (0.0, 100.0),
+) -> Path:
+    """Loss and ``metric`` per epoch, train vs validation (rows of metrics.csv; a series the rows lack is
+    left out, e.g. a detector's validation loss)."""
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    ax_acc.plot(epochs, [r["train_top1"] for r in rows], "o-", label="train")
-    ax_acc.plot(epochs, [r["val_top1"] for r in rows], "o-", label="validation")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="Accuracy", ylim=(0, 100))
-    for ax in (ax_loss, ax_acc):
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in ((ax_loss, "loss"), (ax_metric, metric)):
+        for split, name in (("train", "train"), ("val", "validation")):
+            if f"{split}_{key}" in rows[0]:
+                ax.plot(epochs, [r[f"{split}_{key}"] for r in rows], "o-", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_metric.set(xlabel="epoch", ylabel=label, title=label.split(" (")[0].capitalize(), ylim=limits)
+    for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -65,6 +73,26 @@ def confusion_matrix(matrix: np.ndarray, path: Path, class_names: list[str] | No
                 color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
                 ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7, color=color)
     ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def palette(count: int) -> list[tuple[int, int, int]]:
+    """``count`` distinct RGB colours (matplotlib's tab20, repeated), one per class."""
+    return [tuple(int(255 * c) for c in plt.cm.tab20(i % 20)[:3]) for i in range(count)]
+
+
+def image_grid(rows: list[list[torch.Tensor]], path: Path, titles: list[str]) -> Path:
+    """Rows of (3, H, W) uint8 images side by side (e.g. ground truth | prediction), one title per column."""
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(3 * len(titles), 3 * len(rows)), squeeze=False)
+    for row, ax_row in zip(rows, axes, strict=True):
+        for image, ax in zip(row, ax_row, strict=True):
+            ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+            ax.set_axis_off()
+    for title, ax in zip(titles, axes[0], strict=True):
+        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

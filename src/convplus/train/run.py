@@ -7,12 +7,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from .config import TrainConfig
-from .data import DataSplits, build_data
-from .engine import build_model
+from .data import DataSplits
+from .tasks import Task, task_class
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Run:
     weights: Path  # the safetensors file loaded into ``model``
     config: TrainConfig
     data: DataSplits
+    task: Task  # the run's task (classification, detection, segmentation) on ``data``, on the CPU
     model: nn.Module  # in eval mode
     summary: dict | None  # summary.json; None for a run that has not finished
 
@@ -52,16 +54,19 @@ def load_run(
         config = TrainConfig(**json.loads((folder / "config.json").read_text()))
     except (TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"{folder / 'config.json'}: not a run's settings ({error})") from error
-    config = dataclasses.replace(config, pretrained_file=None)  # the checkpoint holds the weights
+    # the checkpoint holds the weights; evaluation may use other data or fewer validation images
+    config = dataclasses.replace(config, pretrained_file=None, data=data or config.data, max_val_samples=max_val)
     weights = checkpoint_folder / ("ema.safetensors" if ema else "model.safetensors")
     if not weights.is_file():
         raise ValueError(f"{weights}: no EMA weights (the run was trained without --ema)")
-    splits = build_data(data or config.data, config.img_size, config.seed, max_val=max_val)
-    model = build_model(config, splits)
+    cls = task_class(config.task)
+    splits = cls.build_data(config)
+    task = cls(config, splits, torch.device("cpu"))
+    model = task.build_model()
     try:
         model.load_state_dict(load_file(weights))
     except RuntimeError as error:
         raise ValueError(f"{weights}: does not fit {config.model} ({str(error).splitlines()[0]})") from error
     summary_file = folder / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-    return Run(folder, weights, config, splits, model.eval(), summary)
+    return Run(folder, weights, config, splits, task, model.eval(), summary)

@@ -1,0 +1,59 @@
+"""Object detection and instance segmentation with any timm backbone: torchvision's Faster / Mask R-CNN on
+a timm ``features_only`` model + FPN (``convplus.models.fpn``)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .fpn import timm_fpn
+
+DETECTOR_KWARGS = frozenset(inspect.signature(MaskRCNN.__init__).parameters) - {"self", "backbone", "num_classes"}
+"""Keyword arguments that go to torchvision's Faster / Mask R-CNN (min_size, max_size, box_score_thresh, ...);
+all others go to ``timm.create_model``."""
+
+
+def create_detector(
+    backbone: str,
+    num_classes: int,
+    masks: bool = False,
+    pretrained_file: str | Path | None = None,
+    fpn_channels: int = 256,
+    **kwargs,
+) -> FasterRCNN:
+    """torchvision ``FasterRCNN`` (``masks=True``: ``MaskRCNN``) on ``timm.create_model(backbone,
+    features_only=True)`` + ``FeaturePyramidNetwork`` with its ``LastLevelMaxPool`` level.
+
+    ``num_classes`` counts object classes; the background class 0 is added here (labels are 1..num_classes).
+    ``fpn_channels``: the width of the FPN levels and of the mask head. Anchors are torchvision's for FPN:
+    one size per level (32, 64, 128, ... px), aspect ratios 0.5, 1, 2.
+    ``kwargs``: Faster/Mask R-CNN's own (``min_size``, ``max_size``, ...; see ``DETECTOR_KWARGS``), the rest
+    go to timm (e.g. ``drop_path_rate``, ``out_indices``). Input: a list of (3, H_i, W_i) images in [0, 1];
+    output as torchvision's (losses in training mode, per-image boxes / labels / scores (/ masks) in eval).
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (object classes, background excluded), got {num_classes}")
+    detector_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in DETECTOR_KWARGS}
+    body = timm_fpn(backbone, fpn_channels, LastLevelMaxPool(), pretrained_file, **kwargs)
+    levels = [*map(str, range(len(body.body.channels)))]
+    anchors = AnchorGenerator(
+        sizes=tuple((32 * 2**i,) for i in range(len(levels) + 1)),  # + the max-pool level
+        aspect_ratios=((0.5, 1.0, 2.0),) * (len(levels) + 1),
+    )
+    detector_kwargs.setdefault("rpn_anchor_generator", anchors)
+    detector_kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2))
+    if not masks:
+        return FasterRCNN(body, num_classes + 1, **detector_kwargs)
+    detector_kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2))
+    custom_head = "mask_head" in detector_kwargs or "mask_predictor" in detector_kwargs
+    model = MaskRCNN(body, None if custom_head else num_classes + 1, **detector_kwargs)
+    if not custom_head:  # torchvision's mask head and predictor, fpn_channels wide (256 by default, as torchvision's)
+        model.roi_heads.mask_head = MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, 1)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1)
+    return model
