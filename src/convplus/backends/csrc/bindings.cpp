@@ -1,4 +1,6 @@
 // Python bindings of the convplus CPU kernels (built by convplus.backends.cpu.extension()).
+#include <torch/extension.h>
+
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -2,7 +2,7 @@
 // whose message names the entry point and the argument, what was expected and what was given.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <string_view>
@@ -22,17 +22,17 @@ class ArgumentChecks {
   }
 
   // name: a contiguous CPU tensor of dtype float32 or float64, the dtype every other floating argument must have.
-  void floating(const char* name, const torch::Tensor& t) const {
+  void floating(const char* name, const at::Tensor& t) const {
     on_cpu(name, t);
     const auto dtype = t.scalar_type();
-    require(dtype == torch::kFloat32 || dtype == torch::kFloat64, name, " must have dtype float32 or float64, got ",
+    require(dtype == at::kFloat || dtype == at::kDouble, name, " must have dtype float32 or float64, got ",
             dtype_name(t));
     contiguous(name, t);
   }
 
   // name: a contiguous CPU tensor of the dtype of the tensor reference (named reference_name).
-  void like(const char* name, const torch::Tensor& t, const char* reference_name,
-            const torch::Tensor& reference) const {
+  void like(const char* name, const at::Tensor& t, const char* reference_name,
+            const at::Tensor& reference) const {
     on_cpu(name, t);
     require(t.scalar_type() == reference.scalar_type(), name, " must have dtype ", dtype_name(reference),
             " (that of ", reference_name, "), got ", dtype_name(t));
@@ -40,32 +40,32 @@ class ArgumentChecks {
   }
 
   // name: a contiguous CPU int64 tensor.
-  void index(const char* name, const torch::Tensor& t) const {
+  void index(const char* name, const at::Tensor& t) const {
     on_cpu(name, t);
-    require(t.scalar_type() == torch::kInt64, name, " must have dtype int64, got ", dtype_name(t));
+    require(t.scalar_type() == at::kLong, name, " must have dtype int64, got ", dtype_name(t));
     contiguous(name, t);
   }
 
   // name has `dims` dims, described by layout, e.g. "(BK, D, T, H, X)".
-  void rank(const char* name, const torch::Tensor& t, int64_t dims, const char* layout) const {
+  void rank(const char* name, const at::Tensor& t, int64_t dims, const char* layout) const {
     require(t.dim() == dims, name, " must be a ", dims, "-d tensor ", layout, ", got shape ", t.sizes());
   }
 
   // name has exactly the sizes `shape`, described by layout.
-  void shape(const char* name, const torch::Tensor& t, const std::vector<int64_t>& shape, const char* layout) const {
+  void shape(const char* name, const at::Tensor& t, const std::vector<int64_t>& shape, const char* layout) const {
     require(t.sizes() == c10::IntArrayRef(shape), name, " must have shape ", layout, " = ", c10::IntArrayRef(shape),
             ", got ", t.sizes());
   }
 
  private:
-  static std::string_view dtype_name(const torch::Tensor& t) { return c10::getDtypeNames(t.scalar_type()).first; }
+  static std::string_view dtype_name(const at::Tensor& t) { return c10::getDtypeNames(t.scalar_type()).first; }
 
-  void on_cpu(const char* name, const torch::Tensor& t) const {
-    require(t.device().is_cpu() && t.layout() == torch::kStrided, name, " must be a dense CPU tensor, got a ",
+  void on_cpu(const char* name, const at::Tensor& t) const {
+    require(t.device().is_cpu() && t.layout() == at::kStrided, name, " must be a dense CPU tensor, got a ",
             t.layout(), " tensor on ", t.device());
   }
 
-  void contiguous(const char* name, const torch::Tensor& t) const {
+  void contiguous(const char* name, const at::Tensor& t) const {
     require(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides(), " for shape ", t.sizes());
   }
 

@@ -111,7 +111,7 @@ void backward_kernel(const T* gq, const T* gk, const T* k, const T* inverse_norm
 
 }  // namespace
 
-std::vector<torch::Tensor> direct_score_forward(torch::Tensor x, torch::Tensor pos, torch::Tensor temperature) {
+std::vector<at::Tensor> direct_score_forward(at::Tensor x, at::Tensor pos, at::Tensor temperature) {
   const detail::ArgumentChecks check("direct_score_forward");
   check.floating("x", x);
   check.rank("x", x, 4, "(B, K, D, N)");
@@ -120,7 +120,7 @@ std::vector<torch::Tensor> direct_score_forward(torch::Tensor x, torch::Tensor p
   if (pos.numel()) check.shape("pos", pos, {K, D, N}, "(K, D, N)");
   check.like("temperature", temperature, "x", x);
   check.shape("temperature", temperature, {K}, "(K,)");
-  auto q = torch::empty_like(x), k = torch::empty_like(x), inverse_norm = torch::empty({B, K, N}, x.options());
+  auto q = at::empty_like(x), k = at::empty_like(x), inverse_norm = at::empty({B, K, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convplus_direct_score_forward", [&] {
     forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), pos.numel() ? pos.data_ptr<scalar_t>() : nullptr,
                              temperature.data_ptr<scalar_t>(), B, K, D, N, q.data_ptr<scalar_t>(),
@@ -129,8 +129,8 @@ std::vector<torch::Tensor> direct_score_forward(torch::Tensor x, torch::Tensor p
   return {q, k, inverse_norm};
 }
 
-std::vector<torch::Tensor> direct_score_backward(torch::Tensor gq, torch::Tensor gk, torch::Tensor k,
-                                                 torch::Tensor inverse_norm, torch::Tensor temperature,
+std::vector<at::Tensor> direct_score_backward(at::Tensor gq, at::Tensor gk, at::Tensor k,
+                                                 at::Tensor inverse_norm, at::Tensor temperature,
                                                  bool with_pos) {
   const detail::ArgumentChecks check("direct_score_backward");
   check.floating("k", k);
@@ -144,9 +144,9 @@ std::vector<torch::Tensor> direct_score_backward(torch::Tensor gq, torch::Tensor
   check.shape("inverse_norm", inverse_norm, {B, K, N}, "(B, K, N)");
   check.like("temperature", temperature, "k", k);
   check.shape("temperature", temperature, {K}, "(K,)");
-  auto gx = torch::empty_like(k);
-  auto gpos = torch::empty({with_pos ? K : 0, D, N}, k.options());
-  auto gtemperature = torch::zeros({K}, k.options().dtype(torch::kFloat64));
+  auto gx = at::empty_like(k);
+  auto gpos = at::empty({with_pos ? K : 0, D, N}, k.options());
+  auto gtemperature = at::zeros({K}, k.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "convplus_direct_score_backward", [&] {
     backward_kernel<scalar_t>(gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                               inverse_norm.data_ptr<scalar_t>(), temperature.data_ptr<scalar_t>(), B, K, D, N,

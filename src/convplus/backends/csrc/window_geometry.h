@@ -3,7 +3,7 @@
 // whole vectors).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -24,7 +24,7 @@ struct Geometry {
   int64_t center_row = -1;       // the row offset (0, 0): the query's own row
 
   // offsets (W, 3) int64, W >= 1, including the query's own row (0, 0, x): the entry points check them.
-  Geometry(const torch::Tensor& q, const torch::Tensor& v, const torch::Tensor& offsets, int64_t heads,
+  Geometry(const at::Tensor& q, const at::Tensor& v, const at::Tensor& offsets, int64_t heads,
            int64_t width)
       : BK(q.size(0)), K(heads), Dq(q.size(1)), D(v.size(1)), T(q.size(2)), H(q.size(3)), X(q.size(4)),
         N(T * H * X), W(offsets.size(0)), halo(0) {

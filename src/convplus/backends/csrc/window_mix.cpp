@@ -212,19 +212,19 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
 }
 
 // taps (K, D, W): the kernel's value at each window offset, 0 where tap_index is -1. kernel (K, D, P).
-torch::Tensor taps_at_offsets(const torch::Tensor& kernel, const torch::Tensor& tap_index) {
+at::Tensor taps_at_offsets(const at::Tensor& kernel, const at::Tensor& tap_index) {
   const int64_t W = tap_index.size(0);
-  auto padded = torch::cat({kernel, kernel.new_zeros({kernel.size(0), kernel.size(1), 1})}, 2);
-  auto index = torch::where(tap_index < 0, kernel.size(2), tap_index);
+  auto padded = at::cat({kernel, kernel.new_zeros({kernel.size(0), kernel.size(1), 1})}, 2);
+  auto index = at::where(tap_index < 0, kernel.size(2), tap_index);
   return padded.index_select(2, index).contiguous().view({kernel.size(0), kernel.size(1), W});
 }
 
 // The checks shared by the windowed-mix entry points: v (BK, D, T, H, X) fixes the dtype and the sizes; query
 // (q or features, named query_name) (BK, Dq, T, H, X); gain (K,) with K dividing BK; offsets (W, 3) inside the
 // grid, including the query's own row; kernel (K, D, P) with tap_index (W,) of entries in [-1, P), or both empty.
-void check_window(const ArgumentChecks& check, const char* query_name, const torch::Tensor& query,
-                  const torch::Tensor& v, const torch::Tensor& gain, const torch::Tensor& kernel,
-                  const torch::Tensor& tap_index, const torch::Tensor& offsets) {
+void check_window(const ArgumentChecks& check, const char* query_name, const at::Tensor& query,
+                  const at::Tensor& v, const at::Tensor& gain, const at::Tensor& kernel,
+                  const at::Tensor& tap_index, const at::Tensor& offsets) {
   check.floating("v", v);
   check.rank("v", v, 5, "(BK, D, T, H, X)");
   const int64_t BK = v.size(0), D = v.size(1), T = v.size(2), H = v.size(3), X = v.size(4);
@@ -267,24 +267,24 @@ void check_window(const ArgumentChecks& check, const char* query_name, const tor
 }
 
 // bias (K, D) or empty, of the dtype of v.
-void check_bias(const ArgumentChecks& check, const torch::Tensor& bias, const torch::Tensor& v,
-                const torch::Tensor& gain) {
+void check_bias(const ArgumentChecks& check, const at::Tensor& bias, const at::Tensor& v,
+                const at::Tensor& gain) {
   check.like("bias", bias, "v", v);
   if (bias.numel()) check.shape("bias", bias, {gain.size(0), v.size(1)}, "(K, D)");
 }
 
-std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& features,
-                                   const torch::Tensor& pos, const torch::Tensor& temperature, const torch::Tensor& v,
-                                   const torch::Tensor& gain, const torch::Tensor& kernel,
-                                   const torch::Tensor& tap_index, const torch::Tensor& offsets,
-                                   const torch::Tensor& bias, bool save_probs) {
-  const torch::Tensor& shape = features.dim() == 5 ? features : q;
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& features,
+                                   const at::Tensor& pos, const at::Tensor& temperature, const at::Tensor& v,
+                                   const at::Tensor& gain, const at::Tensor& kernel,
+                                   const at::Tensor& tap_index, const at::Tensor& offsets,
+                                   const at::Tensor& bias, bool save_probs) {
+  const at::Tensor& shape = features.dim() == 5 ? features : q;
   const Geometry g(shape, v, offsets, gain.size(0), kVectorBytes / v.element_size());
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
-  auto out = torch::empty_like(v);
-  auto probs = torch::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, v.options());
+  auto out = at::empty_like(v);
+  auto probs = at::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "convplus_window_mix_forward", [&] {
-    auto data = [](const torch::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    auto data = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
     const ScoreInputs<scalar_t> score{data(q), data(k), data(features), data(pos), data(temperature)};
     forward_kernel<scalar_t>(score, v.data_ptr<scalar_t>(), gain.data_ptr<scalar_t>(), data(taps), data(bias), g,
                              out.data_ptr<scalar_t>(), save_probs ? probs.data_ptr<scalar_t>() : nullptr);
@@ -294,9 +294,9 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& 
 
 }  // namespace
 
-std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
-                                              torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor offsets,
-                                              torch::Tensor bias, bool save_probs) {
+std::vector<at::Tensor> window_mix_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
+                                              at::Tensor kernel, at::Tensor tap_index, at::Tensor offsets,
+                                              at::Tensor bias, bool save_probs) {
   const ArgumentChecks check("window_mix_forward");
   check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
   check.like("k", k, "v", v);
@@ -306,10 +306,10 @@ std::vector<torch::Tensor> window_mix_forward(torch::Tensor q, torch::Tensor k, 
   return forward(q, k, none, none, none, v, gain, kernel, tap_index, offsets, bias, save_probs);
 }
 
-std::vector<torch::Tensor> direct_window_mix_forward(torch::Tensor features, torch::Tensor pos,
-                                                     torch::Tensor temperature, torch::Tensor v, torch::Tensor gain,
-                                                     torch::Tensor kernel, torch::Tensor tap_index,
-                                                     torch::Tensor offsets, torch::Tensor bias, bool save_probs) {
+std::vector<at::Tensor> direct_window_mix_forward(at::Tensor features, at::Tensor pos,
+                                                     at::Tensor temperature, at::Tensor v, at::Tensor gain,
+                                                     at::Tensor kernel, at::Tensor tap_index,
+                                                     at::Tensor offsets, at::Tensor bias, bool save_probs) {
   const ArgumentChecks check("direct_window_mix_forward");
   check_window(check, "features", features, v, gain, kernel, tap_index, offsets);
   const int64_t K = gain.size(0), Dq = features.size(1), N = v.size(2) * v.size(3) * v.size(4);
@@ -322,9 +322,9 @@ std::vector<torch::Tensor> direct_window_mix_forward(torch::Tensor features, tor
   return forward(none, none, features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, save_probs);
 }
 
-std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor gain,
-                                               torch::Tensor kernel, torch::Tensor tap_index, torch::Tensor probs,
-                                               torch::Tensor gout, torch::Tensor offsets) {
+std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
+                                               at::Tensor kernel, at::Tensor tap_index, at::Tensor probs,
+                                               at::Tensor gout, at::Tensor offsets) {
   const ArgumentChecks check("window_mix_backward");
   check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
   check.like("k", k, "v", v);
@@ -335,10 +335,10 @@ std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k,
   check.like("probs", probs, "v", v);
   check.shape("probs", probs, {g.BK * g.T * g.H, g.W, g.Xr}, "(BK*T*H, W, Xr)");
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
-  auto gscore = torch::empty_like(probs);
-  auto gq = torch::empty_like(q), gk = torch::empty_like(k), gv = torch::empty_like(v);
-  auto acc = q.options().dtype(torch::kFloat64);
-  auto ggain = torch::zeros({g.K}, acc), gtaps = torch::zeros({taps.numel() ? g.K * g.D * g.W : 0}, acc);
+  auto gscore = at::empty_like(probs);
+  auto gq = at::empty_like(q), gk = at::empty_like(k), gv = at::empty_like(v);
+  auto acc = q.options().dtype(at::kDouble);
+  auto ggain = at::zeros({g.K}, acc), gtaps = at::zeros({taps.numel() ? g.K * g.D * g.W : 0}, acc);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_window_mix_backward", [&] {
     backward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                               gain.data_ptr<scalar_t>(), taps.numel() ? taps.data_ptr<scalar_t>() : nullptr,
@@ -346,10 +346,10 @@ std::vector<torch::Tensor> window_mix_backward(torch::Tensor q, torch::Tensor k,
                               gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
                               ggain.data_ptr<double>(), gtaps.data_ptr<double>());
   });
-  auto gkernel = torch::zeros_like(kernel, acc);
+  auto gkernel = at::zeros_like(kernel, acc);
   if (kernel.numel()) {  // each tap's gradient back to its kernel entry
     auto index = tap_index.clamp_min(0).view({1, 1, g.W}).expand({g.K, g.D, g.W});
-    auto grad = gtaps.view({g.K, g.D, g.W}) * (tap_index >= 0).to(torch::kFloat64);
+    auto grad = gtaps.view({g.K, g.D, g.W}) * (tap_index >= 0).to(at::kDouble);
     gkernel.scatter_add_(2, index, grad);
   }
   return {gq, gk, gv, ggain.to(q.scalar_type()), gkernel.to(q.scalar_type())};
