@@ -13,7 +13,6 @@ the depthwise conv baseline itself. ``--default-malloc`` measures with the defau
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import itertools
 import math
 import os
@@ -37,6 +36,7 @@ from measure import fitted_exponent, paired_ratio, peak_bytes, timed
 import convplus  # noqa: F401
 from convplus import ConvPlus2d
 from convplus.backends import cpu, global_attention
+from convplus.info import cpu_model, package_version
 
 ATTO_STAGES = [(40, 56), (80, 28), (160, 14), (320, 7)]
 TINY_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
@@ -71,24 +71,6 @@ def activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
         out = fn()
     saved.pop(out.untyped_storage().data_ptr(), None)
     return sum(saved.values()) + out.untyped_storage().nbytes()
-
-
-def installed_version(package: str) -> str:
-    """The installed version of a distribution, or 'not installed'."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what platform reports."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine_rates(repeats: int) -> tuple[float, float]:
@@ -162,7 +144,7 @@ def mixer_table(batch: int, channels: int, side: int, repeats: int, results: dic
         "before (the profiler's allocation events).",
         "The unfold baseline zero-pads the border keys and NATTEN shifts its windows inward at the borders, where "
         "Conv+ excludes the keys outside the grid; they are speed peers only. NATTEN is natten "
-        f"{installed_version('natten')} (`make bench` installs it without CUDA kernels: on CPU it runs Flex "
+        f"{package_version('natten')} (`make bench` installs it without CUDA kernels: on CPU it runs Flex "
         "Attention, and compiles it only on CUDA devices).",
     ]
     return rows
@@ -381,7 +363,7 @@ def main() -> None:
     sections = [
         "# Performance",
         "",
-        f"Command: `{command}` on {cpu_name()} ({platform.machine()}, {os.cpu_count()} cores), "
+        f"Command: `{command}` on {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), "
         f"{args.threads} thread(s), torch {torch.__version__}, {malloc}, {date.today().isoformat()}. "
         f"Times are medians of {args.repeats} repeats after a warm-up; ratios are against the first row of "
         "each table, timed in the same run. Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks "
