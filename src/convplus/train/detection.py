@@ -12,41 +12,20 @@ from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..data.coco import DetectionSplits, load_coco
-from ..data.shapes import shapes_root
 from ..models import create_detector, replace_convplus
 from . import distributed, plots
 from .config import TrainConfig
 from .data import DataSplits
+from .dense import SHOWN, backbone_of, check_dense_settings, data_root, limited
 from .metrics import AP_NAMES, coco_ap, coco_results
 from .tasks import Task
 
 FORMS = "coco:PATH | synthetic:shapes"
-SHOWN = 4  # validation images in predictions.png
 
 
 def collate(batch: list) -> tuple[list, list]:
     """Images of different sizes stay a list (the detector batches them itself)."""
     return tuple(map(list, zip(*batch, strict=True)))
-
-
-def check_dense_settings(cfg: TrainConfig) -> None:
-    """Classification-only settings are refused for dense tasks rather than ignored."""
-    for name in ("mixup", "cutmix", "label_smoothing"):
-        if getattr(cfg, name):
-            raise ValueError(f"--{name.replace('_', '-')} is for --task classification, not {cfg.task}")
-
-
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The timm network inside a detector or segmenter (under the FPN)."""
-    return model.backbone.body.body
-
-
-def _subset(splits: DataSplits, cfg: TrainConfig) -> DataSplits:
-    for split, limit in (("train", cfg.max_train_samples), ("val", cfg.max_val_samples)):
-        dataset = getattr(splits, split)
-        if limit is not None:
-            setattr(splits, split, torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))))
-    return splits
 
 
 class DetectionTask(Task):
@@ -66,14 +45,7 @@ class DetectionTask(Task):
 
     @staticmethod
     def build_data(cfg: TrainConfig) -> DetectionSplits:
-        kind, _, arg = cfg.data.partition(":")
-        if kind == "coco" and arg:
-            root = Path(arg)
-        elif cfg.data == "synthetic:shapes":
-            root = shapes_root(cfg.seed) / "coco"
-        else:
-            raise ValueError(f"--data {cfg.data!r}: not a detection dataset; expected {FORMS}")
-        return _subset(load_coco(root, cfg.masks), cfg)
+        return limited(load_coco(data_root(cfg, "coco", "coco", FORMS), cfg.masks), cfg)
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg

@@ -13,12 +13,11 @@ from torch.utils.data import DataLoader
 from torchvision.utils import draw_segmentation_masks
 
 from ..data.ade20k import IGNORE, load_ade20k
-from ..data.shapes import shapes_root
 from ..models import create_segmenter, replace_convplus
 from . import distributed, plots
 from .config import TrainConfig
 from .data import DataSplits
-from .detection import SHOWN, _subset, backbone_of, check_dense_settings
+from .dense import SHOWN, backbone_of, check_dense_settings, data_root, limited
 from .metrics import confusion_matrix, segmentation_scores
 from .tasks import Task
 
@@ -60,14 +59,7 @@ class SegmentationTask(Task):
 
     @staticmethod
     def build_data(cfg: TrainConfig) -> DataSplits:
-        kind, _, arg = cfg.data.partition(":")
-        if kind == "ade20k" and arg:
-            root = Path(arg)
-        elif cfg.data == "synthetic:shapes":
-            root = shapes_root(cfg.seed) / "ade"
-        else:
-            raise ValueError(f"--data {cfg.data!r}: not a segmentation dataset; expected {FORMS}")
-        return _subset(load_ade20k(root, cfg.img_size, cfg.num_classes), cfg)
+        return limited(load_ade20k(data_root(cfg, "ade20k", "ade", FORMS), cfg.img_size, cfg.num_classes), cfg)
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
