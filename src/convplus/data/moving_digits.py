@@ -16,6 +16,7 @@ Clips are generated on access, deterministically from (seed, split, index). Card
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ def clip(rng: np.random.Generator, glyph: np.ndarray, direction: int, frames: in
 class MovingDigits(Dataset):
     """(clip (1, frames, size, size) float tensor, normalised; label in [0, 8)) for ``split``."""
 
-    classes = [f"{parity} {name}" for parity in ("even", "odd") for name in DIRECTION_NAMES]
+    classes: ClassVar[list[str]] = [f"{parity} {name}" for parity in ("even", "odd") for name in DIRECTION_NAMES]
 
     def __init__(self, split: str, frames: int = 8, size: int = 32, seed: int = 0, count: int | None = None):
         if split not in SPLITS:
