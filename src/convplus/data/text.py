@@ -4,8 +4,10 @@ without site-packages).
 
 A folder is split by file: a file goes to validation when the CRC-32 of its path (relative to the folder)
 is 0 mod 10, so about one file in ten, the same on every machine and unchanged when files are added. A
-single file is split by position: its last tenth is validation. Each split is its files' bytes joined (in
-path order, one newline between files), cut into sequences of ``seq_len`` + 1 bytes that overlap by one.
+single file is split by position: its last tenth is validation. Each split is its files' bytes joined (one
+newline between files) in the order of their paths' CRC-32, a fixed shuffle, so that the first sequences of
+a split (``--max-train-samples``) come from all over the folder; then cut into sequences of ``seq_len`` + 1
+bytes that overlap by one.
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ def text_files(root: Path, pattern: str = "*") -> list[Path]:
     )
 
 
-def is_validation(relative: Path) -> bool:
-    """Whether a folder's file (path relative to the folder) belongs to the validation split."""
-    return zlib.crc32(relative.as_posix().encode()) % VALIDATION_EVERY == 0
+def path_hash(relative: Path) -> int:
+    """CRC-32 of a path relative to its folder: the same on every machine."""
+    return zlib.crc32(relative.as_posix().encode())
 
 
 def read_utf8(path: Path) -> bytes | None:
@@ -85,6 +87,7 @@ def text_splits(form: str) -> tuple[bytes, bytes]:
         train, val = data[:cut], data[cut:]
     elif root.is_dir():
         files = text_files(root, "*.py" if arg == "stdlib" else "*")
+        files.sort(key=lambda path: path_hash(path.relative_to(root)))
         parts: dict[bool, list[bytes]] = {False: [], True: []}
         skipped = []
         for path in files:
@@ -92,7 +95,7 @@ def text_splits(form: str) -> tuple[bytes, bytes]:
             if data is None:
                 skipped.append(path)
             else:
-                parts[is_validation(path.relative_to(root))].append(data)
+                parts[path_hash(path.relative_to(root)) % VALIDATION_EVERY == 0].append(data)
         if skipped:
             warnings.warn(
                 f"skipping {len(skipped)} file(s) that are not UTF-8 text in {root}: {skipped[:3]}", stacklevel=2
