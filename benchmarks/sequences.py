@@ -46,9 +46,9 @@ QUICK_LM = {"dim": 32, "depth": 2, "heads": 2}
 QUICK_VIDEO = {"dims": [8, 16], "depths": [1, 1], "heads": 2}
 
 
-def seconds_per_sample(cfg: TrainConfig, steps: int = 3) -> float:
+def seconds_per_sample(cfg: TrainConfig, steps: int = 3) -> tuple[float, int]:
     """Seconds of one training sample (forward, backward, AdamW step) of ``cfg``'s task and model, timed over
-    ``steps`` batches after a warm-up batch."""
+    ``steps`` batches after a warm-up batch, and the number of training samples."""
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
     task = task_class(cfg.task)(cfg, data, torch.device("cpu"))
@@ -62,15 +62,15 @@ def seconds_per_sample(cfg: TrainConfig, steps: int = 3) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - start) / (steps * cfg.batch_size)
+    return (time.perf_counter() - start) / (steps * cfg.batch_size), len(data.train)
 
 
 def budget_run(cfg: TrainConfig, budget: float) -> dict:
     """``train(cfg)`` on as many training samples per epoch as ``budget`` seconds of training steps allow over
     ``cfg.epochs`` epochs (at most the training set); the summary, plus ``train_seconds`` (measured) and
     ``samples`` (seen)."""
-    per_epoch = max(cfg.batch_size, int(budget / cfg.epochs / seconds_per_sample(cfg)))
-    per_epoch = min(per_epoch, len(task_class(cfg.task).build_data(cfg).train))
+    seconds, available = seconds_per_sample(cfg)
+    per_epoch = min(available, max(cfg.batch_size, int(budget / cfg.epochs / seconds)))
     summary = train(dataclasses.replace(cfg, max_train_samples=per_epoch))
     with open(Path(summary["output"]) / "metrics.csv") as f:
         header, *rows = [line.strip().split(",") for line in f]
@@ -123,7 +123,7 @@ def language_models(args: argparse.Namespace) -> tuple[list[str], float]:
         rows.append(
             f"| {name} (`{LM_MODELS[name]}`) | {results[0]['params'] / 1e6:.3f}M | {stat('final_bpb')} | "
             f"{statistics.mean(r['train_seconds'] for r in results):.0f} | "
-            f"{statistics.mean(r['samples'] for r in results) * args.seq_len / 1e6:.2f}M |"
+            f"{statistics.mean(r['samples'] for r in results) * args.seq_len:,.0f} |"
         )
     return rows, unigram
 
