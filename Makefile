@@ -42,7 +42,7 @@ dense-study: install
 
 # Conv+ vs transformer vs conv byte-level LMs on the Python standard library (3 seeds, equal CPU time), their
 # inference cost against sequence length, and Conv+ vs conv video networks on moving digits: docs/sequences.md.
-# Its time follows from its budgets (9 LM runs of 90 s, 6 video runs of 60 s, capped sweeps): run it alone.
+# Its time follows from its budgets (9 LM runs of 120 s, 6 video runs of 60 s, capped sweeps): run it alone.
 sequences-study: install
 	$(PY) benchmarks/sequences.py --seeds 3 --output docs/sequences.md
 

@@ -12,7 +12,7 @@
 Every part's cost is bounded by its settings (training budgets; a model whose forward takes more than
 ``--max-call`` seconds is not run at longer sequences), so the whole study's time follows from them.
 
-    python benchmarks/sequences.py [--seeds 3] [--budget 90] [--output docs/sequences.md]  # make sequences-study
+    python benchmarks/sequences.py [--seeds 3] [--budget 120] [--output docs/sequences.md]  # make sequences-study
     python benchmarks/sequences.py --quick --output /tmp/sequences.md                     # checks the pipeline
 """
 
@@ -205,7 +205,7 @@ def video(args: argparse.Namespace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=90.0, help="seconds of LM training steps per run")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds of LM training steps per run")
     parser.add_argument("--video-budget", type=float, default=60.0, help="seconds of video training steps per run")
     parser.add_argument("--lm-epochs", type=int, default=1, help="epochs an LM budget is spread over")
     parser.add_argument("--video-epochs", type=int, default=4, help="epochs a video budget is spread over")
