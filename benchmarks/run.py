@@ -37,6 +37,7 @@ import convplus  # noqa: F401
 from convplus import ConvPlus2d
 from convplus.backends import cpu, global_attention
 from convplus.info import cpu_model, package_version
+from convplus.neighborhood import Neighborhood
 
 ATTO_STAGES = [(40, 56), (80, 28), (160, 14), (320, 7)]
 TINY_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
@@ -92,9 +93,9 @@ def mixer_cases(batch: int, channels: int, side: int, heads: int = 4, window: in
         module = ConvPlus2d(channels, kernel_size=window, heads=heads, proj=False, backend=backend)
         cases[f"Conv+ mixer, backend '{backend}'"] = lambda m=module: m(x)
     qkv = [torch.randn(batch, heads, channels // heads, side, side, requires_grad=True) for _ in range(3)]
-    cases[ATTENTION] = lambda: cpu.attend(*qkv, (window,) * 2, (1, 1))
+    cases[ATTENTION] = lambda: cpu.attend(*qkv, Neighborhood.of((window,) * 2, (1, 1)))
     cases[UNFOLD] = lambda: unfold_neighborhood_attention(*qkv, window)
-    cases["attention term only: global SDPA"] = lambda: global_attention.attend(*qkv, None, (1, 1))
+    cases["attention term only: global SDPA"] = lambda: global_attention.attend(*qkv, Neighborhood.of(None, (1, 1)))
     return cases, qkv
 
 

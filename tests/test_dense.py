@@ -96,8 +96,8 @@ def test_windowed_stages_form_no_n_by_n_attention_at_1024(monkeypatch):
     only stage 3 (32^2) may run global attention."""
     resolve, chosen = backends.resolve, []
 
-    def recording(name, spatial, device, window, dilation):
-        fn = resolve(name, spatial, device, window, dilation)
+    def recording(name, spatial, device, hood):
+        fn = resolve(name, spatial, device, hood)
         chosen.append((spatial, next(k for k, v in backends.BACKENDS.items() if v is fn)))
         return fn
 

@@ -22,6 +22,7 @@ from types import ModuleType
 
 import torch
 
+from ..neighborhood import Neighborhood
 from . import cpu_build, local
 from .fused_window import FusedWindow, fused_window
 from .terms import direct_score, with_convolution_term
@@ -160,13 +161,12 @@ def _kernel_arguments(
     v: torch.Tensor,
     kernel: torch.Tensor | None,
     gain: torch.Tensor,
-    window: tuple[int, ...],
-    dilation: tuple[int, ...],
+    hood: Neighborhood,
     bias: torch.Tensor | None,
 ) -> tuple[tuple[torch.Tensor, ...], FusedWindow]:
     """The kernel's (v, gain, kernel, tap_index, offsets, bias) arguments for v (B, K, D, *S), and the window
     they were made for (which adds a convolution term the pass did not fuse)."""
-    geometry = fused_window(tuple(v.shape[3:]), window, dilation, None if kernel is None else tuple(kernel.shape[2:]))
+    geometry = fused_window(tuple(v.shape[3:]), hood, None if kernel is None else tuple(kernel.shape[2:]))
     fused = geometry.tap_index is not None
     taps = geometry.tap_index if fused else geometry.offsets.new_zeros(0)
     kernel = kernel.to(v.dtype).flatten(2).contiguous() if fused else v.new_zeros(0)
@@ -174,31 +174,31 @@ def _kernel_arguments(
     return (_as_3d(v, geometry), gain.to(v.dtype), kernel, taps, geometry.offsets, bias), geometry
 
 
-def runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
+def runs_here(q: torch.Tensor, v: torch.Tensor, hood: Neighborhood) -> bool:
     """Whether the kernel takes these tensors (float32/float64, one dtype, not under torch.compile)."""
-    return not torch.compiler.is_compiling() and v.dtype in KERNEL_DTYPES and q.dtype == v.dtype
+    return (
+        not torch.compiler.is_compiling() and v.dtype in KERNEL_DTYPES and q.dtype == v.dtype and hood.border == "clip"
+    )
 
 
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, ...] | None, dilation: tuple[int, ...]
-) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hood: Neighborhood) -> torch.Tensor:
     """The attention term alone, sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
-    if not runs_here(q, v):
-        return local.attend(q, k, v, window, dilation)
-    return mix(q, k, v, None, v.new_ones(v.shape[1]), window, dilation)
+    if not runs_here(q, v, hood):
+        return local.attend(q, k, v, hood)
+    return mix(q, k, v, None, v.new_ones(v.shape[1]), hood)
 
 
 _unfused = with_convolution_term(local.attend)
 
 
-def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
+def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
     """z = g * attention term + depthwise conv term + bias in one kernel; see convplus.backends for the
     signature."""
-    if gain is None or not runs_here(q, v):
-        return _unfused(q, k, v, kernel, gain, window, dilation, bias)
-    arguments, geometry = _kernel_arguments(v, kernel, gain, window, dilation, bias)
+    if gain is None or not runs_here(q, v, hood):
+        return _unfused(q, k, v, kernel, gain, hood, bias)
+    arguments, geometry = _kernel_arguments(v, kernel, gain, hood, bias)
     z = _WindowMix.apply(_as_3d(q, geometry), _as_3d(k, geometry), *arguments, torch.is_grad_enabled())
-    return geometry.add_apart(z.view(v.shape), v, kernel, dilation)
+    return geometry.add_apart(z.view(v.shape), v, kernel, hood)
 
 
 def direct_mix(
@@ -208,8 +208,7 @@ def direct_mix(
     v: torch.Tensor,
     kernel: torch.Tensor | None,
     gain: torch.Tensor,
-    window: tuple[int, ...],
-    dilation: tuple[int, ...],
+    hood: Neighborhood,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``mix`` with the 'direct' score computed inside the kernel: the z that
@@ -217,11 +216,11 @@ def direct_mix(
     and k. x (B, C, *S) with C = K * Dq, pos (C, *S) or None, temperature (K,), v (B, K, D, *S). Tensors the
     kernel does not take (``runs_here``) go that composed way."""
     heads = v.shape[1]
-    if not runs_here(x, v):
+    if not runs_here(x, v, hood):
         q, k = direct_score(x if pos is None else x + pos.to(x.dtype), heads, temperature)
-        return mix(q, k, v, kernel, gain, window, dilation, bias)
-    arguments, geometry = _kernel_arguments(v, kernel, gain, window, dilation, bias)
+        return mix(q, k, v, kernel, gain, hood, bias)
+    arguments, geometry = _kernel_arguments(v, kernel, gain, hood, bias)
     features = _as_3d(x.reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]), geometry)
     pos = x.new_zeros(0) if pos is None else pos.to(x.dtype).reshape(heads, x.shape[1] // heads, -1).contiguous()
     z = _DirectWindowMix.apply(features, pos, temperature.to(x.dtype), *arguments, torch.is_grad_enabled())
-    return geometry.add_apart(z.view(v.shape), v, kernel, dilation)
+    return geometry.add_apart(z.view(v.shape), v, kernel, hood)
