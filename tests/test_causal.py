@@ -331,3 +331,18 @@ def test_auto_never_picks_a_backend_that_cannot_run_the_neighborhood():
         assert backends.select((4,), cpu, Neighborhood.of((7,), (1,), (True,))) == "cpu"
     with pytest.raises(ValueError, match="needs a finite window"):
         backends.resolve("local", (9,), cpu, Neighborhood.of(None, (1,), (True,)))
+
+
+def test_the_offsets_of_a_pass_are_exactly_the_union_of_the_windows():
+    """The fused passes loop over ``offset_ranges`` (a closed form): every offset a window uses, and none that
+    no window uses, for every mode, size, window and dilation up to 9."""
+    from convplus.neighborhood import Neighborhood, dim_bounds, offset_ranges
+
+    for size in range(1, 10):
+        for window in (1, 3, 5, 7, 9):
+            for dilation in (1, 2, 3):
+                for causal, border in ((False, "clip"), (False, "shift"), (True, "clip")):
+                    bounds = dim_bounds(size, window, dilation, causal, border).tolist()
+                    used = {o for lo, hi in bounds for o in range(lo, hi + 1, dilation)}
+                    hood = Neighborhood((window,), (dilation,), (causal,), border)
+                    assert list(offset_ranges((size,), hood)[0]) == sorted(used), (size, window, dilation, border)
