@@ -278,7 +278,11 @@ def test_triton_causal_and_shift():
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root / "src")}
-    script = TRITON_CHECK % {"cases": CASES, "look_ahead": LOOK_AHEAD, "natten": NATTEN_CASES}
+    # a subset, the interpreter being slow: causal dilated, shifted dilated, both in 2-d, shifted rows, 3-d
+    # causal in time with shifted space
+    cases = [CASES[i] for i in (1, 4, 6, 8, 13)]
+    natten = [NATTEN_CASES[i] for i in (0, 3, 6)]
+    script = TRITON_CHECK % {"cases": cases, "look_ahead": LOOK_AHEAD, "natten": natten}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "triton ok" in result.stdout
