@@ -81,38 +81,41 @@ def covers_grid(spatial: tuple[int, ...], window: tuple[int, ...] | None, dilati
     return all(s == 1 or (r == 1 and w // 2 >= s - 1) for s, w, r in zip(spatial, window, dilation, strict=True))
 
 
-@functools.lru_cache(maxsize=1024)
-def dim_bounds(size: int, window: int, dilation: int, causal: bool, border: str) -> tuple[tuple[int, int], ...]:
-    """Along one dim of ``size`` points: for each position i, (lo - i, hi - i), the offsets of the first and
-    last point of its window (the rule in the module docstring); the window's points are lo, lo + dilation,
-    ..., hi, all inside the grid."""
-    bounds = []
-    for i in range(size):
-        a, length = i // dilation, len(range(i % dilation, size, dilation))
-        if causal:
-            lo, hi = max(a - (window - 1), 0), a
-        elif border == "shift":
-            lo = min(max(a - window // 2, 0), max(length - window, 0))
-            hi = min(lo + window - 1, length - 1)
-        else:
-            lo, hi = max(a - window // 2, 0), min(a + window // 2, length - 1)
-        bounds.append(((lo - a) * dilation, (hi - a) * dilation))
-    return tuple(bounds)
+def dim_bounds(size: int, window: int, dilation: int, causal: bool, border: str, device=None) -> torch.Tensor:
+    """Along one dim of ``size`` points: (size, 2) int64, for each position i the offsets (lo - i, hi - i) of
+    the first and last point of its window (the rule in the module docstring); the window's points are lo,
+    lo + dilation, ..., hi, all inside the grid."""
+    i = torch.arange(size, device=device)
+    a = i // dilation  # index in the dilation group
+    length = (size - 1 - i % dilation) // dilation + 1  # points in the group
+    if causal:
+        lo, hi = (a - (window - 1)).clamp(min=0), a
+    elif border == "shift":
+        lo = torch.minimum((a - window // 2).clamp(min=0), (length - window).clamp(min=0))
+        hi = torch.minimum(lo + window - 1, length - 1)
+    else:
+        lo, hi = (a - window // 2).clamp(min=0), torch.minimum(a + window // 2, length - 1)
+    return torch.stack([lo - a, hi - a], dim=1) * dilation
 
 
-def grid_bounds(spatial: tuple[int, ...], hood: Neighborhood) -> list[tuple[tuple[int, int], ...]]:
+def grid_bounds(spatial: tuple[int, ...], hood: Neighborhood, device=None) -> list[torch.Tensor]:
     """``dim_bounds`` of every dim of the grid (a finite window)."""
     return [
-        dim_bounds(s, w, r, c, hood.border)
+        dim_bounds(s, w, r, c, hood.border, device)
         for s, w, r, c in zip(spatial, hood.window, hood.dilation, hood.causal, strict=True)
     ]
 
 
 def offset_ranges(spatial: tuple[int, ...], hood: Neighborhood) -> list[range]:
-    """Per dim, every offset j - i that some position's window uses (the union of the windows), in order."""
+    """Per dim, every offset j - i that some position's window uses (the union of the windows), in order:
+    up to w // 2 dilated steps either way ('clip'), w - 1 steps back ('causal') or w - 1 steps either way
+    ('shift': an edge query's window reaches w - 1 steps inward), as far as the grid reaches."""
     ranges = []
-    for bounds, r in zip(grid_bounds(spatial, hood), hood.dilation, strict=True):
-        ranges.append(range(min(lo for lo, _ in bounds), max(hi for _, hi in bounds) + 1, r))
+    for s, w, r, c in zip(spatial, hood.window, hood.dilation, hood.causal, strict=True):
+        reach = (s - 1) // r
+        back = min(w - 1 if c or hood.border == "shift" else w // 2, reach)
+        ahead = 0 if c else back
+        ranges.append(range(-back * r, ahead * r + 1, r))
     return ranges
 
 
@@ -147,7 +150,7 @@ def kernel_tap_index(
 
 def bounds_table(spatial: tuple[int, ...], hood: Neighborhood) -> torch.Tensor:
     """(sum(spatial), 2) int64: ``dim_bounds`` of every dim, stacked in dim order (the fused kernels' form)."""
-    return torch.tensor([pair for bounds in grid_bounds(spatial, hood) for pair in bounds], dtype=torch.int64)
+    return torch.cat(grid_bounds(spatial, hood))
 
 
 def offset_validity(
@@ -156,9 +159,8 @@ def offset_validity(
     """(*S, W) bool: whether i + offset is in N(i), for each position i and offset of ``window_offsets``."""
     n = len(spatial)
     valid = torch.ones((*spatial, len(offsets)), dtype=torch.bool, device=device)
-    for dim, bounds in enumerate(grid_bounds(spatial, hood)):
+    for dim, table in enumerate(grid_bounds(spatial, hood, device)):
         shape = [spatial[dim] if d == dim else 1 for d in range(n)] + [1]
-        table = torch.tensor(bounds, device=device)
         shift = torch.tensor([o[dim] for o in offsets], device=device)
         valid = valid & (shift >= table[:, 0].view(shape)) & (shift <= table[:, 1].view(shape))
     return valid
@@ -170,7 +172,7 @@ def dim_mask(size: int, window: int | None, dilation: int, causal: bool, border:
     delta = i[None, :] - i[:, None]  # j - i
     if window is None:
         return delta <= 0 if causal else torch.ones_like(delta, dtype=torch.bool)
-    table = torch.tensor(dim_bounds(size, window, dilation, causal, border), device=device)
+    table = dim_bounds(size, window, dilation, causal, border, device)
     return (delta >= table[:, :1]) & (delta <= table[:, 1:]) & (delta % dilation == 0)
 
 

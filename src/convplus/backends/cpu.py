@@ -90,14 +90,14 @@ def _bias_grad(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | Non
 
 class _WindowMix(torch.autograd.Function):
     """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), kernel (K, D, P) or empty, tap_index (W,),
-    offsets (W, 3), bias (K, D) or empty -> z (BK, D, T, H, X). The probabilities are kept for backward only
-    when ``differentiable`` (inside ``forward``, grad mode is always off and ``needs_input_grad`` ignores
-    ``torch.no_grad``)."""
+    offsets (W, 3), bounds (T + H + X, 2), bias (K, D) or empty -> z (BK, D, T, H, X). The probabilities are
+    kept for backward only when ``differentiable`` (inside ``forward``, grad mode is always off and
+    ``needs_input_grad`` ignores ``torch.no_grad``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets, bias, differentiable):
+    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets, bounds, bias, differentiable):
         save = differentiable and any(ctx.needs_input_grad)
-        out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, bias, save)
+        out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, bounds, bias, save)
         ctx.save_for_backward(q, k, v, gain, kernel, tap_index, probs, offsets, bias)
         return out
 
@@ -108,7 +108,7 @@ class _WindowMix(torch.autograd.Function):
             q, k, v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
         )
         dkernel = dkernel if kernel.numel() else None
-        return dq, dk, dv, dgain, dkernel, None, None, _bias_grad(grad_out, bias), None
+        return dq, dk, dv, dgain, dkernel, None, None, None, _bias_grad(grad_out, bias), None
 
 
 class _DirectWindowMix(torch.autograd.Function):
@@ -117,10 +117,10 @@ class _DirectWindowMix(torch.autograd.Function):
     never written out. Backward recomputes q and k in one pass instead of keeping them."""
 
     @staticmethod
-    def forward(ctx, features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, differentiable):
+    def forward(ctx, features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias, differentiable):
         save = differentiable and any(ctx.needs_input_grad)
         out, probs = extension().direct_window_mix_forward(
-            features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, save
+            features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias, save
         )
         ctx.save_for_backward(features, pos, temperature, v, gain, kernel, tap_index, probs, offsets, bias)
         return out
@@ -147,6 +147,7 @@ class _DirectWindowMix(torch.autograd.Function):
             dkernel if kernel.numel() else None,
             None,
             None,
+            None,
             _bias_grad(grad_out, bias),
             None,
         )
@@ -164,26 +165,25 @@ def _kernel_arguments(
     hood: Neighborhood,
     bias: torch.Tensor | None,
 ) -> tuple[tuple[torch.Tensor, ...], FusedWindow]:
-    """The kernel's (v, gain, kernel, tap_index, offsets, bias) arguments for v (B, K, D, *S), and the window
+    """The kernel's (v, gain, kernel, tap_index, offsets, bounds, bias) arguments for v (B, K, D, *S), and the window
     they were made for (which adds a convolution term the pass did not fuse)."""
     geometry = fused_window(tuple(v.shape[3:]), hood, None if kernel is None else tuple(kernel.shape[2:]))
     fused = geometry.tap_index is not None
     taps = geometry.tap_index if fused else geometry.offsets.new_zeros(0)
     kernel = kernel.to(v.dtype).flatten(2).contiguous() if fused else v.new_zeros(0)
     bias = v.new_zeros(0) if bias is None else bias.to(v.dtype).contiguous()
-    return (_as_3d(v, geometry), gain.to(v.dtype), kernel, taps, geometry.offsets, bias), geometry
+    arguments = (_as_3d(v, geometry), gain.to(v.dtype), kernel, taps, geometry.offsets, geometry.bounds, bias)
+    return arguments, geometry
 
 
-def runs_here(q: torch.Tensor, v: torch.Tensor, hood: Neighborhood) -> bool:
+def runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel takes these tensors (float32/float64, one dtype, not under torch.compile)."""
-    return (
-        not torch.compiler.is_compiling() and v.dtype in KERNEL_DTYPES and q.dtype == v.dtype and hood.border == "clip"
-    )
+    return not torch.compiler.is_compiling() and v.dtype in KERNEL_DTYPES and q.dtype == v.dtype
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hood: Neighborhood) -> torch.Tensor:
     """The attention term alone, sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
-    if not runs_here(q, v, hood):
+    if not runs_here(q, v):
         return local.attend(q, k, v, hood)
     return mix(q, k, v, None, v.new_ones(v.shape[1]), hood)
 
@@ -194,7 +194,7 @@ _unfused = with_convolution_term(local.attend)
 def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
     """z = g * attention term + depthwise conv term + bias in one kernel; see convplus.backends for the
     signature."""
-    if gain is None or not runs_here(q, v, hood):
+    if gain is None or not runs_here(q, v):
         return _unfused(q, k, v, kernel, gain, hood, bias)
     arguments, geometry = _kernel_arguments(v, kernel, gain, hood, bias)
     z = _WindowMix.apply(_as_3d(q, geometry), _as_3d(k, geometry), *arguments, torch.is_grad_enabled())
@@ -216,7 +216,7 @@ def direct_mix(
     and k. x (B, C, *S) with C = K * Dq, pos (C, *S) or None, temperature (K,), v (B, K, D, *S). Tensors the
     kernel does not take (``runs_here``) go that composed way."""
     heads = v.shape[1]
-    if not runs_here(x, v, hood):
+    if not runs_here(x, v):
         q, k = direct_score(x if pos is None else x + pos.to(x.dtype), heads, temperature)
         return mix(q, k, v, kernel, gain, hood, bias)
     arguments, geometry = _kernel_arguments(v, kernel, gain, hood, bias)
