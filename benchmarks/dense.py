@@ -1,13 +1,14 @@
 """Conv+ vs ConvNeXt V2 backbones for detection and segmentation on synthetic:shapes (docs/dense.md).
 
-Accuracy: COCO box AP and mask AP of Mask R-CNN, mIoU of the semantic FPN, after ``--epochs`` epochs, for
-``--seeds`` seeds (each seed draws the data and the initialisation; both backbones see the same ones):
-mean ± std of the final epoch. Cost: detector inference time and peak memory at 512x512 and 1024x1024
-(batch 1, 100 detections), training-step time at 512x512 (batch 2), as Conv+ / ConvNeXt V2 ratios of
-paired timings.
+Accuracy: COCO box AP and mask AP of Mask R-CNN after ``--detection-epochs`` epochs, mIoU of the semantic FPN
+after ``--segmentation-epochs``, for ``--seeds`` seeds (each seed draws the data order and the initialisation;
+both backbones see the same ones): mean ± std of the final epoch. Finished runs of the same settings in
+``--runs`` are reused, so an interrupted study goes on where it stopped. Cost: detector inference time and peak
+memory at 512x512 and 1024x1024 (batch 1, 100 detections), training-step time at 512x512 (batch 2), as
+Conv+ / ConvNeXt V2 ratios of paired timings.
 
-    python benchmarks/dense.py [--seeds 3] [--epochs 24] [--output docs/dense.md]   # make dense-study
-    python benchmarks/dense.py --quick --output /tmp/dense.md                        # checks the pipeline
+    python benchmarks/dense.py [--seeds 3] [--output docs/dense.md]   # make dense-study
+    python benchmarks/dense.py --quick --output /tmp/dense.md          # checks the pipeline
 """
 
 from __future__ import annotations
@@ -40,14 +41,26 @@ HEADS = {
     "detection": {
         "fpn_channels": 64,
         "representation_size": 256,
-        "box_batch_size_per_image": 128,
+        "box_batch_size_per_image": 64,
+        "rpn_post_nms_top_n_train": 500,
         "anchor_sizes": [8, 16, 32, 64, 128],
     },
     "segmentation": {"fpn_channels": 64, "head_channels": 64},
 }
-"""The study's heads, narrower than torchvision's defaults (FPN 256, box head 1024, 512 sampled RoIs per
-image: about 15x the training FLOPs of these at 128 px) so that 3 seeds of both backbones fit the budget, and
-anchors for objects of 10-56 px (torchvision's start at 32 px)."""
+"""The study's heads, narrower than torchvision's defaults (FPN 256, box head 1024, 512 sampled RoIs and 2000
+proposals per image: over 15x the training FLOPs of these at 128 px) so that 3 seeds of both backbones fit the
+budget, and anchors for objects of 10-56 px (torchvision's start at 32 px)."""
+
+
+def _finished(cfg: TrainConfig) -> dict | None:
+    """The summary of a finished run of exactly these settings in ``cfg.output`` (an interrupted study goes on
+    where it stopped), else None."""
+    folder = Path(cfg.output)
+    if not (folder / "summary.json").is_file():
+        return None
+    if json.loads((folder / "config.json").read_text()) != json.loads(json.dumps(cfg.to_dict())):
+        return None
+    return json.loads((folder / "summary.json").read_text())
 
 
 def accuracy(backbone: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -69,10 +82,11 @@ def accuracy(backbone: str, seed: int, args: argparse.Namespace) -> dict[str, fl
             output=str(args.runs / f"{task}-{backbone}-seed{seed}"),
             overwrite=True,
             quiet=True,
+            workers=args.workers,
             max_train_samples=8 if args.quick else None,
             max_val_samples=8 if args.quick else None,
         )
-        summary = train(cfg)
+        summary = _finished(cfg) or train(cfg)
         scores.update({name: summary[key] for name, (t, key) in METRICS.items() if t == task})
         scores[f"{task} seconds"] = summary["wall_seconds"]
     return scores
@@ -199,10 +213,11 @@ def accuracy_tables(scores: dict[str, list[dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--detection-epochs", type=int, default=6)
-    parser.add_argument("--segmentation-epochs", type=int, default=12)
+    parser.add_argument("--detection-epochs", type=int, default=4)
+    parser.add_argument("--segmentation-epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--repeats", type=int, default=5, help="paired timings per measurement")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes per run")
     parser.add_argument("--runs", type=Path, default=Path("runs/dense-study"))
     parser.add_argument("--output", type=Path, default=Path("docs/dense.md"))
     parser.add_argument("--quick", action="store_true", help="tiny backbones, 1 epoch, 8 images, 128/256 px")
