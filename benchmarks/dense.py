@@ -227,7 +227,10 @@ def main() -> None:
         args.detection_epochs = args.segmentation_epochs = args.seeds = args.repeats = 1
     args.epochs = {"detection": args.detection_epochs, "segmentation": args.segmentation_epochs}
     start = time.perf_counter()
-    scores = {name: [accuracy(b, seed, args) for seed in range(args.seeds)] for name, b in BACKBONES.items()}
+    scores = {name: [] for name in BACKBONES}
+    for seed in range(args.seeds):  # seed by seed, both backbones: an interrupted study has paired runs
+        for name, backbone in BACKBONES.items():
+            scores[name].append(accuracy(backbone, seed, args))
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     training_minutes = (time.perf_counter() - start) / 60
