@@ -53,6 +53,7 @@ class TrainConfig:
     convplus_stages: list[int] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     convplus_kwargs: dict[str, Any] = field(default_factory=dict)
+    convplus_lr_scale: float = 1.0
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     quiet: bool = False
@@ -68,7 +69,9 @@ class TrainConfig:
         "ema": "EMA decay of the weights (0 = off), evaluated alongside the model",
         "resume": "continue the run in --output from its last checkpoint",
         "overwrite": "replace a different run in --output",
-        "replace_convplus": "replace ConvNeXt depthwise convs with Conv+ (exact from_conv unless --convplus-kwargs)",
+        "replace_convplus": "replace ConvNeXt depthwise convs with Conv+: fresh layers with both terms on, or, with "
+        "--pretrained-file, an exact conversion of the loaded convs (gains 0) that can learn attention from there",
+        "convplus_lr_scale": "learning-rate multiplier for the Conv+ gains and temperatures",
         "convplus_stages": "stage indices to convert (default: all)",
         "model_kwargs": "JSON dict for timm.create_model, e.g. '{\"depths\": [1,1,1,1]}'",
         "convplus_kwargs": 'JSON dict of Conv+ settings for fresh layers, e.g. \'{"heads": 4, "window": null}\'',
@@ -102,7 +105,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the flag of the first setting that no run could use."""
-        positive = ("img_size", "epochs", "batch_size", "lr")
+        positive = ("img_size", "epochs", "batch_size", "lr", "convplus_lr_scale")
         non_negative = ("weight_decay", "warmup_epochs", "mixup", "cutmix", "workers")
         fractions = ("drop_path", "label_smoothing", "ema")  # in [0, 1)
         problems = [(name, "a number > 0") for name in positive if not _number(getattr(self, name)) > 0]
