@@ -1,4 +1,5 @@
-"""Generated datasets: deterministic, balanced, and the long-range tasks are not solvable from a local patch."""
+"""Generated datasets: deterministic and balanced; the long-range tasks' labels are recoverable from the whole
+image but not from any window of the conv column's receptive field; texture is decided by a local patch."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from convplus.data.synthetic import SYNTHETIC_DATASETS, build_synthetic, generate
+from convplus.data.synthetic import GLYPH, GLYPHS, MIN_GAP, STRIP, SYNTHETIC_DATASETS, build_synthetic, generate
+
+RECEPTIVE_FIELD = 18  # px: the conv column of convplus.ablation (tests/test_ablation.py measures it)
 
 
 @pytest.mark.parametrize("name", list(SYNTHETIC_DATASETS))
@@ -29,30 +32,40 @@ def _probe_accuracy(name: str, features) -> float:
     return probe.score(features(x_test), y_test)
 
 
-def _center_patch(x):
-    return x[:, 13:19, 13:19].reshape(len(x), -1)
-
-
-@pytest.mark.parametrize("name", ["longrange", "pathfinder"])
-def test_long_range_tasks_defeat_a_local_patch_probe(name):
-    assert _probe_accuracy(name, _center_patch) < 0.6
+@pytest.mark.parametrize("name", ["samediff", "copy"])
+@pytest.mark.parametrize("columns", [slice(0, RECEPTIVE_FIELD), slice(32 - RECEPTIVE_FIELD, 32), slice(7, 25)])
+def test_long_range_tasks_defeat_a_receptive_field_probe(name, columns):
+    """A probe that sees one receptive field (all rows of an 18-px column band: more than any conv unit sees)
+    is at chance: each band holds at most one of the two parts that decide the label."""
+    assert _probe_accuracy(name, lambda x: x[:, :, columns].reshape(len(x), -1)) < 0.58
 
 
 def test_texture_is_solved_from_a_local_patch():
     assert _probe_accuracy("texture", lambda x: np.abs(np.fft.fft2(x[:, 13:19, 13:19])).reshape(len(x), -1)) > 0.9
 
 
-def test_longrange_label_is_recoverable_from_the_whole_image():
-    """The task is learnable: matching the two glyph slots of the noise-free image recovers every label."""
-    from convplus.data.synthetic import GLYPHS
+def test_the_parts_are_farther_apart_than_the_receptive_field():
+    x, _ = generate("samediff", "val", size=300)
+    blocks = np.abs(x.reshape(len(x), 16, 2, 16, 2).mean((2, 4)))  # glyph blocks: 1; noise: std 0.1
+    for image in blocks:
+        columns = 2 * np.flatnonzero(image.max(0) > 0.6)
+        left, right = columns[columns < 16] + 1, columns[columns >= 16]  # a block covers 2 px
+        assert right.min() - left.max() - 1 >= MIN_GAP > RECEPTIVE_FIELD
+    assert 32 - 2 * STRIP > RECEPTIVE_FIELD  # copy: the strips' nearest pixels
 
-    x, y = generate("longrange", "val", size=100)
+
+def test_labels_are_recoverable_from_the_whole_image():
+    """samediff: the glyph nearest (in L2) to each side's brightest 6x6 window; copy: the sign of the strips'
+    2x2 block means agree everywhere or not."""
+    x, y = generate("samediff", "val", size=200)
     for image, label in zip(x, y, strict=True):
-        scores = np.array(
-            [[(image[i : i + 4, j : j + 4] * (2 * g - 1)).sum() for g in GLYPHS] for i in range(29) for j in range(29)]
-        )  # (positions, glyphs)
-        best = np.unravel_index(np.argsort(scores.max(1))[::-1], (29, 29))
-        first = (best[0][0], best[1][0])
-        second = next((a, b) for a, b in zip(*best, strict=True) if max(abs(a - first[0]), abs(b - first[1])) >= 16)
-        glyphs = [scores[p[0] * 29 + p[1]].argmax() for p in (first, second)]
-        assert (glyphs[0] == glyphs[1]) == bool(label)
+        found = []
+        for half in (image[:, :16], image[:, 16:]):
+            windows = [(half[i : i + GLYPH, j : j + GLYPH], i, j) for i in range(0, 27, 2) for j in range(0, 11, 2)]
+            window = max(windows, key=lambda w: np.abs(w[0]).sum())[0]
+            found.append(int(np.argmin([np.square(window - g).sum() for g in GLYPHS])))
+        assert (found[0] == found[1]) == bool(label)
+    x, y = generate("copy", "val", size=200)
+    blocks = x.reshape(len(x), 16, 2, 16, 2).mean((2, 4))  # (N, 16, 16) block means
+    same = (np.sign(blocks[:, :, : STRIP // 2]) == np.sign(blocks[:, :, -STRIP // 2 :])).all((1, 2))
+    assert np.array_equal(same, y == 1)

@@ -53,60 +53,73 @@ def texture(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32), labels
 
 
-GLYPHS = np.random.default_rng(1234).integers(0, 2, (8, 4, 4)).astype(np.float32)
+GLYPH = 6  # glyph side (px): 3x3 blocks of 2x2 pixels
+GLYPHS = np.kron(
+    np.array(
+        [
+            [[1, 1, 1], [1, -1, 1], [1, 1, 1]],  # ring
+            [[-1, 1, -1], [1, 1, 1], [-1, 1, -1]],  # plus
+            [[1, -1, 1], [-1, 1, -1], [1, -1, 1]],  # x
+            [[1, 1, 1], [-1, -1, -1], [1, 1, 1]],  # bars
+        ],
+        np.float32,
+    ),
+    np.ones((2, 2), np.float32),
+)
+MIN_GAP = 19  # px between the nearest pixels of the two far-apart parts (more than an 18 px receptive field)
 
 
-def longrange(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def samediff(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two 6x6 glyphs (from 4) in one random row of the 2-px block grid, at the left and the right edge,
+    at least MIN_GAP px apart; label 1 when they are the same glyph."""
     labels = _balanced_labels(rng, n, 2)
     first = rng.integers(0, len(GLYPHS), n)
     second = np.where(labels == 1, first, (first + rng.integers(1, len(GLYPHS), n)) % len(GLYPHS))
-    images = rng.normal(0, 0.3, (n, SIZE, SIZE)).astype(np.float32)
+    images = rng.normal(0, 0.2, (n, SIZE, SIZE)).astype(np.float32)
+    left = 2 * rng.integers(0, (SIZE - 2 * GLYPH - MIN_GAP) // 2 + 1, n)  # left glyph's first column
+    rows = 2 * rng.integers(0, (SIZE - GLYPH) // 2 + 1, n)
+    swap = rng.integers(0, 2, n).astype(bool)  # which glyph sits on the left
     for i in range(n):
-        while True:  # two positions at least 16 px apart (Chebyshev distance)
-            a, b = rng.integers(0, SIZE - 4, 2), rng.integers(0, SIZE - 4, 2)
-            if np.abs(a - b).max() >= 16:
-                break
-        images[i, a[0] : a[0] + 4, a[1] : a[1] + 4] += 2 * GLYPHS[first[i]] - 1
-        images[i, b[0] : b[0] + 4, b[1] : b[1] + 4] += 2 * GLYPHS[second[i]] - 1
+        a, b = (second[i], first[i]) if swap[i] else (first[i], second[i])
+        right = SIZE - GLYPH - 2 * rng.integers(0, (SIZE - 2 * GLYPH - MIN_GAP - left[i]) // 2 + 1)
+        images[i, rows[i] : rows[i] + GLYPH, left[i] : left[i] + GLYPH] += GLYPHS[a]
+        images[i, rows[i] : rows[i] + GLYPH, right : right + GLYPH] += GLYPHS[b]
     return images, labels
 
 
-def _curve(rng: np.random.Generator, steps: int = 60) -> np.ndarray:
-    """A smooth random walk inside the image: (steps, 2) float positions."""
-    pos = rng.uniform(4, SIZE - 4, 2)
-    angle = rng.uniform(0, 2 * np.pi)
-    points = []
-    for _ in range(steps):
-        angle += rng.normal(0, 0.25)
-        step = np.array([np.sin(angle), np.cos(angle)]) * 0.8
-        if not (1 <= pos[0] + step[0] < SIZE - 1 and 1 <= pos[1] + step[1] < SIZE - 1):
-            angle += np.pi / 2
-            continue
-        pos = pos + step
-        points.append(pos.copy())
-    return np.array(points)
+STRIP = 6  # strip width (px); the strips are 2x2-pixel blocks of +-1
 
 
-def pathfinder(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def copy(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random strip at the left edge and one at the right edge, SIZE - 2 * STRIP px apart; label 1 when the
+    right strip is a copy of the left one, 0 when it is drawn independently."""
     labels = _balanced_labels(rng, n, 2)
-    images = np.zeros((n, SIZE, SIZE), dtype=np.float32)
-    for i in range(n):
-        curves = [_curve(rng) for _ in range(3)]
-        for curve in curves:
-            dashed = curve[(np.arange(len(curve)) // 4) % 2 == 0]  # dashes of 4 steps, gaps of 4
-            images[i, dashed[:, 0].astype(int), dashed[:, 1].astype(int)] = 1.0
-        first = curves[0]
-        end = curves[0][-1] if labels[i] == 1 else curves[1][-1]
-        for y, x in (first[0].astype(int), end.astype(int)):
-            images[i, max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = 2.0
-    images += rng.normal(0, 0.1, images.shape).astype(np.float32)
+    blocks = rng.choice([-1.0, 1.0], (2, n, SIZE // 2, STRIP // 2)).astype(np.float32)
+    right = np.where((labels == 1)[:, None, None], blocks[0], blocks[1])
+    strips = [np.kron(part, np.ones((1, 2, 2), np.float32)) for part in (blocks[0], right)]
+    images = rng.normal(0, 0.2, (n, SIZE, SIZE)).astype(np.float32)
+    images[:, :, :STRIP] += strips[0]
+    images[:, :, SIZE - STRIP :] += strips[1]
+    return images, labels
+
+
+def xor(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A strip of STRIP px at the left edge and one at the right edge, each of one random sign; label 1 when
+    the signs agree (the exclusive-or of two parts SIZE - 2 * STRIP px apart)."""
+    labels = _balanced_labels(rng, n, 2)
+    left = rng.choice([-1.0, 1.0], n).astype(np.float32)
+    right = np.where(labels == 1, left, -left)
+    images = rng.normal(0, 0.3, (n, SIZE, SIZE)).astype(np.float32)
+    images[:, :, :STRIP] += left[:, None, None]
+    images[:, :, SIZE - STRIP :] += right[:, None, None]
     return images, labels
 
 
 SYNTHETIC_DATASETS: dict[str, SyntheticSpec] = {
     "texture": SyntheticSpec(4, texture, {"train": 2000, "val": 500, "test": 500}),
-    "longrange": SyntheticSpec(2, longrange, {"train": 3000, "val": 600, "test": 600}),
-    "pathfinder": SyntheticSpec(2, pathfinder, {"train": 3000, "val": 600, "test": 600}),
+    "samediff": SyntheticSpec(2, samediff, {"train": 4000, "val": 1000, "test": 1000}),
+    "copy": SyntheticSpec(2, copy, {"train": 4000, "val": 1000, "test": 1000}),
+    "xor": SyntheticSpec(2, xor, {"train": 4000, "val": 1000, "test": 1000}),
 }
 
 

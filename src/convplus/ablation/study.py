@@ -1,0 +1,55 @@
+"""What ``--replace-convplus`` should do on trained weights: the same seed's trained conv model, converted
+exactly and fine-tuned under each setting of the attention gain's start, the learning-rate multiplier of
+gains and temperatures, and the initial temperature. The measured best is the default of the suite's
+``conv-to-convplus`` (``Recipe.convplus_lr_scale``) and of ``convplus train --convplus-lr-scale``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from ..train import train
+from .runner import Recipe, config, slug
+from .variants import variants
+
+SETTINGS: dict[str, dict] = {
+    "g=0, lr x1, tau=10": {},
+    "g=0, lr x10, tau=10": {"convplus_lr_scale": 10.0},
+    "g=0, lr x100, tau=10": {"convplus_lr_scale": 100.0},
+    "g=0, lr x10, tau=1": {"convplus_lr_scale": 10.0, "temperature": 1.0},
+    "g=0.1 (not exact), lr x1, tau=10": {"gain": 0.1},
+}
+
+
+def run_study(task: str, seeds: int, recipe: Recipe, root: Path) -> list[dict]:
+    """Every setting x seed on ``task``; needs the suite's ``conv`` runs under ``root``. One record per run:
+    task, setting, seed, top1, attention_share and mean_abs_gain (last epoch, mean over layers), seconds."""
+    converted = next(v for v in variants(recipe.backbone, recipe.heads) if v.finetune_from)
+    records = []
+    for seed in range(seeds):
+        for setting, options in SETTINGS.items():
+            base = config(task, converted, seed, recipe, root)
+            convert = {**converted.convert_kwargs, **{k: options[k] for k in ("gain", "temperature") if k in options}}
+            cfg = replace(
+                base,
+                output=str(Path(base.output).parent.parent / "study" / slug(setting) / f"seed{seed}"),
+                convplus_kwargs=convert,
+                convplus_lr_scale=options.get("convplus_lr_scale", 1.0),
+            )
+            summary = train(cfg)
+            layers = json.loads((Path(cfg.output) / "convplus_layers_epochs.json").read_text())[-1]["layers"]
+            records.append(
+                {
+                    "task": task,
+                    "setting": setting,
+                    "seed": seed,
+                    "top1": summary["final_top1"],
+                    "attention_share": statistics.fmean(layer["attention_share"] for layer in layers),
+                    "mean_abs_gain": statistics.fmean(abs(g) for layer in layers for g in layer["gains"]),
+                    "train_seconds": summary["wall_seconds"],
+                }
+            )
+            print(f"study {task} {setting:34s} seed {seed}: top-1 {summary['final_top1']:6.2f}%", flush=True)
+    return records
