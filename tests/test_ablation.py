@@ -43,9 +43,9 @@ def test_variants_match_parameters_within_two_percent(backbone):
 
 def test_receptive_fields_and_grids():
     """The conv column sees 2 + depth * (k - 1) * 2 = 18 px of 32 (its 16x16 grid's cells are 2 px); local
-    windows add nothing to that; global attention and the sketch see the whole image. The exactly converted
-    conv (gains 0) still sees 18 px: the attention term is off until its gains move."""
-    expected = {"conv": 18, "attention-local": 18, "convplus-local": 18, "conv-to-convplus": 18}
+    windows add nothing to that; global attention and the sketch see the whole image (the converted conv too,
+    once its gains move away from 0)."""
+    expected = {"conv": 18, "attention-local": 18, "convplus-local": 18}
     for variant in variants("isotropic"):
         model = _model("isotropic", variant)
         assert receptive_field(model, 32, 3) == expected.get(variant.name, 32), variant.name
@@ -142,13 +142,18 @@ def test_replace_convplus_is_fresh_without_weights_and_exact_with_them(tmp_path)
     plain = timm.create_model("convnextv2_atto", num_classes=10, in_chans=1, depths=[1, 1, 1, 1], dims=[8, 16, 16, 16])
     torch.save(plain.state_dict(), tmp_path / "plain.pth")
     converted, _ = _converted(tmp_path, str(tmp_path / "plain.pth"))
-    assert all(torch.equal(m.gain, torch.zeros_like(m.gain)) for m in converted.modules() if isinstance(m, ConvPlus2d))
+    layers = [m for m in converted.modules() if isinstance(m, ConvPlus2d)]
+    assert all(torch.equal(m.gain, torch.zeros_like(m.gain)) for m in layers)
+    assert all(torch.allclose(m.temperature, torch.ones(1)) for m in layers)  # the study's default, tau = 1
     x = torch.stack([data.val[i][0] for i in range(4)])
     with torch.no_grad():
         assert torch.allclose(converted(x), plain.eval()(x), atol=1e-5)
 
 
 def test_gains_and_temperatures_get_their_own_learning_rate():
+    assert TrainConfig(replace_convplus=True, pretrained_file="weights.pth").blend_lr_scale() == 10.0
+    assert TrainConfig(replace_convplus=True).blend_lr_scale() == TrainConfig().blend_lr_scale() == 1.0
+    assert TrainConfig(convplus_lr_scale=3.0).blend_lr_scale() == 3.0
     model = timm.create_model("convplus_ablation", mixer="convplus", mixer_kwargs={"heads": 1})
     groups = optimizer_groups(model, 0.05, 10.0)
     blend = {id(m.gain) for m in model.modules() if isinstance(m, ConvPlus2d)}

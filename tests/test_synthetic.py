@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from convplus.data.synthetic import GLYPH, GLYPHS, MIN_GAP, STRIP, SYNTHETIC_DATASETS, build_synthetic, generate
+from convplus.data.synthetic import PATTERNS, STRIP, SYNTHETIC_DATASETS, build_synthetic, generate
 
 RECEPTIVE_FIELD = 18  # px: the conv column of convplus.ablation (tests/test_ablation.py measures it)
 
@@ -32,7 +32,7 @@ def _probe_accuracy(name: str, features) -> float:
     return probe.score(features(x_test), y_test)
 
 
-@pytest.mark.parametrize("name", ["samediff", "copy"])
+@pytest.mark.parametrize("name", ["samediff", "xor"])
 @pytest.mark.parametrize("columns", [slice(0, RECEPTIVE_FIELD), slice(32 - RECEPTIVE_FIELD, 32), slice(7, 25)])
 def test_long_range_tasks_defeat_a_receptive_field_probe(name, columns):
     """A probe that sees one receptive field (all rows of an 18-px column band: more than any conv unit sees)
@@ -45,27 +45,22 @@ def test_texture_is_solved_from_a_local_patch():
 
 
 def test_the_parts_are_farther_apart_than_the_receptive_field():
-    x, _ = generate("samediff", "val", size=300)
-    blocks = np.abs(x.reshape(len(x), 16, 2, 16, 2).mean((2, 4)))  # glyph blocks: 1; noise: std 0.1
-    for image in blocks:
-        columns = 2 * np.flatnonzero(image.max(0) > 0.6)
-        left, right = columns[columns < 16] + 1, columns[columns >= 16]  # a block covers 2 px
-        assert right.min() - left.max() - 1 >= MIN_GAP > RECEPTIVE_FIELD
-    assert 32 - 2 * STRIP > RECEPTIVE_FIELD  # copy: the strips' nearest pixels
+    for name in ("samediff", "xor"):
+        x, _ = generate(name, "val", size=300)
+        blocks = np.abs(x.reshape(len(x), 16, 2, 16, 2).mean((2, 4)))  # strip blocks: 1; noise: std 0.15
+        columns = 2 * np.flatnonzero(blocks.mean((0, 1)) > 0.6)  # a block covers 2 px
+        left, right = columns[columns < 16] + 1, columns[columns >= 16]
+        assert right.min() - left.max() - 1 == 32 - 2 * STRIP > RECEPTIVE_FIELD
 
 
 def test_labels_are_recoverable_from_the_whole_image():
-    """samediff: the glyph nearest (in L2) to each side's brightest 6x6 window; copy: the sign of the strips'
-    2x2 block means agree everywhere or not."""
-    x, y = generate("samediff", "val", size=200)
-    for image, label in zip(x, y, strict=True):
-        found = []
-        for half in (image[:, :16], image[:, 16:]):
-            windows = [(half[i : i + GLYPH, j : j + GLYPH], i, j) for i in range(0, 27, 2) for j in range(0, 11, 2)]
-            window = max(windows, key=lambda w: np.abs(w[0]).sum())[0]
-            found.append(int(np.argmin([np.square(window - g).sum() for g in GLYPHS])))
-        assert (found[0] == found[1]) == bool(label)
-    x, y = generate("copy", "val", size=200)
-    blocks = x.reshape(len(x), 16, 2, 16, 2).mean((2, 4))  # (N, 16, 16) block means
-    same = (np.sign(blocks[:, :, : STRIP // 2]) == np.sign(blocks[:, :, -STRIP // 2 :])).all((1, 2))
-    assert np.array_equal(same, y == 1)
+    """samediff: the pattern nearest (up to sign) to each strip; xor: the signs of the strips' means."""
+    x, y = generate("samediff", "val", size=300)
+    flat = PATTERNS.reshape(len(PATTERNS), -1)
+    found = [
+        np.abs(x[:, :, part].reshape(len(x), -1) @ flat.T).argmax(1) for part in (slice(0, STRIP), slice(-STRIP, None))
+    ]
+    assert np.array_equal(found[0] == found[1], y == 1)
+    x, y = generate("xor", "val", size=300)
+    signs = [np.sign(x[:, :, part].mean((1, 2))) for part in (slice(0, STRIP), slice(-STRIP, None))]
+    assert np.array_equal(signs[0] == signs[1], y == 1)

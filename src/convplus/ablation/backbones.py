@@ -1,10 +1,16 @@
 """The ablation's two backbones, with their depthwise mixers swapped per variant (``variants.py``).
 
-- ``isotropic``: a ConvNeXt V2 column (as ConvMixer / ViT keep one grid): a 2x2 stride-2 patch stem, then
-  ``depth`` ConvNeXt V2 blocks of width ``dim`` on one grid: 16x16 cells for 32x32 images. With 3x3 mixers
-  a conv column sees depth * (3 - 1) + 1 = 9 of the 16 cells per side: locality is real.
+- ``isotropic``: a ConvNeXt column (as ConvMixer / ViT keep one grid): a 2x2 stride-2 patch stem, then
+  ``depth`` ConvNeXt blocks of width ``dim`` on one grid: 16x16 cells for 32x32 images. With 3x3 mixers
+  a conv column sees depth * (3 - 1) + 1 = 9 of the 16 cells per side, and nothing else reaches further:
+  the blocks have no global response normalisation (ConvNeXt V2's GRN mixes statistics of the whole
+  grid into every cell) and the head normalises each cell before the average pool and the linear
+  classifier. The logit is then a sum over cells of what each cell sees: a model none of whose cells sees
+  both of two distant parts computes an additive function of them, which cannot tell "same" from
+  "different" (a conv column is provably at chance on the long-range tasks; attention is not).
 - ``hierarchical``: ConvNeXt V2 (timm ``convnextv2_atto`` with smaller widths) with a 2x2 stem instead of
-  4x4, as CIFAR networks use: stage grids 16, 8, 4, 2 for 32x32 images, 7x7 mixers.
+  4x4, as CIFAR networks use: stage grids 16, 8, 4, 2 for 32x32 images, 7x7 mixers. Its GRN and its
+  pooled-then-normalised head are global, as in ConvNeXt V2: its receptive field is that of the mixers.
 
 Both are registered with timm as ``convplus_ablation`` (``backbone``, ``mixer``, ``mixer_kwargs``,
 ``frozen_gain``), so every ablation run is an ordinary ``convplus train --model convplus_ablation`` run.
@@ -12,11 +18,12 @@ Both are registered with timm as ``convplus_ablation`` (``backbone``, ``mixer``,
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import timm
 import torch
-from timm.layers import LayerNorm2d, NormMlpClassifierHead
+from timm.layers import LayerNorm2d
 from timm.models import register_model
 from timm.models._manipulate import named_apply
 from timm.models.convnext import ConvNeXtStage, _init_weights
@@ -33,8 +40,8 @@ BACKBONES: dict[str, dict[str, Any]] = {
 MIXERS = ("conv", "convplus", "sketch")
 
 
-class IsotropicConvNeXtV2(nn.Module):
-    """Patch stem -> ``depth`` ConvNeXt V2 blocks on one grid -> average pool, LayerNorm, linear head.
+class IsotropicConvNeXt(nn.Module):
+    """Patch stem -> ``depth`` ConvNeXt blocks on one grid -> per-cell LayerNorm, average pool, linear head.
 
     x: (B, in_chans, H, W) -> logits (B, num_classes); features (B, dim, H / patch_size, W / patch_size).
     """
@@ -53,19 +60,17 @@ class IsotropicConvNeXtV2(nn.Module):
         self.num_classes, self.num_features, self.head_hidden_size = num_classes, dim, dim
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dim, patch_size, stride=patch_size), LayerNorm2d(dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.stages = nn.Sequential(  # ConvNeXt V2 blocks: global response normalisation, no layer scale
-            ConvNeXtStage(
-                dim, dim, kernel_size, stride=1, depth=depth, drop_path_rates=rates, ls_init_value=None, use_grn=True
-            )
-        )
-        self.head = NormMlpClassifierHead(dim, num_classes, norm_layer=LayerNorm2d)
+        self.stages = nn.Sequential(ConvNeXtStage(dim, dim, kernel_size, stride=1, depth=depth, drop_path_rates=rates))
+        self.norm = LayerNorm2d(dim)  # per cell: the pooled logit stays a sum of what each cell sees
+        self.head = nn.Linear(dim, num_classes)
         named_apply(_init_weights, self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
+        pooled = self.norm(x).mean((2, 3))
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -78,7 +83,7 @@ def build_backbone(backbone: str, **timm_kwargs) -> nn.Module:
         raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
     settings = {**BACKBONES[backbone], **timm_kwargs}
     if backbone == "isotropic":
-        return IsotropicConvNeXtV2(**settings)
+        return IsotropicConvNeXt(**settings)
     model = timm.create_model("convnextv2_atto", **settings)
     model.stages[0].downsample = nn.Identity()  # timm halves a stride-2 stem's grid again in stage 0
     return model
@@ -116,17 +121,18 @@ def convplus_ablation(
 
 
 def receptive_field(model: nn.Module, img_size: int, in_chans: int) -> int:
-    """Measured receptive field (pixels per side, at most ``img_size``) of the central cell of the last
-    feature map: the extent of the input pixels its gradient reaches."""
+    """Receptive field (pixels per side, at most ``img_size``) of the central cell of the last feature map:
+    the extent of the input pixels its gradient reaches, for generic parameters (a copy of the model with
+    every parameter drawn at random, so that a path switched off at initialisation, such as a gain or a
+    GRN scale of 0, still counts)."""
+    generic = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for param in generic.parameters():
+            param.normal_(0.0, 0.1)  # small: no saturated softmax cuts a path to exactly 0
     x = torch.randn(1, in_chans, img_size, img_size, requires_grad=True)
-    was_training = model.training
-    model.eval()
-    try:
-        features = model.forward_features(x)
-        h, w = features.shape[2:]
-        features[0, :, h // 2, w // 2].sum().backward()
-    finally:
-        model.train(was_training)
+    features = generic.forward_features(x)
+    h, w = features.shape[2:]
+    features[0, :, h // 2, w // 2].sum().backward()
     reached = x.grad[0].abs().sum(0) > 0  # (H, W)
     rows, cols = reached.any(1).nonzero(), reached.any(0).nonzero()
     return int(max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1))

@@ -1,6 +1,6 @@
 """``convplus ablate``: Conv+ against conv-only and attention-only at matched parameters, several seeds.
 
-``--task all`` runs the calibrated suite (digits, texture, samediff, copy) and the conversion study;
+``--task all`` runs the calibrated suite (digits, texture, xor) and the conversion study (on xor);
 ``--data cifar10:PATH | imagefolder:PATH`` runs the same variants on your data; ``--report DIR`` rewrites
 the report from the files a run left in DIR (results.json, layers.json, architectures.json).
 """
@@ -19,7 +19,7 @@ from .runner import FULL, QUICK, TASKS, architecture, run_suite
 from .study import run_study
 from .variants import VARIANT_NAMES, variants
 
-STUDY_TASK = "samediff"
+STUDY_TASK = "xor"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

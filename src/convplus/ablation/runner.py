@@ -32,16 +32,15 @@ class TaskSpec:
     data: str
     decided_by: str  # 'local statistics' or 'long range'
     level: float  # top-1 (%) that the best variant must reach for the task to separate anything
-    chance: float
+    chance: float  # the best top-1 (%) of a model that sees no two decisive parts at once (local ceiling)
     epochs: int
     max_train_samples: int | None = None
 
 
 TASKS: dict[str, TaskSpec] = {
-    "digits": TaskSpec("digits", "local statistics", 90.0, 10.0, epochs=8),
-    "texture": TaskSpec("synthetic:texture", "local statistics", 90.0, 25.0, epochs=4, max_train_samples=2000),
-    "samediff": TaskSpec("synthetic:samediff", "long range", 75.0, 50.0, epochs=8, max_train_samples=4000),
-    "copy": TaskSpec("synthetic:copy", "long range", 75.0, 50.0, epochs=8, max_train_samples=4000),
+    "digits": TaskSpec("digits", "local statistics", 90.0, 10.0, epochs=5),
+    "texture": TaskSpec("synthetic:texture", "local statistics", 90.0, 25.0, epochs=3, max_train_samples=1000),
+    "xor": TaskSpec("synthetic:xor", "long range", 90.0, 75.0, epochs=3, max_train_samples=2000),
 }
 
 
@@ -49,17 +48,16 @@ TASKS: dict[str, TaskSpec] = {
 class Recipe:
     """Training settings shared by every variant (the task sets the epochs unless ``epochs`` is given)."""
 
-    batch_size: int = 64
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 3e-3
     epochs: int | None = None
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     backbone: str = "isotropic"
     heads: int = 1
-    convplus_lr_scale: float = 10.0  # gains and temperatures of the converted model (see the study)
 
 
-FULL = Recipe()
+FULL = Recipe(max_val_samples=500)
 QUICK = Recipe(epochs=1, max_train_samples=64, max_val_samples=32)
 
 
@@ -102,7 +100,6 @@ def config(task: str, variant: Variant, seed: int, recipe: Recipe, root: Path) -
             pretrained_file=str(source),
             replace_convplus=True,
             convplus_kwargs=variant.convert_kwargs,
-            convplus_lr_scale=recipe.convplus_lr_scale,
         )
     return cfg
 
@@ -177,5 +174,6 @@ def run_suite(
     for output in outputs:
         for record, history in output:
             records.append(record)
-            histories.setdefault(record["task"], {}).setdefault(record["variant"], []).append(history)
+            if history:  # a model with Conv+ layers
+                histories.setdefault(record["task"], {}).setdefault(record["variant"], []).append(history)
     return records, histories

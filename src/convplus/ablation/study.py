@@ -1,7 +1,7 @@
 """What ``--replace-convplus`` should do on trained weights: the same seed's trained conv model, converted
 exactly and fine-tuned under each setting of the attention gain's start, the learning-rate multiplier of
-gains and temperatures, and the initial temperature. The measured best is the default of the suite's
-``conv-to-convplus`` (``Recipe.convplus_lr_scale``) and of ``convplus train --convplus-lr-scale``."""
+gains and temperatures, and the initial temperature. The measured best (lr x10, tau 1) is the default of
+``--replace-convplus`` with ``--pretrained-file`` (``TrainConfig.blend_lr_scale``, ``replace_convplus``)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from .runner import Recipe, config, slug
 from .variants import variants
 
 SETTINGS: dict[str, dict] = {
-    "g=0, lr x1, tau=10": {},
-    "g=0, lr x10, tau=10": {"convplus_lr_scale": 10.0},
-    "g=0, lr x100, tau=10": {"convplus_lr_scale": 100.0},
-    "g=0, lr x10, tau=1": {"convplus_lr_scale": 10.0, "temperature": 1.0},
-    "g=0.1 (not exact), lr x1, tau=10": {"gain": 0.1},
+    "g=0, lr x1, tau=10": {"convplus_lr_scale": 1.0, "temperature": 10.0},
+    "g=0, lr x10, tau=10": {"convplus_lr_scale": 10.0, "temperature": 10.0},
+    "g=0, lr x100, tau=10": {"convplus_lr_scale": 100.0, "temperature": 10.0},
+    "g=0, lr x10, tau=1 (default)": {"convplus_lr_scale": 10.0, "temperature": 1.0},
+    "g=0.1 (not exact), lr x1, tau=10": {"convplus_lr_scale": 1.0, "gain": 0.1, "temperature": 10.0},
 }
 
 
@@ -36,7 +36,7 @@ def run_study(task: str, seeds: int, recipe: Recipe, root: Path) -> list[dict]:
                 base,
                 output=str(Path(base.output).parent.parent / "study" / slug(setting) / f"seed{seed}"),
                 convplus_kwargs=convert,
-                convplus_lr_scale=options.get("convplus_lr_scale", 1.0),
+                convplus_lr_scale=options["convplus_lr_scale"],
             )
             summary = train(cfg)
             layers = json.loads((Path(cfg.output) / "convplus_layers_epochs.json").read_text())[-1]["layers"]

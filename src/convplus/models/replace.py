@@ -14,6 +14,10 @@ from ..modules import ConvPlus2d
 
 SUPPORTED = "timm ConvNeXt and ConvNeXt V2 models (convnext_*, convnextv2_*, convplus_convnextv2_*)"
 _STAGE = re.compile(r"stages[._](\d+)\.")
+EXACT_TEMPERATURE = 1.0
+"""The 'direct'-score temperature of exactly converted layers (their gains start at 0, so it changes nothing
+at step 0): with tau = 1 instead of 10 and --convplus-lr-scale 10 the converted models leave the conv
+solution where attention helps (the ablation's conversion study)."""
 
 
 def convnext_blocks(model: nn.Module) -> list[tuple[int, str, ConvNeXtBlock]]:
@@ -70,7 +74,9 @@ def replace_convplus(
     ``proj=False`` unless given (the block's pointwise MLP already mixes channels), other settings from
     ``convplus_kwargs`` (``heads``, ``window``, ``score``, ``pos``, ...): use it to train from scratch.
     ``gain``: the initial attention gain g of every new layer (default 0 when exact, which keeps it exact,
-    else 1); ``temperature``: the initial 'direct'-score temperature tau (default: the layer's own, 10).
+    else 1); ``temperature``: the initial 'direct'-score temperature tau (default 1 when exact: a smooth
+    map from which the converted layers learn attention, as measured in docs/ablations.md; else the
+    layer's own, 10).
     Returns the model.
     """
 
@@ -87,6 +93,8 @@ def replace_convplus(
                 layer.log_temperature.fill_(math.log(temperature))
         return layer
 
+    if temperature is None and exact:
+        temperature = EXACT_TEMPERATURE
     if temperature is not None and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return replace_mixers(model, build, stages)

@@ -238,9 +238,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
     net = DistributedDataParallel(model) if ctx.distributed else model
 
     # 4. optimizer, schedule, EMA
-    groups = (
-        None if cfg.convplus_lr_scale == 1 else lambda m: optimizer_groups(m, cfg.weight_decay, cfg.convplus_lr_scale)
-    )
+    scale = cfg.blend_lr_scale()
+    groups = None if scale == 1 else lambda m: optimizer_groups(m, cfg.weight_decay, scale)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, param_group_fn=groups)
     scheduler, _ = create_scheduler_v2(
         optimizer,
