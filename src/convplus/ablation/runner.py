@@ -38,9 +38,9 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "digits": TaskSpec("digits", "local statistics", 90.0, 10.0, epochs=5),
-    "texture": TaskSpec("synthetic:texture", "local statistics", 90.0, 25.0, epochs=3, max_train_samples=1000),
-    "xor": TaskSpec("synthetic:xor", "long range", 90.0, 75.0, epochs=3, max_train_samples=2000),
+    "digits": TaskSpec("digits", "local statistics", 90.0, 10.0, epochs=8),
+    "texture": TaskSpec("synthetic:texture", "local statistics", 90.0, 25.0, epochs=3, max_train_samples=800),
+    "xor": TaskSpec("synthetic:xor", "long range", 90.0, 75.0, epochs=3, max_train_samples=1500),
 }
 
 
