@@ -15,7 +15,7 @@ from pathlib import Path
 from ..train.data import FORMS
 from .backbones import BACKBONES
 from .report import write_report
-from .runner import FULL, QUICK, TASKS, architecture, run_suite
+from .runner import FULL, QUICK, TASKS, architecture, backbone_of, run_suite
 from .study import run_study
 from .variants import VARIANT_NAMES, variants
 
@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--variants", nargs="+", choices=VARIANT_NAMES, help="a subset (conv-to-convplus needs conv); default: all"
     )
-    parser.add_argument("--backbone", default="isotropic", choices=tuple(BACKBONES))
+    parser.add_argument(
+        "--backbone", choices=tuple(BACKBONES), help="for every task (default: digits hierarchical, others isotropic)"
+    )
     parser.add_argument("--workers", type=_positive_int, default=2, help="processes (one thread each)")
     parser.add_argument("--output", type=Path, default=Path("runs/ablation"), help="run folders")
     parser.add_argument("--results", type=Path, help="results.json, layers.json and plots (default: --output)")
@@ -75,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     records, histories = run_suite(tasks, seeds, recipe, args.output, args.workers, names)
     architectures = {
         task: {
-            v.name: architecture(task, v, recipe) for v in variants(recipe.backbone, recipe.heads) if v.name in names
+            v.name: architecture(task, v, recipe)
+            for v in variants(backbone_of(task, recipe), recipe.heads)
+            if v.name in names
         }
         for task in tasks
     }
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         files["replace_study.json"] = run_study(STUDY_TASK, min(seeds, STUDY_SEEDS), recipe, args.output)
     minutes = (time.perf_counter() - start) / 60
     flags = f"--data {args.data}" if args.data else f"--task {args.task}"
-    command = f"convplus ablate {flags} --seeds {seeds} --backbone {args.backbone}" + " --quick" * args.quick
+    command = f"convplus ablate {flags} --seeds {seeds}" + f" --backbone {args.backbone}" * bool(args.backbone)
+    command += " --quick" * args.quick
     if args.variants:
         command += " --variants " + " ".join(names)
     files["command.json"] = {"command": command, "minutes": minutes}

@@ -232,12 +232,12 @@ def conclusions(records: list[dict], histories: dict) -> list[str]:
 
 METHOD = """## Method
 
-- **Backbones** (`convplus.ablation.backbones`). `isotropic` (the suite's): a 2x2 stride-2 patch stem and
+- **Backbones** (`convplus.ablation.backbones`). `isotropic` (texture, xor): a 2x2 stride-2 patch stem and
   4 ConvNeXt blocks of width 24 on one 16x16 grid (32x32 images), 3x3 mixers, no GRN, and a head that
   normalises each cell before the average pool and the linear classifier, so the logit is a sum over cells
   of what each cell sees: a conv column sees 18 px (the receptive-field column of the tables), and a
   model none of whose cells sees both of two distant parts computes an additive function of them.
-  `hierarchical` (`--backbone hierarchical`): ConvNeXt V2 with a 2x2 stem, stage grids 16/8/4/2, 7x7
+  `hierarchical` (digits): ConvNeXt V2 with a 2x2 stem, stage grids 16/8/4/2, 7x7
   mixers; its GRN and pooled-then-normalised head are global, as in ConvNeXt V2.
 - **Tasks** (cards in docs/datasets/). Local statistics decide: `digits` (scikit-learn's 8x8 digits,
   resized), `texture` (stripes and checkerboards; any 5x5 patch tells the class). Long range: `xor` (two
@@ -248,6 +248,7 @@ METHOD = """## Method
   seed fixes the initialisation and the data order of every variant, so differences are paired by seed.
   `conv-to-convplus` starts from the same seed's trained `conv` model, converted exactly (gains 0,
   tau 1, global window), and fine-tunes as long as the others train (gains and temperatures at 10x lr).
+  The Conv+ variants trained from scratch also start at temperature 1.
 - **Statistics** (`convplus.ablation.stats`). Mean, sample std and the 95% confidence interval (Student t)
   over seeds; paired differences against the better of conv and attention (the envelope); separation =
   (best - worst mean) / pooled std.
@@ -260,7 +261,8 @@ ImageNet layout) trains the same eight variants at 32x32 for 10 epochs each, 5 s
 augmentation (random resized crops, flips). CIFAR-10 is 50,000 training images per epoch: 8 variants x 5
 seeds x 10 epochs is 20 million image passes, days on a 2-core CPU (about 100 images/s per core for
 these models) and about an hour on one GPU. `--seeds 2 --variants conv attention-global convplus-global`
-gives a first answer in a sixth of that; `--backbone hierarchical` runs ConvNeXt V2 instead of the column.
+gives a first answer in a sixth of that; `--backbone hierarchical|isotropic` picks the backbone (default
+for user data: the column).
 """
 
 
@@ -275,8 +277,12 @@ def write_report(results: Path, markdown: Path, command: str, minutes: float | N
     architectures = json.loads((results / "architectures.json").read_text())
     relative = Path(os.path.relpath(results.resolve(), markdown.resolve().parent))
     top1 = top1_plot(records, results / "top1.png")
-    backbone = records[0].get("backbone", "isotropic")
-    variant_lines = [f"- `{v.name}`: {v.description}" for v in variants(backbone)]
+    backbones = {r["task"]: r["backbone"] for r in records}
+    variant_lines = []
+    for backbone in dict.fromkeys(backbones.values()):
+        tasks = ", ".join(t for t, b in backbones.items() if b == backbone)
+        variant_lines += [f"Backbone `{backbone}` ({tasks}):\n"]
+        variant_lines += [f"- `{v.name}`: {v.description}" for v in variants(backbone)] + [""]
     timing = f" ({minutes:.0f} min)" if minutes is not None else ""
     parts = [
         "# Ablations: Conv+ against convolution and attention\n",
@@ -295,7 +301,7 @@ def write_report(results: Path, markdown: Path, command: str, minutes: float | N
         "",
         METHOD,
         "## Variants\n",
-        f"Backbone `{backbone}` (see `convplus.ablation.backbones`); the mixers at matched parameters:\n",
+        "The mixers at matched parameters (`convplus.ablation.variants`):\n",
         *variant_lines,
         "\n## Details per task\n",
     ]

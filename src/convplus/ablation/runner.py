@@ -21,7 +21,7 @@ import torch
 from ..train import TrainConfig, train
 from ..train.data import build_data
 from .backbones import grid_sizes, receptive_field
-from .variants import Variant, variants
+from .variants import VARIANT_NAMES, Variant, variants
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,11 @@ class TaskSpec:
     chance: float  # the best top-1 (%) of a model that sees no two decisive parts at once (local ceiling)
     epochs: int
     max_train_samples: int | None = None
+    backbone: str = "isotropic"
 
 
 TASKS: dict[str, TaskSpec] = {
-    "digits": TaskSpec("digits", "local statistics", 90.0, 10.0, epochs=8),
+    "digits": TaskSpec("digits", "local statistics", 90.0, 10.0, epochs=8, backbone="hierarchical"),
     "texture": TaskSpec("synthetic:texture", "local statistics", 90.0, 25.0, epochs=3, max_train_samples=800),
     "xor": TaskSpec("synthetic:xor", "long range", 90.0, 75.0, epochs=3, max_train_samples=1500),
 }
@@ -53,7 +54,7 @@ class Recipe:
     epochs: int | None = None
     max_train_samples: int | None = None
     max_val_samples: int | None = None
-    backbone: str = "isotropic"
+    backbone: str | None = None  # None: each task's own
     heads: int = 1
 
 
@@ -71,10 +72,15 @@ def task_spec(task: str) -> TaskSpec:
     return TaskSpec(task, "user data", math.nan, math.nan, epochs=10)
 
 
+def backbone_of(task: str, recipe: Recipe) -> str:
+    """The backbone a task runs on: the recipe's if it names one, else the task's."""
+    return recipe.backbone or task_spec(task).backbone
+
+
 def config(task: str, variant: Variant, seed: int, recipe: Recipe, root: Path) -> TrainConfig:
     """The trainer settings of one run (its folder: root/task/variant/seed<seed>)."""
     spec = task_spec(task)
-    model_kwargs = {"backbone": recipe.backbone, "mixer": variant.mixer, "frozen_gain": variant.frozen_gain}
+    model_kwargs = {"backbone": backbone_of(task, recipe), "mixer": variant.mixer, "frozen_gain": variant.frozen_gain}
     if variant.mixer_kwargs:
         model_kwargs["mixer_kwargs"] = variant.mixer_kwargs
     cfg = TrainConfig(
@@ -137,7 +143,7 @@ def run_variant(task: str, variant: Variant, seed: int, recipe: Recipe, root: Pa
         "params": summary["params"],
         "train_seconds": summary["wall_seconds"],
         "epochs": cfg.epochs,
-        "backbone": recipe.backbone,
+        "backbone": backbone_of(task, recipe),
     }
     return record, history
 
@@ -146,7 +152,7 @@ def _run_seed(task: str, seed: int, recipe: Recipe, root: Path, names: tuple[str
     """Every selected variant on one (task, seed), in order ('conv' before the model converted from it)."""
     torch.set_num_threads(1)
     done = []
-    for variant in variants(recipe.backbone, recipe.heads):
+    for variant in variants(backbone_of(task, recipe), recipe.heads):
         if variant.name in names:
             record, history = run_variant(task, variant, seed, recipe, root)
             print(
@@ -162,7 +168,7 @@ def run_suite(
     tasks: list[str], seeds: int, recipe: Recipe, root: Path, workers: int = 1, names: tuple[str, ...] | None = None
 ) -> tuple[list[dict], dict]:
     """Every variant x seed on every task -> (records, {task: {variant: [history per seed]}}, architectures)."""
-    names = names or tuple(v.name for v in variants(recipe.backbone, recipe.heads))
+    names = names or VARIANT_NAMES
     jobs = [(task, seed) for task in tasks for seed in range(seeds)]
     if workers > 1:
         context = multiprocessing.get_context("spawn")

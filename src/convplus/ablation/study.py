@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..train import train
-from .runner import Recipe, config, slug
+from .runner import Recipe, backbone_of, config, slug
 from .variants import variants
 
 SETTINGS: dict[str, dict] = {
@@ -26,7 +26,7 @@ SETTINGS: dict[str, dict] = {
 def run_study(task: str, seeds: int, recipe: Recipe, root: Path) -> list[dict]:
     """Every setting x seed on ``task``; needs the suite's ``conv`` runs under ``root``. One record per run:
     task, setting, seed, top1, attention_share and mean_abs_gain (last epoch, mean over layers), seconds."""
-    converted = next(v for v in variants(recipe.backbone, recipe.heads) if v.finetune_from)
+    converted = next(v for v in variants(backbone_of(task, recipe), recipe.heads) if v.finetune_from)
     records = []
     for seed in range(seeds):
         for setting, options in SETTINGS.items():

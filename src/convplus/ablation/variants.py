@@ -5,7 +5,9 @@ Every variant keeps the backbone's blocks and widths; only the mixer changes, at
 - ``conv``: the plain depthwise conv.
 - ``attention-local`` / ``attention-global``: Conv+ without its conv term, 'qk' scores with qk_dim chosen so
   that the query/key weights (2 K qk_dim C) replace the conv's k^2 C weights: standard query/key attention.
-- ``convplus-local`` / ``convplus-global``: Conv+ trained from scratch, both terms on, learned blend.
+- ``convplus-local`` / ``convplus-global``: Conv+ trained from scratch, both terms on, learned blend,
+  'direct' scores starting at temperature 1 (at the layer's default 10 the global map starts sharp and
+  near-local, and Conv+ did not learn the long-range task within the budget).
 - ``conv-to-convplus``: the same seed's trained ``conv`` model converted exactly (gains 0, global window)
   and fine-tuned for as many epochs as the others train.
 - ``fixed-blend``: ``convplus-global`` with its gains frozen at their initial 1: does learning the blend matter?
@@ -51,7 +53,7 @@ def variants(backbone: str, heads: int = 1) -> tuple[Variant, ...]:
     """The eight variants on ``backbone`` (Conv+ with ``heads`` heads)."""
     k = kernel_size(backbone)
     attention_only = {"heads": heads, "convolution": False, "score": "qk", "qk_dim": max(1, round(k * k / (2 * heads)))}
-    convplus = {"heads": heads}
+    convplus = {"heads": heads, "temperature": 1.0}  # as the converted layers start (see study.py)
     return (
         Variant("conv", f"{k}x{k} depthwise conv (the plain backbone)"),
         Variant(
