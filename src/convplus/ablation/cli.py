@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     }
     files = {"results.json": records, "layers.json": histories, "architectures.json": architectures}
     if args.task == "all" and not args.data and "conv" in names:
-        files["replace_study.json"] = run_study(STUDY_TASK, min(seeds, STUDY_SEEDS), recipe, args.output)
+        files["replace_study.json"] = run_study(STUDY_TASK, min(seeds, STUDY_SEEDS), recipe, args.output, args.workers)
     minutes = (time.perf_counter() - start) / 60
     flags = f"--data {args.data}" if args.data else f"--task {args.task}"
     command = f"convplus ablate {flags} --seeds {seeds}" + f" --backbone {args.backbone}" * bool(args.backbone)

@@ -150,7 +150,6 @@ def run_variant(task: str, variant: Variant, seed: int, recipe: Recipe, root: Pa
 
 def _run_seed(task: str, seed: int, recipe: Recipe, root: Path, names: tuple[str, ...]) -> list[tuple[dict, list]]:
     """Every selected variant on one (task, seed), in order ('conv' before the model converted from it)."""
-    torch.set_num_threads(1)
     done = []
     for variant in variants(backbone_of(task, recipe), recipe.heads):
         if variant.name in names:
@@ -164,6 +163,13 @@ def _run_seed(task: str, seed: int, recipe: Recipe, root: Path, names: tuple[str
     return done
 
 
+def single_thread_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` fresh processes of one thread each (small models: threads would only contend)."""
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)
+    )
+
+
 def run_suite(
     tasks: list[str], seeds: int, recipe: Recipe, root: Path, workers: int = 1, names: tuple[str, ...] | None = None
 ) -> tuple[list[dict], dict]:
@@ -171,8 +177,7 @@ def run_suite(
     names = names or VARIANT_NAMES
     jobs = [(task, seed) for task in tasks for seed in range(seeds)]
     if workers > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with single_thread_pool(workers) as pool:
             outputs = list(pool.map(_run_seed, *zip(*[(t, s, recipe, root, names) for t, s in jobs], strict=True)))
     else:
         outputs = [_run_seed(task, seed, recipe, root, names) for task, seed in jobs]
