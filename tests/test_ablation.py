@@ -1,22 +1,166 @@
-"""``convplus ablate --quick``: runs end to end, matched parameters, report files."""
+"""``convplus ablate``: the quick suite end to end, matched parameters, receptive fields, results.json, the
+statistics, user data, and what ``--replace-convplus`` builds with and without trained weights."""
 
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from scipy import stats as scipy_stats
+
+from convplus import ConvPlus2d
+from convplus.ablation.backbones import BACKBONES, grid_sizes, receptive_field
+from convplus.ablation.stats import paired, pooled_std, summarize, verdict
+from convplus.ablation.variants import VARIANT_NAMES, variants
 from convplus.cli import main
+from convplus.models import replace_convplus
+from convplus.train import TrainConfig
+from convplus.train.classification import ClassificationTask
+from convplus.train.data import build_data
+from convplus.train.engine import optimizer_groups
+
+RECORD_KEYS = {"task": str, "variant": str, "seed": int, "top1": float, "params": int, "train_seconds": float}
 
 
-def test_quick_ablation_runs_and_matches_parameters(tmp_path):
-    assert main(["ablate", "--task", "texture", "--seeds", "1", "--quick", "--output", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())["texture"]
-    params = {name: runs[0]["params"] for name, runs in results.items()}
-    assert len(params) == 6
-    reference = params["conv"]
-    assert all(abs(p - reference) / reference <= 0.05 for p in params.values()), params
-    assert results["conv-to-convplus"][0]["layers"] and results["conv"][0]["layers"] == []
-    layer = results["convplus-local"][0]["layers"][0]
-    assert 0 <= layer["attention_share"] <= 1 and layer["mean_attention_distance"] > 0
-    for name in ("results.md", "top1.png", "texture_layers.png", "texture_attention.png"):
-        assert (tmp_path / name).is_file(), name
-    assert "| convplus-local |" in (tmp_path / "results.md").read_text()
+def _model(backbone: str, variant) -> torch.nn.Module:
+    kwargs = {"backbone": backbone, "mixer": variant.mixer, "mixer_kwargs": variant.mixer_kwargs}
+    if variant.finetune_from:  # the conv model converted exactly
+        return replace_convplus(timm.create_model("convplus_ablation", backbone=backbone), **variant.convert_kwargs)
+    return timm.create_model("convplus_ablation", frozen_gain=variant.frozen_gain, **kwargs)
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_variants_match_parameters_within_two_percent(backbone):
+    params = {v.name: sum(p.numel() for p in _model(backbone, v).parameters()) for v in variants(backbone)}
+    assert list(params) == list(VARIANT_NAMES)
+    assert max(params.values()) / min(params.values()) <= 1.02, params
+
+
+def test_receptive_fields_and_grids():
+    """The conv column sees 2 + depth * (k - 1) * 2 = 18 px of 32 (its 16x16 grid's cells are 2 px); local
+    windows add nothing to that; global attention and the sketch see the whole image (the converted conv too,
+    once its gains move away from 0)."""
+    expected = {"conv": 18, "attention-local": 18, "convplus-local": 18}
+    for variant in variants("isotropic"):
+        model = _model("isotropic", variant)
+        assert receptive_field(model, 32, 3) == expected.get(variant.name, 32), variant.name
+        assert grid_sizes(model, 32, 3) == [16]
+    assert grid_sizes(timm.create_model("convplus_ablation", backbone="hierarchical"), 32, 3) == [16, 8, 4, 2]
+
+
+def test_fixed_blend_freezes_only_the_gains():
+    fixed = next(v for v in variants("isotropic") if v.name == "fixed-blend")
+    layers = [m for m in _model("isotropic", fixed).modules() if isinstance(m, ConvPlus2d)]
+    assert layers and all(not m.gain.requires_grad and m.kernel.requires_grad for m in layers)
+    assert all(torch.equal(m.gain, torch.ones_like(m.gain)) for m in layers)
+
+
+def test_statistics():
+    values = [90.0, 92.0, 91.0, 95.0, 89.0]
+    s = summarize(values)
+    assert s.mean == pytest.approx(91.4) and s.std == pytest.approx(np.std(values, ddof=1))
+    low, high = scipy_stats.t.interval(0.95, 4, loc=s.mean, scale=scipy_stats.sem(values))
+    assert (s.mean - s.ci, s.mean + s.ci) == pytest.approx((low, high))
+    a, b = {0: 80.0, 1: 82.0, 2: 81.0}, {0: 70.0, 1: 73.0, 2: 70.5, 3: 99.0}
+    assert paired(a, b).mean == pytest.approx(np.mean([10.0, 9.0, 10.5]))  # seed 3 has no pair
+    assert verdict(paired(a, b)).startswith("exceeds")
+    assert verdict(paired(b, a)).startswith("falls short by")
+    assert verdict(summarize([-1.0, 1.0, 0.5])).startswith("reaches")
+    assert pooled_std([[1.0, 3.0], [10.0, 14.0]]) == pytest.approx(math.sqrt((2.0 + 8.0) / 2))
+
+
+def _check_results(folder, tasks, names, seeds):
+    records = json.loads((folder / "results.json").read_text())
+    assert isinstance(records, list) and len(records) == len(tasks) * len(names) * seeds
+    for record in records:
+        assert all(isinstance(record[k], kind) for k, kind in RECORD_KEYS.items()), record
+        assert 0 <= record["top1"] <= 100 and record["params"] > 0 and record["train_seconds"] > 0
+    assert {(r["task"], r["variant"], r["seed"]) for r in records} == {
+        (t, v, s) for t in tasks for v in names for s in range(seeds)
+    }
+    return records
+
+
+def test_quick_suite_end_to_end(tmp_path):
+    names = ["conv", "attention-global", "convplus-global", "conv-to-convplus", "seed-sketch"]
+    argv = ["ablate", "--task", "texture", "--quick", "--seeds", "2", "--workers", "1", "--output", str(tmp_path)]
+    assert main([*argv, "--variants", *names]) == 0
+    _check_results(tmp_path, ["texture"], names, 2)
+    history = json.loads((tmp_path / "layers.json").read_text())["texture"]
+    assert set(history) == set(names) - {"conv", "seed-sketch"}  # the models with Conv+ layers
+    layer = history["conv-to-convplus"][0][-1]["layers"][0]  # seed 0, last epoch, first layer
+    assert layer["mean_attention_distance"] > 0 and len(layer["gains"]) == 1
+    assert json.loads((tmp_path / "architectures.json").read_text())["texture"]["conv"]["receptive_field"] == 18
+    report = (tmp_path / "report.md").read_text()
+    assert "| task | conv | attention-global | convplus-global | conv-to-convplus | seed-sketch |" in report
+    assert (tmp_path / "top1.png").is_file() and (tmp_path / "blend_texture.png").is_file()
+    for name in ("top1.png", "report.md"):
+        (tmp_path / name).unlink()
+    assert main(["ablate", "--report", str(tmp_path)]) == 0  # from the files alone
+    assert (tmp_path / "report.md").read_text() == report and (tmp_path / "top1.png").is_file()
+
+
+def test_user_image_folder(tmp_path):
+    """--data imagefolder:PATH on a folder in the ImageNet layout (train/<class>/*, val/<class>/*)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 32), ("val", 8)):
+        for label in ("cat", "dog"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / label / f"{i}.png")
+    data = f"imagefolder:{tmp_path / 'data'}"
+    argv = ["ablate", "--data", data, "--quick", "--seeds", "1", "--workers", "1", "--output", str(tmp_path / "runs")]
+    assert main([*argv, "--variants", "conv", "convplus-local"]) == 0
+    _check_results(tmp_path / "runs", [data], ["conv", "convplus-local"], 1)
+    assert (tmp_path / "runs" / "report.md").is_file()
+    assert main(["ablate", "--data", "coco:/nowhere", "--quick"]) == 2
+
+
+def _converted(tmp_path, pretrained_file=None):
+    cfg = TrainConfig(
+        model="convnextv2_atto",
+        model_kwargs={"depths": [1, 1, 1, 1], "dims": [8, 16, 16, 16]},
+        replace_convplus=True,
+        pretrained_file=pretrained_file,
+        max_train_samples=8,
+        max_val_samples=8,
+    )
+    data = build_data(cfg.data, cfg.img_size, max_train=8, max_val=8)
+    return ClassificationTask(cfg, data, torch.device("cpu")).build_model().eval(), data
+
+
+def test_replace_convplus_is_fresh_without_weights_and_exact_with_them(tmp_path):
+    fresh, data = _converted(tmp_path)
+    layers = [m for m in fresh.modules() if isinstance(m, ConvPlus2d)]
+    assert layers and all(torch.equal(m.gain, torch.ones_like(m.gain)) for m in layers)  # both terms on
+
+    plain = timm.create_model("convnextv2_atto", num_classes=10, in_chans=1, depths=[1, 1, 1, 1], dims=[8, 16, 16, 16])
+    torch.save(plain.state_dict(), tmp_path / "plain.pth")
+    converted, _ = _converted(tmp_path, str(tmp_path / "plain.pth"))
+    layers = [m for m in converted.modules() if isinstance(m, ConvPlus2d)]
+    assert all(torch.equal(m.gain, torch.zeros_like(m.gain)) for m in layers)
+    assert all(torch.allclose(m.temperature, torch.ones(1)) for m in layers)  # the study's default, tau = 1
+    x = torch.stack([data.val[i][0] for i in range(4)])
+    with torch.no_grad():
+        assert torch.allclose(converted(x), plain.eval()(x), atol=1e-5)
+
+
+def test_gains_and_temperatures_get_their_own_learning_rate():
+    assert TrainConfig(replace_convplus=True, pretrained_file="weights.pth").blend_lr_scale() == 10.0
+    assert TrainConfig(replace_convplus=True).blend_lr_scale() == TrainConfig().blend_lr_scale() == 1.0
+    assert TrainConfig(convplus_lr_scale=3.0).blend_lr_scale() == 3.0
+    model = timm.create_model("convplus_ablation", mixer="convplus", mixer_kwargs={"heads": 1})
+    groups = optimizer_groups(model, 0.05, 10.0)
+    blend = {id(m.gain) for m in model.modules() if isinstance(m, ConvPlus2d)}
+    blend |= {id(m.log_temperature) for m in model.modules() if isinstance(m, ConvPlus2d)}
+    for group in groups:
+        in_blend = {id(p) in blend for p in group["params"]}
+        assert len(in_blend) == 1 and group["lr_scale"] == (10.0 if in_blend.pop() else 1.0)
+        assert group["weight_decay"] == (0.05 if all(p.ndim > 1 for p in group["params"]) else 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -53,14 +53,15 @@ def layer_behaviour(model: nn.Module, images: torch.Tensor) -> list[dict]:
 
 
 @torch.no_grad()
-def attention_distance(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+def attention_distance(model: nn.Module, images: torch.Tensor, max_cells: int | None = None) -> dict[str, float]:
     """Per Conv+ layer with an attention term: mean over queries, heads and images of sum_j A(i, j) |j - i|,
-    the expected Euclidean distance (in that layer's grid cells) between a query and what it attends to."""
+    the expected Euclidean distance (in that layer's grid cells) between a query and what it attends to.
+    Layers whose grid has more than ``max_cells`` cells are skipped (the attention matrix is N x N)."""
     modules = dict(model.named_modules())
     distances = {}
     for name, x in capture_inputs(model, images).items():
         module = modules[name]
-        if module.gain is None:
+        if module.gain is None or (max_cells is not None and x[0, 0].numel() > max_cells):
             continue
         probs = module.attention_probs(x)  # (B, K, N, N)
         grids = torch.meshgrid(*[torch.arange(s, dtype=probs.dtype) for s in x.shape[2:]], indexing="ij")
@@ -68,3 +69,14 @@ def attention_distance(model: nn.Module, images: torch.Tensor) -> dict[str, floa
         distance = torch.cdist(coords, coords)  # (N, N)
         distances[name] = (probs * distance).sum(-1).mean().item()
     return distances
+
+
+def layer_summary(model: nn.Module, images: torch.Tensor, distance_images: int = 8) -> list[dict]:
+    """``layer_behaviour`` plus each layer's ``mean_attention_distance`` (on the first ``distance_images``
+    images; None for a layer without attention term or with a grid over 1024 cells)."""
+    stats = layer_behaviour(model, images)
+    if stats:
+        distances = attention_distance(model, images[:distance_images], max_cells=1024)
+        for layer in stats:
+            layer["mean_attention_distance"] = distances.get(layer["name"])
+    return stats

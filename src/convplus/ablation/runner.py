@@ -1,97 +1,190 @@
-"""Run the ablation: every variant x seed on one task, through the trainer; collect summaries.
+"""Run the ablation: every variant x seed on each task, through the trainer; collect per-seed records.
 
-Each run is ``convplus.train.train`` with one recipe; ``conv-to-convplus`` starts from the same seed's
-``conv`` run (``--pretrained-file`` + exact ``--replace-convplus``) and fine-tunes for ``finetune_epochs``.
+Each run is ``convplus.train.train`` of the ``convplus_ablation`` model. ``conv-to-convplus`` starts from
+the same seed's trained ``conv`` run (``--pretrained-file`` + ``--replace-convplus``: an exact conversion)
+and fine-tunes for as many epochs as the others train. Runs of different (task, seed) pairs are independent
+and go to ``workers`` processes of one thread each; a seed's runs share its data order (paired comparison).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import timm
 import torch
 
-from ..analysis import attention_distance, layer_behaviour
-from ..train import TrainConfig, load_run, train
-from .variants import BACKBONE, VARIANTS
+from ..train import TrainConfig, train
+from ..train.data import build_data
+from .backbones import grid_sizes, receptive_field
+from .variants import VARIANT_NAMES, Variant, variants
 
-TASKS = ("digits", "texture", "longrange", "pathfinder")
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of the suite: its data, what decides it, the level some variant must reach to keep it, and
+    its training length."""
+
+    data: str
+    decided_by: str  # 'local statistics' or 'long range'
+    level: float  # top-1 (%) that the best variant must reach for the task to separate anything
+    chance: float  # the best top-1 (%) of a model that sees no two decisive parts at once (local ceiling)
+    epochs: int
+    max_train_samples: int | None = None
+    backbone: str = "isotropic"
+
+
+TASKS: dict[str, TaskSpec] = {
+    "digits": TaskSpec("digits", "local statistics", 90.0, 10.0, epochs=8, backbone="hierarchical"),
+    "texture": TaskSpec("synthetic:texture", "local statistics", 90.0, 25.0, epochs=3, max_train_samples=800),
+    "xor": TaskSpec("synthetic:xor", "long range", 90.0, 75.0, epochs=3, max_train_samples=1500),
+}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Training settings shared by every variant."""
+    """Training settings shared by every variant (the task sets the epochs unless ``epochs`` is given)."""
 
-    epochs: int = 12
-    finetune_epochs: int = 4
-    batch_size: int = 64
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 3e-3
+    epochs: int | None = None
     max_train_samples: int | None = None
     max_val_samples: int | None = None
+    backbone: str | None = None  # None: each task's own
+    heads: int = 1
 
 
-FULL = Recipe()
-QUICK = Recipe(epochs=1, finetune_epochs=1, max_train_samples=192, max_val_samples=128)
+FULL = Recipe(max_val_samples=500)
+QUICK = Recipe(epochs=1, max_train_samples=64, max_val_samples=32)
 
 
-def data_form(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"--task must be one of {', '.join(TASKS)} or 'all', got {task!r}")
-    return "digits" if task == "digits" else f"synthetic:{task}"
+def task_spec(task: str) -> TaskSpec:
+    """A suite task by name, or user data (``cifar10:PATH``, ``imagefolder:PATH``) trained for 10 epochs."""
+    if task in TASKS:
+        return TASKS[task]
+    kind = task.partition(":")[0]
+    if kind not in ("cifar10", "cifar100", "imagefolder"):
+        raise ValueError(f"--task must be one of {', '.join(TASKS)} or all; --data cifar10:PATH | imagefolder:PATH")
+    return TaskSpec(task, "user data", math.nan, math.nan, epochs=10)
 
 
-def run_variant(task: str, variant, seed: int, recipe: Recipe, root: Path) -> dict:
-    """Train one variant on one task with one seed; returns its summary plus per-layer interpretation."""
-    output = root / task / variant.name / f"seed{seed}"
+def backbone_of(task: str, recipe: Recipe) -> str:
+    """The backbone a task runs on: the recipe's if it names one, else the task's."""
+    return recipe.backbone or task_spec(task).backbone
+
+
+def config(task: str, variant: Variant, seed: int, recipe: Recipe, root: Path) -> TrainConfig:
+    """The trainer settings of one run (its folder: root/task/variant/seed<seed>)."""
+    spec = task_spec(task)
+    model_kwargs = {"backbone": backbone_of(task, recipe), "mixer": variant.mixer, "frozen_gain": variant.frozen_gain}
+    if variant.mixer_kwargs:
+        model_kwargs["mixer_kwargs"] = variant.mixer_kwargs
     cfg = TrainConfig(
-        model=variant.model,
-        data=data_form(task),
+        model="convplus_ablation",
+        data=spec.data,
         img_size=32,
-        epochs=recipe.epochs,
+        epochs=recipe.epochs or spec.epochs,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
-        warmup_epochs=1 if recipe.epochs > 2 else 0,
+        warmup_epochs=1,
         seed=seed,
-        output=str(output),
+        output=str(root / slug(task) / variant.name / f"seed{seed}"),
         overwrite=True,
         quiet=True,
-        model_kwargs={**BACKBONE, **variant.model_kwargs},
-        replace_convplus=variant.replace_convplus,
-        convplus_kwargs=variant.convplus_kwargs,
-        max_train_samples=recipe.max_train_samples,
+        model_kwargs=model_kwargs,
+        max_train_samples=recipe.max_train_samples or spec.max_train_samples,
         max_val_samples=recipe.max_val_samples,
     )
     if variant.finetune_from:
-        source = root / task / variant.finetune_from / f"seed{seed}" / "last" / "model.safetensors"
-        cfg = replace(cfg, model="convnextv2_atto", pretrained_file=str(source), epochs=recipe.finetune_epochs)
+        source = root / slug(task) / variant.finetune_from / f"seed{seed}" / "last" / "model.safetensors"
+        cfg = replace(
+            cfg,
+            pretrained_file=str(source),
+            replace_convplus=True,
+            convplus_kwargs=variant.convert_kwargs,
+        )
+    return cfg
+
+
+def slug(task: str) -> str:
+    """A folder name for a task or a user data form."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
+
+
+def architecture(task: str, variant: Variant, recipe: Recipe) -> dict:
+    """Receptive field (px) and stage grid sides of a variant's model on the task's images."""
+    cfg = config(task, variant, 0, recipe, Path("."))
+    in_chans = build_data(cfg.data, cfg.img_size, max_train=1, max_val=1).in_chans if ":" in cfg.data else 1
+    kwargs = {**cfg.model_kwargs}
+    if variant.finetune_from:  # the converted model: the plain one, then Conv+ with the conversion's window
+        kwargs = {**kwargs, "mixer": "convplus", "mixer_kwargs": variant.convert_kwargs}
+    model = timm.create_model(cfg.model, num_classes=2, in_chans=in_chans, **kwargs)
+    return {
+        "receptive_field": receptive_field(model, cfg.img_size, in_chans),
+        "grids": grid_sizes(model, cfg.img_size, in_chans),
+    }
+
+
+def run_variant(task: str, variant: Variant, seed: int, recipe: Recipe, root: Path) -> tuple[dict, list]:
+    """Train one variant with one seed: its record (results.json) and its per-epoch Conv+ layer history."""
+    cfg = config(task, variant, seed, recipe, root)
     summary = train(cfg)
-    summary["layers"] = _interpret(output)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    history_file = Path(cfg.output) / "convplus_layers_epochs.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    record = {
+        "task": task,
+        "variant": variant.name,
+        "seed": seed,
+        "top1": summary["final_top1"],
+        "params": summary["params"],
+        "train_seconds": summary["wall_seconds"],
+        "epochs": cfg.epochs,
+        "backbone": backbone_of(task, recipe),
+    }
+    return record, history
 
 
-def _interpret(output: Path) -> list[dict]:
-    """Per Conv+ layer of the trained model: gains, attention energy share, mean attention distance."""
-    run = load_run(output, "last", max_val=32)
-    images = torch.stack([run.data.val[i][0] for i in range(len(run.data.val))])
-    stats = layer_behaviour(run.model, images)
-    distances = attention_distance(run.model, images[:8])
-    for layer in stats:
-        layer["mean_attention_distance"] = distances.get(layer["name"])
-    return stats
-
-
-def run_task(task: str, seeds: int, recipe: Recipe, root: Path) -> dict[str, list[dict]]:
-    """Every variant x seed on ``task`` -> {variant name: [summary per seed]}."""
-    results: dict[str, list[dict]] = {v.name: [] for v in VARIANTS}
-    for seed in range(seeds):
-        for variant in VARIANTS:  # 'conv' runs before the variant fine-tuned from it
-            summary = run_variant(task, variant, seed, recipe, root)
-            results[variant.name].append(summary)
+def _run_seed(task: str, seed: int, recipe: Recipe, root: Path, names: tuple[str, ...]) -> list[tuple[dict, list]]:
+    """Every selected variant on one (task, seed), in order ('conv' before the model converted from it)."""
+    done = []
+    for variant in variants(backbone_of(task, recipe), recipe.heads):
+        if variant.name in names:
+            record, history = run_variant(task, variant, seed, recipe, root)
             print(
-                f"{task:10s} {variant.name:22s} seed {seed}: top-1 {summary['final_top1']:6.2f}%  "
-                f"{summary['wall_seconds']:6.1f}s",
+                f"{task:10s} {variant.name:18s} seed {seed}: top-1 {record['top1']:6.2f}%  "
+                f"{record['train_seconds']:6.1f}s",
                 flush=True,
             )
-    return results
+            done.append((record, history))
+    return done
+
+
+def single_thread_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` fresh processes of one thread each (small models: threads would only contend)."""
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)
+    )
+
+
+def run_suite(
+    tasks: list[str], seeds: int, recipe: Recipe, root: Path, workers: int = 1, names: tuple[str, ...] | None = None
+) -> tuple[list[dict], dict]:
+    """Every variant x seed on every task -> (records, {task: {variant: [history per seed]}}, architectures)."""
+    names = names or VARIANT_NAMES
+    jobs = [(task, seed) for task in tasks for seed in range(seeds)]
+    if workers > 1:
+        with single_thread_pool(workers) as pool:
+            outputs = list(pool.map(_run_seed, *zip(*[(t, s, recipe, root, names) for t, s in jobs], strict=True)))
+    else:
+        outputs = [_run_seed(task, seed, recipe, root, names) for task, seed in jobs]
+    records, histories = [], {}
+    for output in outputs:
+        for record, history in output:
+            records.append(record)
+            if history:  # a model with Conv+ layers
+                histories.setdefault(record["task"], {}).setdefault(record["variant"], []).append(history)
+    return records, histories

@@ -4,10 +4,12 @@ All are 32x32 grayscale, deterministic for (name, split, seed), with balanced la
 
 - ``texture`` (4 classes): horizontal, vertical, diagonal stripes or a checkerboard, with random period,
   phase, contrast and noise. Any 5x5 patch tells the class: local patterns suffice.
-- ``longrange`` (2 classes): two 4x4 glyphs (from 8) placed far apart (>= 16 px); label = same glyph. A
-  patch that sees one glyph says nothing about the other: it needs global context.
-- ``pathfinder`` (2 classes): two dots and dashed curves among distractor curves; label = the dots lie on the
-  same curve (in the style of the Long Range Arena Pathfinder task).
+- ``samediff`` (2 classes): a strip of one of 4 patterns at the left edge and one at the right edge;
+  label = the same pattern.
+- ``xor`` (2 classes): a strip of random sign at each edge; label = the signs agree.
+
+In the two long-range tasks the two parts that decide the label are farther apart (20 px) than the 18 px
+that a unit of the ablation's conv column sees: each part alone says nothing about the label.
 
 Cards with sizes and generation details: docs/datasets/.
 """
@@ -53,60 +55,48 @@ def texture(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32), labels
 
 
-GLYPHS = np.random.default_rng(1234).integers(0, 2, (8, 4, 4)).astype(np.float32)
+STRIP = 6  # strip width (px) of the long-range tasks: the strips are 32 - 2 * STRIP = 20 px apart
 
 
-def longrange(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def xor(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A strip of STRIP px at the left edge and one at the right edge, each of one random sign; label 1 when
+    the signs agree (the exclusive-or of two parts SIZE - 2 * STRIP px apart)."""
     labels = _balanced_labels(rng, n, 2)
-    first = rng.integers(0, len(GLYPHS), n)
-    second = np.where(labels == 1, first, (first + rng.integers(1, len(GLYPHS), n)) % len(GLYPHS))
+    left = rng.choice([-1.0, 1.0], n).astype(np.float32)
+    right = np.where(labels == 1, left, -left)
     images = rng.normal(0, 0.3, (n, SIZE, SIZE)).astype(np.float32)
-    for i in range(n):
-        while True:  # two positions at least 16 px apart (Chebyshev distance)
-            a, b = rng.integers(0, SIZE - 4, 2), rng.integers(0, SIZE - 4, 2)
-            if np.abs(a - b).max() >= 16:
-                break
-        images[i, a[0] : a[0] + 4, a[1] : a[1] + 4] += 2 * GLYPHS[first[i]] - 1
-        images[i, b[0] : b[0] + 4, b[1] : b[1] + 4] += 2 * GLYPHS[second[i]] - 1
+    images[:, :, :STRIP] += left[:, None, None]
+    images[:, :, SIZE - STRIP :] += right[:, None, None]
     return images, labels
 
 
-def _curve(rng: np.random.Generator, steps: int = 60) -> np.ndarray:
-    """A smooth random walk inside the image: (steps, 2) float positions."""
-    pos = rng.uniform(4, SIZE - 4, 2)
-    angle = rng.uniform(0, 2 * np.pi)
-    points = []
-    for _ in range(steps):
-        angle += rng.normal(0, 0.25)
-        step = np.array([np.sin(angle), np.cos(angle)]) * 0.8
-        if not (1 <= pos[0] + step[0] < SIZE - 1 and 1 <= pos[1] + step[1] < SIZE - 1):
-            angle += np.pi / 2
-            continue
-        pos = pos + step
-        points.append(pos.copy())
-    return np.array(points)
+PATTERNS = np.stack(  # (4, SIZE, STRIP): the strip patterns of samediff, +-1
+    [
+        np.ones((SIZE, STRIP)),  # solid
+        np.kron((-1.0) ** np.arange(SIZE // 2)[:, None], np.ones((2, STRIP))),  # horizontal bars, 4-px period
+        np.kron((-1.0) ** np.arange(STRIP // 2)[None, :], np.ones((SIZE, 2))),  # vertical bars
+        np.kron((-1.0) ** np.add.outer(np.arange(SIZE // 2), np.arange(STRIP // 2)), np.ones((2, 2))),  # checker
+    ]
+).astype(np.float32)
 
 
-def pathfinder(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def samediff(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A strip of one of 4 patterns (random sign) at the left edge and one at the right edge; label 1 when
+    they show the same pattern."""
     labels = _balanced_labels(rng, n, 2)
-    images = np.zeros((n, SIZE, SIZE), dtype=np.float32)
-    for i in range(n):
-        curves = [_curve(rng) for _ in range(3)]
-        for curve in curves:
-            dashed = curve[(np.arange(len(curve)) // 4) % 2 == 0]  # dashes of 4 steps, gaps of 4
-            images[i, dashed[:, 0].astype(int), dashed[:, 1].astype(int)] = 1.0
-        first = curves[0]
-        end = curves[0][-1] if labels[i] == 1 else curves[1][-1]
-        for y, x in (first[0].astype(int), end.astype(int)):
-            images[i, max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = 2.0
-    images += rng.normal(0, 0.1, images.shape).astype(np.float32)
+    first = rng.integers(0, len(PATTERNS), n)
+    second = np.where(labels == 1, first, (first + rng.integers(1, len(PATTERNS), n)) % len(PATTERNS))
+    signs = rng.choice([-1.0, 1.0], (2, n, 1, 1)).astype(np.float32)
+    images = rng.normal(0, 0.3, (n, SIZE, SIZE)).astype(np.float32)
+    images[:, :, :STRIP] += signs[0] * PATTERNS[first]
+    images[:, :, SIZE - STRIP :] += signs[1] * PATTERNS[second]
     return images, labels
 
 
 SYNTHETIC_DATASETS: dict[str, SyntheticSpec] = {
     "texture": SyntheticSpec(4, texture, {"train": 2000, "val": 500, "test": 500}),
-    "longrange": SyntheticSpec(2, longrange, {"train": 3000, "val": 600, "test": 600}),
-    "pathfinder": SyntheticSpec(2, pathfinder, {"train": 3000, "val": 600, "test": 600}),
+    "samediff": SyntheticSpec(2, samediff, {"train": 4000, "val": 1000, "test": 1000}),
+    "xor": SyntheticSpec(2, xor, {"train": 4000, "val": 1000, "test": 1000}),
 }
 
 

@@ -74,7 +74,7 @@ def convplus_convnextv2(
     def build(**model_kwargs) -> nn.Module:
         model = timm.create_model(f"convnextv2_{size}", **model_kwargs)
         for stage, config in enumerate(configs):
-            replace_convplus(model, stages=[stage], **config)
+            replace_convplus(model, stages=[stage], exact=False, **config)
         return model
 
     # timm's builder attaches the pretrained cfg and wraps features_only models (after the replacement)

@@ -60,7 +60,7 @@ class ClassificationTask(Task):
         if cfg.pretrained_file:  # into the plain model first: the exact conversion keeps its outputs
             load_pretrained(model, cfg.pretrained_file)
         if cfg.replace_convplus:
-            replace_convplus(model, stages=cfg.convplus_stages, **cfg.convplus_kwargs)
+            replace_convplus(model, stages=cfg.convplus_stages, exact=bool(cfg.pretrained_file), **cfg.convplus_kwargs)
         return model
 
     def step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:

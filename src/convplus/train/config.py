@@ -55,6 +55,7 @@ class TrainConfig:
     convplus_stages: list[int] | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     convplus_kwargs: dict[str, Any] = field(default_factory=dict)
+    convplus_lr_scale: float | None = None
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     quiet: bool = False
@@ -73,7 +74,10 @@ class TrainConfig:
         "ema": "EMA decay of the weights (0 = off), evaluated alongside the model",
         "resume": "continue the run in --output from its last checkpoint",
         "overwrite": "replace a different run in --output",
-        "replace_convplus": "replace ConvNeXt depthwise convs with Conv+ (exact from_conv unless --convplus-kwargs)",
+        "replace_convplus": "replace ConvNeXt depthwise convs with Conv+: fresh layers with both terms on, or, with "
+        "--pretrained-file, an exact conversion of the loaded convs (gains 0) that can learn attention from there",
+        "convplus_lr_scale": "learning-rate multiplier for the Conv+ gains and temperatures (default: 10 for an "
+        "exact conversion, --replace-convplus with --pretrained-file; else 1)",
         "convplus_stages": "stage indices to convert (default: all)",
         "model_kwargs": "JSON dict for timm.create_model, e.g. '{\"depths\": [1,1,1,1]}'",
         "convplus_kwargs": 'JSON dict of Conv+ settings for fresh layers, e.g. \'{"heads": 4, "window": null}\'',
@@ -117,7 +121,7 @@ class TrainConfig:
         problems += [(name, "a number in [0, 1)") for name in fractions if not 0 <= _number(getattr(self, name)) < 1]
         problems += [
             (name, "a number > 0 or unset")
-            for name in ("max_train_samples", "max_val_samples")
+            for name in ("max_train_samples", "max_val_samples", "convplus_lr_scale")
             if getattr(self, name) is not None and not _number(getattr(self, name)) > 0
         ]
         if self.amp not in AMP_MODES:
@@ -130,6 +134,13 @@ class TrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected {expected}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other: continue the run or replace it")
+
+    def blend_lr_scale(self) -> float:
+        """The learning-rate multiplier of the Conv+ gains and temperatures (``convplus_lr_scale`` or its
+        default: 10 when converting trained convs exactly, where the gains must move away from 0; else 1)."""
+        if self.convplus_lr_scale is not None:
+            return self.convplus_lr_scale
+        return 10.0 if self.replace_convplus and self.pretrained_file else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -56,7 +56,9 @@ class DetectionTask(Task):
             kwargs["drop_path_rate"] = cfg.drop_path
         model = create_detector(cfg.model, self.data.num_classes, cfg.masks, cfg.pretrained_file, **kwargs)
         if cfg.replace_convplus:
-            replace_convplus(backbone_of(model), stages=cfg.convplus_stages, **cfg.convplus_kwargs)
+            replace_convplus(
+                backbone_of(model), stages=cfg.convplus_stages, exact=bool(cfg.pretrained_file), **cfg.convplus_kwargs
+            )
         return model
 
     def _to_device(self, images: list, targets: list) -> tuple[list, list]:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .. import analysis
 from ..flops import count_flops
+from ..modules import _ConvPlusNd
 from . import checkpoint, distributed, plots
 from .config import TrainConfig
 from .data import DataSplits
@@ -138,6 +139,27 @@ def loaders(
     return train, val, sampler
 
 
+def optimizer_groups(model: nn.Module, weight_decay: float, blend_lr_scale: float) -> list[dict]:
+    """timm's parameter groups (weight decay on weights of rank >= 2 only), with the Conv+ gains and
+    temperatures in their own groups at ``lr_scale = blend_lr_scale`` (timm's schedulers apply lr_scale)."""
+    blend = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, _ConvPlusNd)
+        for p in (m.gain, m.log_temperature)
+        if p is not None
+    }
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            decay = param.ndim > 1 and not name.endswith(".bias")
+            groups.setdefault((decay, blend_lr_scale if id(param) in blend else 1.0), []).append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), params in groups.items()
+    ]
+
+
 def train_one_epoch(task: Task, model, loader, optimizer, scheduler, ema, scaler, epoch, cfg, ctx) -> dict[str, float]:
     """One pass over the training shard; returns the means of the task's ``train_keys``, images/s and
     seconds (all ranks)."""
@@ -216,7 +238,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
     net = DistributedDataParallel(model) if ctx.distributed else model
 
     # 4. optimizer, schedule, EMA
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scale = cfg.blend_lr_scale()
+    groups = None if scale == 1 else lambda m: optimizer_groups(m, cfg.weight_decay, scale)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, param_group_fn=groups)
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.sched,
@@ -240,13 +264,13 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
     distributed.barrier(ctx)
 
     # 5. resume
-    start_epoch, best, rows = 0, {"epoch": 0, "val": {}}, []
+    start_epoch, best, rows, layers = 0, {"epoch": 0, "val": {}}, [], []
     if cfg.resume:
         found = checkpoint.find(out / "last")
         state = checkpoint.load(found, model, ema.module if ema else None)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, rows = state["epoch"] + 1, state["best"], state["rows"]
+        start_epoch, best, rows, layers = state["epoch"] + 1, state["best"], state["rows"], state.get("layers", [])
         checkpoint.set_rng_state(state["rng"])
 
     writer = None
@@ -277,12 +301,17 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
             best = {"epoch": epoch + 1, "val": {k: val[k] for k in task.val_keys}}
         if ctx.is_main:
             _log(writer, out, rows, row, cfg, task)
+            stats = analysis.layer_summary(model, task.inputs(task.sample_images))
+            if stats:  # how the Conv+ blend moves: gains, attention share and distance per epoch
+                layers.append({"epoch": epoch + 1, "layers": stats})
+                (out / "convplus_layers_epochs.json").write_text(json.dumps(layers, indent=2) + "\n")
             state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,
                 "best": best,
                 "rows": rows,
+                "layers": layers,
                 "rng": checkpoint.rng_state(),
                 "config": cfg.to_dict(),
             }

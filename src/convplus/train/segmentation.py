@@ -70,7 +70,9 @@ class SegmentationTask(Task):
         kwargs = {**cfg.model_kwargs, **({"drop_path_rate": cfg.drop_path} if cfg.drop_path else {})}
         model = create_segmenter(cfg.model, self.data.num_classes, cfg.pretrained_file, **kwargs)
         if cfg.replace_convplus:
-            replace_convplus(backbone_of(model), stages=cfg.convplus_stages, **cfg.convplus_kwargs)
+            replace_convplus(
+                backbone_of(model), stages=cfg.convplus_stages, exact=bool(cfg.pretrained_file), **cfg.convplus_kwargs
+            )
         return model
 
     def step(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
