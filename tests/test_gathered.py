@@ -87,6 +87,16 @@ class _Mixer(torch.nn.Module):
         return gathered.mix(q, k, v, self.kernel, self.gain, self.window, self.dilation)
 
 
+def test_torch_export_traces_the_indices_as_constants():
+    """Non-strict torch.export (what torch.onnx.export tries first) runs the Python with fake tensors: the tile
+    indices must come out as constants, not as data-dependent computations."""
+    grid, window, dilation = (6, 7), (3, 5), (2, 1)
+    q, k, v, kernel, gain, _ = (t.detach() for t in _inputs(grid, window))
+    module = _Mixer(kernel, gain, window, dilation)
+    program = torch.export.export(module, (q, k, v), strict=False)
+    torch.testing.assert_close(program.module()(q, k, v), reference_mix(q, k, v, kernel, gain, window, dilation))
+
+
 def test_onnx_export_runs_in_onnxruntime_with_the_same_result(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

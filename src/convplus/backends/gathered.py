@@ -20,6 +20,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..neighborhood import reachable_halves
@@ -31,7 +32,8 @@ TILE = 7
 
 @dataclass(frozen=True)
 class Tiling:
-    """Constant index tensors that cut a grid of N positions into T tiles of M queries with L keys each.
+    """Constant index arrays that cut a grid of N positions into T tiles of M queries with L keys each. NumPy
+    arrays, so that tracing (``torch.export``) takes them as constants instead of tracing their construction.
 
     queries: (T * M,) int64, the flat grid index of each tile's queries; N (one past the grid) where a tile
         overhangs the grid (a padding query, computed and dropped).
@@ -39,16 +41,20 @@ class Tiling:
     bias: (T, M, L) float32, 0 where the key is in the query's neighborhood (and for every key of a padding
         query, so that its row stays finite), -inf elsewhere.
     position: (N,) int64, for each grid position, where its query sits in the (T * M,) tile order.
-    tiles, queries_per_tile, keys_per_tile: T, M, L.
     """
 
-    queries: torch.Tensor
-    keys: torch.Tensor
-    bias: torch.Tensor
-    position: torch.Tensor
-    tiles: int
-    queries_per_tile: int
-    keys_per_tile: int
+    queries: np.ndarray
+    keys: np.ndarray
+    bias: np.ndarray
+    position: np.ndarray
+
+    @property
+    def queries_per_tile(self) -> int:
+        return self.bias.shape[1]
+
+    @property
+    def keys_per_tile(self) -> int:
+        return self.bias.shape[2]
 
 
 def _tiles_1d(size: int, half: int, step: int, tile: int) -> list[tuple[list[int], list[int]]]:
@@ -65,57 +71,49 @@ def _tiles_1d(size: int, half: int, step: int, tile: int) -> list[tuple[list[int
     return tiles
 
 
-def _flat_index(coords_per_dim: list[list[int]], spatial: tuple[int, ...]) -> torch.Tensor:
+def _flat_index(coords_per_dim: list[list[int]], spatial: tuple[int, ...]) -> np.ndarray:
     """The row-major flat grid indices of the product of per-dim coordinates, N = prod(spatial) where any
     coordinate is -1 (outside the grid)."""
-    index = torch.zeros([len(c) for c in coords_per_dim], dtype=torch.int64)
-    outside = torch.zeros_like(index, dtype=torch.bool)
-    for d, coords in enumerate(coords_per_dim):
-        c = torch.tensor(coords).view([-1 if e == d else 1 for e in range(len(coords_per_dim))])
-        index = index + c.clamp_min(0) * math.prod(spatial[d + 1 :])
-        outside = outside | (c < 0)
-    return index.masked_fill(outside, math.prod(spatial)).flatten()
+    grids = np.meshgrid(*[np.asarray(c) for c in coords_per_dim], indexing="ij")
+    outside = np.any([g < 0 for g in grids], axis=0)
+    index = np.ravel_multi_index([np.maximum(g, 0) for g in grids], spatial)
+    return np.where(outside, math.prod(spatial), index).ravel()
+
+
+def _neighborhood_bias(combo: tuple, halves: tuple[int, ...], padding_query: np.ndarray) -> np.ndarray:
+    """(M, L) float32 of one tile: 0 where key b is in query a's window in every dim (0 <= b - a <= 2 * half)
+    and inside the grid, or where the query is padding; -inf elsewhere."""
+    allowed = np.ones((1, 1), dtype=bool)
+    for (queries, keys), half in zip(combo, halves, strict=True):
+        a, b = np.arange(len(queries))[:, None], np.arange(len(keys))[None, :]
+        dim_ok = (b - a >= 0) & (b - a <= 2 * half) & (np.asarray(keys) >= 0)[None, :]
+        allowed = (allowed[:, None, :, None] & dim_ok[None, :, None, :]).reshape(allowed.shape[0] * dim_ok.shape[0], -1)
+    return np.where(allowed | padding_query[:, None], 0.0, -np.inf).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=256)
 def tiling(spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...], tile: int = TILE) -> Tiling:
-    """The ``Tiling`` of a grid ``spatial`` for a window (odd ints) and dilation; cached, on the CPU."""
+    """The ``Tiling`` of a grid ``spatial`` for a window (odd ints) and dilation; cached."""
     halves = reachable_halves(spatial, window, dilation)
     per_dim = [_tiles_1d(s, h, r, tile) for s, h, r in zip(spatial, halves, dilation, strict=True)]
     n = math.prod(spatial)
     queries, keys, biases = [], [], []
     for combo in itertools.product(*per_dim):
-        q_coords, k_coords = [t[0] for t in combo], [t[1] for t in combo]
-        queries.append(_flat_index(q_coords, spatial))
-        keys.append(_flat_index(k_coords, spatial))
-        # key b of a dim is in query a's window when 0 <= b - a <= 2 * half (and inside the grid)
-        allowed = torch.ones(1, 1, dtype=torch.bool)
-        for (qc, kc), h in zip(combo, halves, strict=True):
-            a, b = torch.arange(len(qc)).view(-1, 1), torch.arange(len(kc)).view(1, -1)
-            dim_ok = (b - a >= 0) & (b - a <= 2 * h) & (torch.tensor(kc) >= 0).view(1, -1)
-            allowed = (allowed[:, None, :, None] & dim_ok[None, :, None, :]).flatten(2).flatten(0, 1)
-        padding_query = (queries[-1] == n).view(-1, 1)
-        biases.append(torch.zeros(allowed.shape).masked_fill(~(allowed | padding_query), float("-inf")))
-    query_index = torch.cat(queries)
-    position = torch.empty(n, dtype=torch.int64)
+        queries.append(_flat_index([t[0] for t in combo], spatial))
+        keys.append(_flat_index([t[1] for t in combo], spatial))
+        biases.append(_neighborhood_bias(combo, halves, queries[-1] == n))
+    query_index = np.concatenate(queries)
+    position = np.empty(n, dtype=np.int64)
     real = query_index < n
-    position[query_index[real]] = torch.arange(query_index.numel())[real]
-    return Tiling(
-        queries=query_index,
-        keys=torch.cat(keys),
-        bias=torch.stack(biases),
-        position=position,
-        tiles=len(queries),
-        queries_per_tile=queries[0].numel(),
-        keys_per_tile=keys[0].numel(),
-    )
+    position[query_index[real]] = np.arange(query_index.size)[real]
+    return Tiling(queries=query_index, keys=np.concatenate(keys), bias=np.stack(biases), position=position)
 
 
-def _gather(t: torch.Tensor, index: torch.Tensor, per_tile: int) -> torch.Tensor:
+def _gather(t: torch.Tensor, index: np.ndarray, per_tile: int) -> torch.Tensor:
     """t (B, K, C, N) at the flat positions ``index`` (T * per_tile,), with index N reading zeros ->
     (B, K, T, per_tile, C)."""
     padded = torch.cat([t, t.new_zeros(*t.shape[:3], 1)], dim=3)
-    picked = padded.index_select(3, index.to(t.device))
+    picked = padded.index_select(3, torch.as_tensor(index, device=t.device))
     return picked.view(*t.shape[:3], -1, per_tile).permute(0, 1, 3, 4, 2)
 
 
@@ -134,9 +132,10 @@ def attend(
     q_t = _gather(flat[0], geometry.queries, geometry.queries_per_tile)  # (B, K, T, M, Dq)
     k_t = _gather(flat[1], geometry.keys, geometry.keys_per_tile)  # (B, K, T, L, Dq)
     v_t = _gather(flat[2], geometry.keys, geometry.keys_per_tile)  # (B, K, T, L, D)
-    scores = torch.matmul(q_t, k_t.transpose(-1, -2)) + geometry.bias.to(device=q.device, dtype=q.dtype)
+    bias = torch.as_tensor(geometry.bias, device=q.device).to(q.dtype)
+    scores = torch.matmul(q_t, k_t.transpose(-1, -2)) + bias
     z_t = torch.matmul(softmax_probs(scores, v.dtype), v_t)  # (B, K, T, M, D)
-    z = z_t.flatten(2, 3).index_select(2, geometry.position.to(v.device))  # (B, K, N, D)
+    z = z_t.flatten(2, 3).index_select(2, torch.as_tensor(geometry.position, device=v.device))  # (B, K, N, D)
     return z.transpose(2, 3).reshape(v.shape)
 
 
