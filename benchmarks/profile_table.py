@@ -22,7 +22,7 @@ PARTS = {  # part -> test on an op name; the first part that matches takes the o
     "fused kernel, backward pass": lambda name: "WindowMix" in name and "Backward" in name,
     "fused kernel, forward pass (scores, softmax, aggregation, conv term)": lambda name: "WindowMix" in name,
     "layout and dtype copies": lambda name: name in ("aten::copy_", "aten::clone", "aten::contiguous"),
-    "reductions (bias and gain gradients)": lambda name: name in ("aten::sum", "aten::mean"),
+    "reductions (aten::sum, aten::mean: bias gradients, the loss)": lambda name: name in ("aten::sum", "aten::mean"),
     "convolutions and matrix products (rest of the model)": lambda name: "conv" in name or "mm" in name,
 }
 
