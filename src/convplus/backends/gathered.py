@@ -111,13 +111,12 @@ def tiling(spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[in
 
 def _gather(t: torch.Tensor, index: np.ndarray, per_tile: int) -> torch.Tensor:
     """t (B, K, C, N) at the flat positions ``index`` (T * per_tile,), with index N reading zeros ->
-    (B, K, T, per_tile, C). The positions go first, so that each index copies one contiguous row of B*K*C
-    values (a gather along the last dim, one value at a time, is several times slower in onnxruntime)."""
-    batch, heads, channels, n = t.shape
-    rows = t.permute(3, 0, 1, 2).reshape(n, -1)
-    rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    picked = rows.index_select(0, torch.as_tensor(index, device=t.device))
-    return picked.view(-1, per_tile, batch, heads, channels).permute(2, 3, 0, 1, 4)
+    (B, K, T, per_tile, C). Channels go last, so that each index copies a contiguous row of C values (one value
+    at a time, along the last dim, is several times slower in onnxruntime) and the result needs no transpose."""
+    rows = t.transpose(2, 3)  # (B, K, N, C)
+    rows = torch.cat([rows, rows.new_zeros(*rows.shape[:2], 1, rows.shape[3])], dim=2)
+    picked = rows.index_select(2, torch.as_tensor(index, device=t.device))
+    return picked.view(*t.shape[:2], -1, per_tile, t.shape[2])
 
 
 def attend(
@@ -138,9 +137,8 @@ def attend(
     bias = torch.as_tensor(geometry.bias, device=q.device).to(q.dtype)
     scores = torch.matmul(q_t, k_t.transpose(-1, -2)) + bias
     z_t = torch.matmul(softmax_probs(scores, v.dtype), v_t)  # (B, K, T, M, D)
-    rows = z_t.permute(2, 3, 0, 1, 4).flatten(0, 1)  # (T * M, B, K, D)
-    z = rows.index_select(0, torch.as_tensor(geometry.position, device=v.device))  # (N, B, K, D)
-    return z.permute(1, 2, 3, 0).reshape(v.shape)
+    z = z_t.flatten(2, 3).index_select(2, torch.as_tensor(geometry.position, device=v.device))  # (B, K, N, D)
+    return z.transpose(2, 3).reshape(v.shape)
 
 
 mix = with_convolution_term(attend)
