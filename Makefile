@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench dense-study clean
+.PHONY: install run test lint bench dense-study sequences-study clean
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ bench: install
 # Conv+ vs ConvNeXt V2 atto backbones for detection and segmentation on synthetic:shapes, 3 seeds: docs/dense.md.
 dense-study: install
 	$(PY) benchmarks/dense.py --seeds 3 --output docs/dense.md
+
+# Conv+ vs transformer vs conv byte-level LMs on the Python standard library (3 seeds, equal CPU time), their
+# inference cost against sequence length, and Conv+ vs conv video networks on moving digits: docs/sequences.md.
+# Its time follows from its budgets (9 LM runs of 120 s, 6 video runs of 60 s, capped sweeps): run it alone.
+sequences-study: install
+	$(PY) benchmarks/sequences.py --seeds 3 --output docs/sequences.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info src/convplus/backends/_cpu_kernels*.so

@@ -43,6 +43,7 @@ import convplus  # noqa: F401
 from convplus import ConvPlus2d
 from convplus.backends import cpu, global_attention
 from convplus.info import cpu_model, package_version
+from convplus.neighborhood import Neighborhood
 
 ATTO_STAGES = [(40, 56), (80, 28), (160, 14), (320, 7)]
 TINY_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
@@ -145,9 +146,9 @@ def mixer_table(batch: int, channels: int, side: int, pairs: int, results: dict)
         "Conv+ mixer, backend 'cpu', channels-last": conv_plus,
         "Conv+ mixer, backend 'cpu', NCHW": conv_plus_nchw,
         "Conv+ mixer, backend 'local' (PyTorch loop), channels-last": lambda: local(x),
-        "attention term only: fused C++ kernel": lambda: cpu.attend(*qkv, (7, 7), (1, 1)),
+        "attention term only: fused C++ kernel": lambda: cpu.attend(*qkv, Neighborhood.of((7, 7), (1, 1))),
         "attention term only: unfold neighborhood attention": lambda: unfold_neighborhood_attention(*qkv, 7),
-        "attention term only: global SDPA": lambda: global_attention.attend(*qkv, None, (1, 1)),
+        "attention term only: global SDPA": lambda: global_attention.attend(*qkv, Neighborhood.of(None, (1, 1))),
     }
     results["mixer"] = {
         "forward": _paired_no_grad(dw, conv_plus, pairs),

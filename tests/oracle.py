@@ -15,21 +15,58 @@ import torch.nn.functional as F
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def neighborhood_blocked(grid: tuple[int, ...], window: tuple[int, ...] | None, dilation: tuple[int, ...]):
+def natten_window_start(index: int, length: int, window: int, dilation: int) -> int:
+    """The first key of a query's window along one dim under NATTEN's border rule, written as NATTEN's
+    reference writes it (``get_window_start``), for windows that fit in the grid (window * dilation <= length)."""
+    half = window // 2
+    if dilation <= 1:
+        return max(index - half, 0) + (index + half >= length) * (length - index - half - 1)
+    if index - half * dilation < 0:
+        return index % dilation
+    if index + half * dilation >= length:
+        group, whole = index % dilation, length // dilation * dilation
+        rest = length - whole
+        return length - rest + group - 2 * half * dilation if group < rest else whole + group - window * dilation
+    return index - half * dilation
+
+
+def _in_window(i: int, j: int, size: int, window: int | None, dilation: int, causal: bool, border: str) -> bool:
+    """Whether key coordinate j is in query coordinate i's window along one dim of ``size`` points."""
+    if window is None:
+        return j <= i or not causal
+    if (j - i) % dilation:
+        return False
+    if causal:
+        return 0 <= i - j <= (window - 1) * dilation
+    if border == "shift":
+        start = natten_window_start(i, size, window, dilation)
+        return start <= j <= start + (window - 1) * dilation
+    return abs(j - i) <= (window // 2) * dilation
+
+
+def neighborhood_blocked(
+    grid: tuple[int, ...],
+    window: tuple[int, ...] | None,
+    dilation: tuple[int, ...],
+    causal: tuple[bool, ...] | None = None,
+    border: str = "clip",
+):
     """(N, N) bool, True where j is NOT in N(i), row-major: by brute force over grid coordinates.
 
-    N(i) = j with |j - i| <= (w // 2) * dilation and j - i a multiple of the dilation in every dim; all j when
-    the window is None.
+    clip: |j - i| <= (w // 2) * dilation and j - i a multiple of the dilation in every dim; all j when the
+    window is None. causal dims: i - j in {0, dilation, ..., (w - 1) * dilation} (j <= i when the window is
+    None). shift: NATTEN's window start (``natten_window_start``, for windows that fit in the grid).
     """
+    n = len(grid)
+    causal = causal or (False,) * n
+    windows = window or (None,) * n
     points = list(itertools.product(*[range(s) for s in grid]))
     blocked = torch.zeros(len(points), len(points), dtype=torch.bool)
-    if window is None:
-        return blocked
     for a, i in enumerate(points):
         for b, j in enumerate(points):
             blocked[a, b] = not all(
-                abs(jd - id_) <= (w // 2) * r and (jd - id_) % r == 0
-                for id_, jd, w, r in zip(i, j, window, dilation, strict=True)
+                _in_window(id_, jd, s, w, r, c, border)
+                for id_, jd, s, w, r, c in zip(i, j, grid, windows, dilation, causal, strict=True)
             )
     return blocked
 
@@ -78,15 +115,18 @@ def conv_plus(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             q = project(module.query_weight, module.query_bias, x_hat)
             k = project(module.key_weight, module.key_bias, x_hat)
             scores = torch.einsum("bkci,bkcj->bkij", q, k) / math.sqrt(q.shape[2])
-        blocked = neighborhood_blocked(grid, module.window, module.dilation)
+        blocked = neighborhood_blocked(grid, module.window, module.dilation, module.causal, module.border)
         probs = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
         z = z + module.gain[None, :, None, None] * torch.einsum("bkij,bkdj->bkdi", probs, values)
     if module.kernel is not None:
         ksize = module.kernel.shape[2:]
+        # zero padding (k // 2) * dilation on both sides, or (k - 1) * dilation before along a causal dim
+        padding = []
+        for k, r, c in zip(reversed(ksize), reversed(module.dilation), reversed(module.causal), strict=True):
+            padding += [(k - 1) * r, 0] if c else [(k // 2) * r] * 2
         conv = _CONV[len(grid)](
-            values.reshape(batch, -1, *grid),
+            F.pad(values.reshape(batch, -1, *grid), padding),
             module.kernel.reshape(-1, 1, *ksize),
-            padding=[(k // 2) * r for k, r in zip(ksize, module.dilation, strict=True)],
             dilation=module.dilation,
             groups=values.shape[1] * values.shape[2],
         )

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convplus import backends, functional
+from convplus.neighborhood import Neighborhood
 
 from .conftest import MODULES, rel_err
 
@@ -21,7 +22,7 @@ def _runnable_backends() -> list[str]:
     names = []
     for name in backends.BACKENDS:
         try:
-            backends.resolve(name, (4, 4), torch.device("cpu"), (3, 3), (1, 1))
+            backends.resolve(name, (4, 4), torch.device("cpu"), Neighborhood.of((3, 3), (1, 1)))
         except ValueError:
             continue
         if name != "reference":
@@ -122,10 +123,10 @@ def test_gradcheck(backend, n, grid, kwargs):
 
 def test_auto_picks_global_when_window_covers_grid_and_the_cpu_kernel_otherwise():
     cpu = torch.device("cpu")
-    assert backends.select((5, 5), cpu, None, (1, 1)) == "global"
-    assert backends.select((3, 3), cpu, (7, 7), (1, 1)) == "global"
-    assert backends.select((20, 20), cpu, (7, 7), (1, 1)) == "cpu"
-    assert backends.select((20, 20), torch.device("meta"), (7, 7), (1, 1)) == "local"
+    assert backends.select((5, 5), cpu, Neighborhood.of(None, (1, 1))) == "global"
+    assert backends.select((3, 3), cpu, Neighborhood.of((7, 7), (1, 1))) == "global"
+    assert backends.select((20, 20), cpu, Neighborhood.of((7, 7), (1, 1))) == "cpu"
+    assert backends.select((20, 20), torch.device("meta"), Neighborhood.of((7, 7), (1, 1))) == "local"
 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
@@ -180,8 +181,8 @@ def test_auto_falls_back_to_local_with_one_warning_naming_the_reason_and_the_cos
     torch.testing.assert_close(y, module(x), rtol=0, atol=0)  # what ran was the 'local' loop
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert backends.select((20, 20), torch.device("cuda"), (7, 7), (1, 1)) == "local"
-        assert backends.select((20, 20), torch.device("cuda"), (7, 7), (1, 1)) == "local"
+        assert backends.select((20, 20), torch.device("cuda"), Neighborhood.of((7, 7), (1, 1))) == "local"
+        assert backends.select((20, 20), torch.device("cuda"), Neighborhood.of((7, 7), (1, 1))) == "local"
     (message,) = _fallback_warnings(caught)
     assert FALLBACK_REASONS["triton"] in message and "Triton" in message
 
@@ -192,7 +193,7 @@ def test_asking_for_an_unavailable_fused_backend_raises_the_reason():
     with pytest.raises(ValueError, match=re.escape(f"backend 'cpu' cannot run here: {FALLBACK_REASONS['cpu']}")):
         module(torch.randn(1, 8, 9, 9))
     with pytest.raises(ValueError, match=re.escape(f"backend 'triton' cannot run here: {FALLBACK_REASONS['triton']}")):
-        backends.resolve("triton", (9, 9), torch.device("cuda"), (3, 3), (1, 1))
+        backends.resolve("triton", (9, 9), torch.device("cuda"), Neighborhood.of((3, 3), (1, 1)))
 
 
 def test_a_failed_kernel_build_is_tried_once_per_process(monkeypatch):
@@ -270,10 +271,10 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
         p = inputs[4] if with_pos else None
         v = functional.values(xi, 2)
         if inside:
-            z = cpu.direct_mix(xi, p, tau, v, r, g, (5, 5), (1, 1))
+            z = cpu.direct_mix(xi, p, tau, v, r, g, Neighborhood.of((5, 5), (1, 1)))
         else:
             q, k = functional.score_features(xi, 2, "direct", p, tau)
-            z = cpu.mix(q, k, v, r, g, (5, 5), (1, 1))
+            z = cpu.mix(q, k, v, r, g, Neighborhood.of((5, 5), (1, 1)))
         z.backward(torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z))
         results.append([z.detach(), *[t.grad for t in inputs]])
     for inside_value, value in zip(results[1], results[0], strict=True):

@@ -63,6 +63,10 @@ def test_detector_and_segmenter_formats_on_images_of_different_sizes():
         assert ((output["labels"] >= 1) & (output["labels"] <= 3)).all()
     losses = detector.train()(images, _targets([(80, 120), (100, 72)]))
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_mask"}
+    cell_anchors = tiny_detector(anchor_sizes=(4, 8, 16, 32, 64)).rpn.anchor_generator.cell_anchors
+    assert [anchors[1, 2].item() for anchors in cell_anchors] == [2, 4, 8, 16, 32]  # aspect ratio 1: half the side
+    with pytest.raises(ValueError, match="anchor_sizes needs one size per FPN level"):
+        tiny_detector(anchor_sizes=(8, 16))
     segmenter = create_segmenter("convnextv2_atto", 5, **TINY, head_channels=16)
     for shape in ((1, 3, 67, 93), (2, 3, 64, 64)):
         assert segmenter(torch.rand(shape)).shape == (shape[0], 5, *shape[2:])
@@ -96,8 +100,8 @@ def test_windowed_stages_form_no_n_by_n_attention_at_1024(monkeypatch):
     only stage 3 (32^2) may run global attention."""
     resolve, chosen = backends.resolve, []
 
-    def recording(name, spatial, device, window, dilation):
-        fn = resolve(name, spatial, device, window, dilation)
+    def recording(name, spatial, device, hood):
+        fn = resolve(name, spatial, device, hood)
         chosen.append((spatial, next(k for k, v in backends.BACKENDS.items() if v is fn)))
         return fn
 

@@ -6,6 +6,7 @@ import torch
 
 from convplus import backends
 from convplus.cli import main
+from convplus.neighborhood import Neighborhood
 
 
 def test_info_lists_versions_devices_and_every_backend(capsys):
@@ -21,4 +22,4 @@ def test_info_lists_versions_devices_and_every_backend(capsys):
         reason = backend.unavailable_reason(torch.device("cpu"))
         expected = "runs" if reason is None else f"cannot run: {reason}"
         assert any(line.split()[:1] == [name] and expected in line for line in cpu_section), name
-    assert f"'auto' picks {backends.select((64, 64), torch.device('cpu'), (7, 7), (1, 1))!r}" in text
+    assert f"'auto' picks {backends.select((64, 64), torch.device('cpu'), Neighborhood.of((7, 7), (1, 1)))!r}" in text

@@ -19,10 +19,12 @@ BK, K, DQ, D, T, H, X = 4, 2, 3, 4, 1, 5, 6  # BK = batch 2 times K = 2 heads; a
 N = T * H * X
 OFFSETS = [(0, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # a 3 x 3 window: W = 9
 W = len(OFFSETS)
+# per coordinate of t, y, x: the first and last offset of its (clipped) window
+BOUNDS = [(0, 0)] + [(max(-1, -c), min(1, size - 1 - c)) for size in (H, X) for c in range(size)]
 
 # The positional arguments of each entry point, in call order; save_probs and with_pos are flags, not tensors.
 SIGNATURES = {
-    "window_mix_forward": ("q", "k", "v", "gain", "kernel", "tap_index", "offsets", "bias", "save_probs"),
+    "window_mix_forward": ("q", "k", "v", "gain", "kernel", "tap_index", "offsets", "bounds", "bias", "save_probs"),
     "direct_window_mix_forward": (
         "features",
         "pos",
@@ -32,6 +34,7 @@ SIGNATURES = {
         "kernel",
         "tap_index",
         "offsets",
+        "bounds",
         "bias",
         "save_probs",
     ),
@@ -47,8 +50,8 @@ def _call(entry: str, arguments: dict) -> list[torch.Tensor]:
 
 
 def _window(dtype: torch.dtype, optional: bool) -> dict:
-    """v, gain, the convolution kernel with its tap_index, offsets and bias (kernel and bias empty unless
-    ``optional``)."""
+    """v, gain, the convolution kernel with its tap_index, offsets, bounds and bias (kernel and bias empty
+    unless ``optional``)."""
     v = torch.randn(BK, D, T, H, X, dtype=dtype)
     return {
         "v": v,
@@ -56,6 +59,7 @@ def _window(dtype: torch.dtype, optional: bool) -> dict:
         "kernel": torch.randn(K, D, W, dtype=dtype) if optional else v.new_zeros(0),
         "tap_index": torch.arange(W) if optional else torch.zeros(0, dtype=torch.int64),
         "offsets": torch.tensor(OFFSETS),
+        "bounds": torch.tensor(BOUNDS),
         "bias": torch.randn(K, D, dtype=dtype) if optional else v.new_zeros(0),
     }
 
@@ -181,7 +185,22 @@ def _mix_cases(entry: str, query: str) -> list[tuple[str, str, Callable, str]]:
         (entry, "offsets", lambda t: t + torch.tensor([T, 0, 0]), "offsets must lie inside the grid"),
         (entry, "offsets", lambda t: t + torch.tensor([0, 2, 0]), "offsets must include the query's own row"),
     ] + (
-        [(entry, "bias", lambda t: t[:, 1:].contiguous(), f"bias must have shape (K, D) = [2, {D}]")]
+        [
+            (entry, "bias", lambda t: t[:, 1:].contiguous(), f"bias must have shape (K, D) = [2, {D}]"),
+            (
+                entry,
+                "bounds",
+                lambda t: t[1:],
+                f"bounds must have shape (T + H + X, 2) = [{T + H + X}, 2], got [11, 2]",
+            ),
+            (entry, "bounds", lambda t: t + 1, "bounds must hold a window lo <= 0 <= hi inside the grid at every"),
+            (
+                entry,
+                "bounds",
+                lambda t: torch.cat([t[:1], t[1:2] - 1, t[2:]]),
+                "bounds must hold a window lo <= 0 <= hi inside the grid at every coordinate, got bounds[1] = (-1, 0)",
+            ),
+        ]
         if entry != "window_mix_backward"
         else []
     )

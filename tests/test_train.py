@@ -210,10 +210,15 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
         "drop_path": "0.2",
         "mixup": "0.8",
         "cutmix": "1.0",
-        "epochs": "4",
     }
+    assert_resume_equals_uninterrupted(tmp_path, random_run, epochs=4)
+
+
+def assert_resume_equals_uninterrupted(tmp_path: Path, flags: dict[str, str], epochs: int) -> None:
+    """``train.py`` with ``flags`` (``_train_cmd``), SIGKILLed after its first epoch and resumed, ends with the
+    weights of the same run left alone, and one metrics row per epoch."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    cmd = _train_cmd(killed, sys.executable, **random_run)
+    cmd = _train_cmd(killed, sys.executable, **flags, epochs=str(epochs))
     process = subprocess.Popen(cmd, env=_env())
     metrics = killed / "metrics.csv"
     deadline = time.time() + 120
@@ -223,10 +228,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = len(metrics.read_text().splitlines()) - 1
-    assert 1 <= done < 4, "the kill should land mid-run"
+    assert 1 <= done < epochs, "the kill should land mid-run"
     subprocess.run([*cmd, "--resume"], check=True, env=_env())
-    subprocess.run(_train_cmd(full, sys.executable, **random_run), check=True, env=_env())
+    subprocess.run(_train_cmd(full, sys.executable, **flags, epochs=str(epochs)), check=True, env=_env())
     a, b = load_file(full / "last" / "model.safetensors"), load_file(killed / "last" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
-    assert len(metrics.read_text().splitlines()) == 5
+    assert len(metrics.read_text().splitlines()) == epochs + 1

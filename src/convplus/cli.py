@@ -13,7 +13,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("convplus.train.cli", "convplus.models.convert", "convplus.ablation.cli", "convplus.info")
+COMMANDS: tuple[str, ...] = (
+    "convplus.train.cli",
+    "convplus.train.sample",
+    "convplus.models.convert",
+    "convplus.ablation.cli",
+    "convplus.info",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,9 @@ def from_conv(cls: type[_ConvPlusNd], conv: nn.Module, **overrides) -> _ConvPlus
     Depthwise: proj=False, heads = gcd(C, 4) unless given, r = conv weight, g = 0, b = conv bias.
     Dense: K = prod(kernel_size) heads of d = C_out, V_k = W_delta_k x, r_k one-hot at delta_k,
     W_o = [I ... I] sums the heads, g = 0. Its score is 'direct' when K divides C_in, else 'qk'.
-    ``overrides`` set other Conv+ arguments (score, pos, window, ...); they never change the output.
+    ``overrides`` set other Conv+ arguments (score, pos, window, ...); they never change the output, except
+    ``causal``, which makes it the same kernel as a left-padded causal convolution (input padded by
+    (k - 1) * dilation before each causal dim instead of k // 2 * dilation on both sides).
     """
     _check_conv(conv, cls.spatial_dims)
     c_in, c_out, ksize = conv.in_channels, conv.out_channels, tuple(conv.kernel_size)
@@ -91,7 +93,9 @@ def from_attention(
     attention (window w, dilation): 'qk', pos='none', K = mha.num_heads, g = 1, r = 0.
 
     The convolution term's kernel_size defaults to the window (3 for global attention). Attention dropout
-    is not carried over: compare in eval mode.
+    is not carried over: compare in eval mode. With the override ``causal=True`` it is that attention under
+    a causal mask (window None: ``attn_mask`` the strict upper triangle) or a causal band (window w: key
+    i - m * dilation for m < w).
     """
     if not isinstance(mha, nn.MultiheadAttention):
         raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")

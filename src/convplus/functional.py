@@ -16,7 +16,8 @@ import torch
 
 from . import backends
 from .backends.terms import direct_score
-from .validation import SCORES, check_input, one_of
+from .neighborhood import BORDERS, Neighborhood
+from .validation import SCORES, bool_flags, check_input, one_of
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,18 +71,15 @@ def mix(
     v: torch.Tensor,
     kernel: torch.Tensor | None,
     gain: torch.Tensor | None,
-    window: tuple[int, ...] | None,
-    dilation: tuple[int, ...],
+    hood: Neighborhood,
     backend: str = "auto",
 ) -> torch.Tensor:
     """z_k,i = g_k * sum_{j in N(i)} A_k(i, j) V_k,j + sum_delta r_k(delta) * V_k,i+delta.
 
     q, k (B, K, Dq, *S) (q carries the score scale), v (B, K, D, *S), kernel (K, D, *kernel_size) or None,
-    gain (K,) or None, window (odd ints) or None for global, dilation ints -> z (B, K, D, *S).
+    gain (K,) or None, hood the neighborhood (window, dilation, causal dims, border) -> z (B, K, D, *S).
     """
-    return backends.resolve(backend, tuple(v.shape[3:]), v.device, window, dilation).mix(
-        q, k, v, kernel, gain, window, dilation
-    )
+    return backends.resolve(backend, tuple(v.shape[3:]), v.device, hood).mix(q, k, v, kernel, gain, hood)
 
 
 def project_out(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -102,6 +100,8 @@ def conv_plus(
     gain: torch.Tensor | None,
     window: tuple[int, ...] | None,
     dilation: tuple[int, ...],
+    causal: bool | tuple[bool, ...] = False,
+    border: str = "clip",
     score: str = "direct",
     pos: torch.Tensor | None = None,
     temperature: torch.Tensor | None = None,
@@ -117,13 +117,18 @@ def conv_plus(
 ) -> torch.Tensor:
     """Conv+ of x (B, C, *S) -> (B, C_out, *S); see the module docstring for the four steps.
 
-    ``window``/``dilation`` are tuples of len(S) ints (window None = global attention); ``gain=None`` drops
-    the attention term, ``kernel=None`` the convolution term. Weight shapes: value (K*d, C), query/key
-    (K*Dq, C), output (C_out, K*d), kernel (K, d, *kernel_size), gain/temperature (K,), pos (C, *S).
+    ``window``/``dilation`` are tuples of len(S) ints (window None = global attention); ``causal`` a bool or
+    one per dim (along a causal dim position i sees i and the positions before it, in both terms);
+    ``border`` 'clip' or 'shift' (NATTEN's: the window slides inward at the grid's edge; attention only).
+    ``gain=None`` drops the attention term, ``kernel=None`` the convolution term. Weight shapes: value
+    (K*d, C), query/key (K*Dq, C), output (C_out, K*d), kernel (K, d, *kernel_size), gain/temperature (K,),
+    pos (C, *S).
     """
     arguments = dict(locals())
     channels = value_weight.shape[1] if value_weight is not None else None
     check_input(x, len(dilation), channels)
+    arguments["causal"] = bool_flags("causal", causal, len(dilation))
+    one_of("border", border, BORDERS)
     one_of("score", score, SCORES)
     if (value_weight is None or score == "direct") and x.shape[1] % heads:
         raise ValueError(f"heads ({heads}) must divide the input channels, got input shape {tuple(x.shape)}")
@@ -138,6 +143,8 @@ def conv_plus_unchecked(
     gain: torch.Tensor | None,
     window: tuple[int, ...] | None,
     dilation: tuple[int, ...],
+    causal: tuple[bool, ...] | None = None,
+    border: str = "clip",
     score: str = "direct",
     pos: torch.Tensor | None = None,
     temperature: torch.Tensor | None = None,
@@ -152,10 +159,12 @@ def conv_plus_unchecked(
     backend: str = "auto",
 ) -> torch.Tensor:
     """``conv_plus`` without its argument checks, for callers that made them already (a ``ConvPlus`` module
-    checks its configuration once, at construction, and the input on every call). Whether the backend can
-    run here is still checked, before any compute."""
+    checks its configuration once, at construction, and the input on every call); ``causal`` is a tuple of
+    len(S) bools or None (no causal dim). Whether the backend can run here is still checked, before any
+    compute."""
     spatial = tuple(x.shape[2:])
-    mixer = backends.resolve(backend, spatial, x.device, window, dilation)
+    hood = Neighborhood.of(window, dilation, causal, border)
+    mixer = backends.resolve(backend, spatial, x.device, hood)
     layout = channels_last_format(x)
     if layout is not None:  # compute on a contiguous copy; output and input gradient keep x's layout
         x = _ContiguousKeepingGradLayout.apply(x, layout)
@@ -163,12 +172,12 @@ def conv_plus_unchecked(
     # without W_o the bias lands on z, and the mixing step adds it in the same pass
     z_bias = bias.view(heads, -1) if output_weight is None and bias is not None else None
     if gain is None:
-        z = mixer.mix(None, None, v, kernel, gain, window, dilation, z_bias)
+        z = mixer.mix(None, None, v, kernel, gain, hood, z_bias)
     elif score == "direct" and mixer.direct_mix is not None:  # q and k computed inside the pass
-        z = mixer.direct_mix(x, pos, temperature, v, kernel, gain, window, dilation, z_bias)
+        z = mixer.direct_mix(x, pos, temperature, v, kernel, gain, hood, z_bias)
     else:
         q, k = score_features(x, heads, score, pos, temperature, query_weight, query_bias, key_weight, key_bias)
-        z = mixer.mix(q, k, v, kernel, gain, window, dilation, z_bias)
+        z = mixer.mix(q, k, v, kernel, gain, hood, z_bias)
     y = project_out(z, output_weight, bias if z_bias is None else None)
     return y if layout is None else y.contiguous(memory_format=layout)
 

@@ -19,6 +19,7 @@ import torch
 
 from . import backends
 from .backends import cpu
+from .neighborhood import Neighborhood
 
 PACKAGES = ("convplus", "torch", "torchvision", "timm", "triton")
 """The packages whose versions are reported."""
@@ -80,7 +81,7 @@ def report() -> list[str]:
         lines += [f"  {name:10s} {backend_status(name, device)}" for name in backends.BACKENDS]
         with warnings.catch_warnings():  # the fallback, if any, is listed above
             warnings.simplefilter("ignore", backends.BackendFallbackWarning)
-            picked = backends.select((64, 64), device, (7, 7), (1, 1))
+            picked = backends.select((64, 64), device, Neighborhood.of((7, 7), (1, 1)))
         lines.append(f"  'auto' picks {picked!r} for a 7x7 window on a 64x64 grid")
     return lines
 

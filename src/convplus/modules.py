@@ -10,10 +10,12 @@ from torch import nn
 from . import backends, conversion
 from .backends.reference import attention_probs
 from .functional import conv_plus_unchecked, mix, score_features, values
+from .neighborhood import BORDERS, Neighborhood
 from .positional import resize_learned, sincos_encoding
 from .validation import (
     POSITIONAL,
     SCORES,
+    bool_flags,
     check_input,
     odd_sizes,
     one_of,
@@ -50,6 +52,14 @@ class _ConvPlusNd(nn.Module):
         proj: False makes W_v = W_o = identity (needs heads * head_dim == in_channels == out_channels).
         bias: output bias b, and the biases of the value/query/key projections.
         attention / convolution: False drops that term (and its parameters).
+        causal: a bool, or one per dim: along a causal dim, position i sees only i and the positions before
+            it: the window covers i and the ``window - 1`` dilated steps before it (window None: every earlier
+            position), as NATTEN's ``is_causal``, and the convolution kernel's taps sit at offsets
+            -(k - 1) * dilation .. 0 (a left-padded causal convolution). Output at i never depends on input
+            after i along that dim.
+        border: 'clip' (the window is centred on i and cut at the grid's edge) or 'shift' (NATTEN's rule: near
+            an edge the window slides inward, so every query sees ``window`` points where the grid has them).
+            The attention term only; nothing shifts along a causal dim.
         backend: 'auto' or one of ``convplus.backends.BACKENDS``: 'reference', 'local', 'global', 'cpu', 'triton'.
 
     Initialisation (``reset_parameters``): projections Xavier-uniform with zero biases (as
@@ -62,7 +72,7 @@ class _ConvPlusNd(nn.Module):
 
     spatial_dims: int
     __constants__ = ("spatial_dims",)  # kept on the TorchScript module, for ``_conv_plus``
-    __jit_unused_properties__ = ("temperature",)  # a Python-side view, not compiled by TorchScript
+    __jit_unused_properties__ = ("temperature", "neighborhood")  # Python-side views, not compiled by TorchScript
 
     def __init__(
         self,
@@ -81,6 +91,8 @@ class _ConvPlusNd(nn.Module):
         bias: bool = True,
         attention: bool = True,
         convolution: bool = True,
+        causal: bool | Sequence[bool] = False,
+        border: str = "clip",
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -100,6 +112,8 @@ class _ConvPlusNd(nn.Module):
             window = self.kernel_size
         self.window = None if window is None else odd_sizes("window", window, n)
         self.dilation = positive_sizes("dilation", dilation, n)
+        self.causal = bool_flags("causal", causal, n)
+        self.border = one_of("border", border, BORDERS)
         self.score = one_of("score", score, SCORES)
         self.pos = one_of("pos", pos, POSITIONAL)
         self.backend = one_of("backend", backend, backends.CHOICES)
@@ -161,6 +175,11 @@ class _ConvPlusNd(nn.Module):
         """tau_k (K,) of the 'direct' score, or None."""
         return _temperature(self)
 
+    @property
+    def neighborhood(self) -> Neighborhood:
+        """The geometry of both terms: window, dilation, causal dims and border rule."""
+        return Neighborhood(self.window, self.dilation, self.causal, self.border)
+
     def positional_encoding(self, x: torch.Tensor) -> torch.Tensor | None:
         """P (C_in, *S) for the grid of x (B, C_in, *S), or None."""
         return _positional_encoding(self, x)
@@ -191,6 +210,8 @@ class _ConvPlusNd(nn.Module):
             gain=self.gain,
             window=self.window,
             dilation=self.dilation,
+            causal=self.causal,
+            border=self.border,
             value_weight=self.value_weight,
             value_bias=self.value_bias,
             output_weight=self.output_weight,
@@ -214,7 +235,7 @@ class _ConvPlusNd(nn.Module):
         q, k, v = self._features(x)
         terms = {}
         for name, kernel, gain in (("attention", None, self.gain), ("convolution", self.kernel, None)):
-            z = mix(q, k, v, kernel, gain, self.window, self.dilation, self.backend)
+            z = mix(q, k, v, kernel, gain, self.neighborhood, self.backend)
             terms[name] = z.flatten(1, 2)
         return terms
 
@@ -226,7 +247,7 @@ class _ConvPlusNd(nn.Module):
         q, k, _ = self._features(x)
         if q is None:
             raise ValueError("this Conv+ module has no attention term (attention=False)")
-        return attention_probs(q, k, self.window, self.dilation)
+        return attention_probs(q, k, self.neighborhood)
 
     @classmethod
     def from_conv(cls, conv: nn.Module, **overrides) -> "_ConvPlusNd":
@@ -239,7 +260,9 @@ class _ConvPlusNd(nn.Module):
     def from_attention(
         cls, mha: nn.MultiheadAttention, window: Size | None = None, dilation: Size = 1, **overrides
     ) -> "_ConvPlusNd":
-        """An exact, trainable Conv+ copy of a self-attention ``nn.MultiheadAttention``.
+        """An exact, trainable Conv+ copy of a self-attention ``nn.MultiheadAttention``; with ``causal=True``
+        (an override, as any other Conv+ argument) of that attention under a causal mask (window None) or a
+        causal band (window w, dilation).
 
         See docs/definition.md, 'Exact reductions'."""
         return conversion.from_attention(cls, mha, window=window, dilation=dilation, **overrides)
@@ -254,6 +277,10 @@ class _ConvPlusNd(nn.Module):
         ]
         if self.dilation != (1,) * self.spatial_dims:
             parts.append(f"dilation={self.dilation}")
+        if any(self.causal):
+            parts.append(f"causal={self.causal}")
+        if self.border != "clip":
+            parts.append(f"border={self.border!r}")
         parts += [f"score={self.score!r}", f"pos={self.pos!r}"]
         if not self.proj:
             parts.append("proj=False")

@@ -43,6 +43,15 @@ def positive_sizes(name: str, value: int | Sequence[int], n: int) -> tuple[int, 
     return sizes
 
 
+def bool_flags(name: str, value: bool | Sequence[bool], n: int) -> tuple[bool, ...]:
+    """``value`` as an ``n``-tuple of bools (a bool is repeated), or a ValueError naming ``name``."""
+    if isinstance(value, bool):
+        return (value,) * n
+    if isinstance(value, Sequence) and len(value) == n and all(isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ValueError(f"{name} must be a bool or a sequence of {n} bools (one per spatial dim), got {value!r}")
+
+
 def positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,14 +1,15 @@
 """Backends of the Conv+ mixing step, behind one signature (as in NATTEN), each described by a ``Backend``
 record of what it computes, where it runs and what it needs.
 
-Every backend's ``mix(q, k, v, kernel, gain, window, dilation, bias=None) -> z`` takes q, k (B, K, Dq, *S)
-(q already scaled), v (B, K, D, *S), kernel (K, D, *kernel_size) or None (no convolution term), gain (K,) or
-None (no attention term), window a tuple of odd ints or None (global), dilation a tuple, bias (K, D) or None.
-It returns z (B, K, D, *S) = g * sum_{j in N(i)} softmax_j(<q_i, k_j>) v_j + depthwise_conv(v, kernel) + bias
-(the bias of a Conv+ without output projection, added in the same pass).
+Every backend's ``mix(q, k, v, kernel, gain, hood, bias=None) -> z`` takes q, k (B, K, Dq, *S) (q already
+scaled), v (B, K, D, *S), kernel (K, D, *kernel_size) or None (no convolution term), gain (K,) or None (no
+attention term), hood a ``neighborhood.Neighborhood`` (window, or None for global; dilation; causal dims;
+border rule), bias (K, D) or None. It returns z (B, K, D, *S) = g * sum_{j in N(i)} softmax_j(<q_i, k_j>) v_j
++ depthwise_conv(v, kernel) + bias (the bias of a Conv+ without output projection, added in the same pass),
+with the convolution's taps placed as ``hood`` says (centred, or causal).
 
 A backend that computes the 'direct' score inside its pass also has
-``direct_mix(x, pos, temperature, v, kernel, gain, window, dilation, bias=None) -> z``: the same z as
+``direct_mix(x, pos, temperature, v, kernel, gain, hood, bias=None) -> z``: the same z as
 ``functional.score_features(x, K, 'direct', pos, temperature)`` followed by ``mix``, without writing q and k.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..neighborhood import covers_grid
+from ..neighborhood import Neighborhood
 from . import cpu, global_attention, local, reference, triton
 from .terms import with_convolution_term
 
@@ -40,7 +41,8 @@ class Backend:
     direct_mix: the mixing step with the 'direct' score computed inside it, or None.
     unavailable_reason: device -> why it cannot run there (a missing package, a kernel that does not build,
         the wrong device), or None when it can. Computed once per process where it is costly.
-    needs_window: True if it runs a finite window only (not window=None).
+    needs_window: True if it runs a finite window only (not window=None); every backend runs every causal
+        and border option.
     traceable: False if torch.compile / torch.export cannot trace it ('auto' then picks 'local').
     """
 
@@ -104,15 +106,13 @@ def _warn_fallback(name: str, reason: str) -> None:
     )
 
 
-def select(
-    spatial: tuple[int, ...], device: torch.device, window: tuple[int, ...] | None, dilation: tuple[int, ...]
-) -> str:
-    """The backend ``backend="auto"`` uses for a grid of this size on this device, with this window:
-    'global' (SDPA) when the window covers the grid; else the device's fused backend ('triton' on CUDA, 'cpu'
+def select(spatial: tuple[int, ...], device: torch.device, hood: Neighborhood) -> str:
+    """The backend ``backend="auto"`` uses for a grid of this size on this device, with this neighborhood:
+    'global' (SDPA) when the window is None or covers the grid; else the device's fused backend ('triton' on CUDA, 'cpu'
     on CPU) when it can run here and be traced (torch.compile / torch.export trace the 'local' PyTorch loop
     instead of the C++ kernel), else 'local', with a ``BackendFallbackWarning`` (once per process) saying why
     the fused one cannot run."""
-    if covers_grid(spatial, window, dilation):
+    if hood.window is None or hood.covers_grid(spatial):
         return "global"
     fused = FUSED.get(device.type)
     if fused is None or (torch.compiler.is_compiling() and not BACKENDS[fused].traceable):
@@ -128,17 +128,16 @@ def resolve(
     name: str,
     spatial: tuple[int, ...],
     device: torch.device,
-    window: tuple[int, ...] | None,
-    dilation: tuple[int, ...],
+    hood: Neighborhood,
 ) -> Backend:
     """The backend ``name`` ('auto': ``select``) for this grid and device, or a ValueError if it is unknown or
     cannot run here, saying why."""
     if name == "auto":
-        name = select(spatial, device, window, dilation)
+        name = select(spatial, device, hood)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}, got {name!r}")
     backend = BACKENDS[name]
-    if backend.needs_window and window is None:
+    if backend.needs_window and hood.window is None:
         raise ValueError(f"backend {name!r} needs a finite window, got window=None; use 'global' or 'auto'")
     reason = backend.unavailable_reason(device)
     if reason is not None:

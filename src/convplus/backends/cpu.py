@@ -22,6 +22,7 @@ from types import ModuleType
 
 import torch
 
+from ..neighborhood import Neighborhood
 from . import cpu_build, local
 from .fused_window import FusedWindow, fused_window
 from .terms import direct_score, with_convolution_term
@@ -89,14 +90,14 @@ def _bias_grad(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | Non
 
 class _WindowMix(torch.autograd.Function):
     """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), kernel (K, D, P) or empty, tap_index (W,),
-    offsets (W, 3), bias (K, D) or empty -> z (BK, D, T, H, X). The probabilities are kept for backward only
-    when ``differentiable`` (inside ``forward``, grad mode is always off and ``needs_input_grad`` ignores
-    ``torch.no_grad``)."""
+    offsets (W, 3), bounds (T + H + X, 2), bias (K, D) or empty -> z (BK, D, T, H, X). The probabilities are
+    kept for backward only when ``differentiable`` (inside ``forward``, grad mode is always off and
+    ``needs_input_grad`` ignores ``torch.no_grad``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets, bias, differentiable):
+    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets, bounds, bias, differentiable):
         save = differentiable and any(ctx.needs_input_grad)
-        out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, bias, save)
+        out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, bounds, bias, save)
         ctx.save_for_backward(q, k, v, gain, kernel, tap_index, probs, offsets, bias)
         return out
 
@@ -107,7 +108,7 @@ class _WindowMix(torch.autograd.Function):
             q, k, v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
         )
         dkernel = dkernel if kernel.numel() else None
-        return dq, dk, dv, dgain, dkernel, None, None, _bias_grad(grad_out, bias), None
+        return dq, dk, dv, dgain, dkernel, None, None, None, _bias_grad(grad_out, bias), None
 
 
 class _DirectWindowMix(torch.autograd.Function):
@@ -116,10 +117,10 @@ class _DirectWindowMix(torch.autograd.Function):
     never written out. Backward recomputes q and k in one pass instead of keeping them."""
 
     @staticmethod
-    def forward(ctx, features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, differentiable):
+    def forward(ctx, features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias, differentiable):
         save = differentiable and any(ctx.needs_input_grad)
         out, probs = extension().direct_window_mix_forward(
-            features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, save
+            features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias, save
         )
         ctx.save_for_backward(features, pos, temperature, v, gain, kernel, tap_index, probs, offsets, bias)
         return out
@@ -146,6 +147,7 @@ class _DirectWindowMix(torch.autograd.Function):
             dkernel if kernel.numel() else None,
             None,
             None,
+            None,
             _bias_grad(grad_out, bias),
             None,
         )
@@ -160,18 +162,18 @@ def _kernel_arguments(
     v: torch.Tensor,
     kernel: torch.Tensor | None,
     gain: torch.Tensor,
-    window: tuple[int, ...],
-    dilation: tuple[int, ...],
+    hood: Neighborhood,
     bias: torch.Tensor | None,
 ) -> tuple[tuple[torch.Tensor, ...], FusedWindow]:
-    """The kernel's (v, gain, kernel, tap_index, offsets, bias) arguments for v (B, K, D, *S), and the window
+    """The kernel's (v, gain, kernel, tap_index, offsets, bounds, bias) arguments for v (B, K, D, *S), and the window
     they were made for (which adds a convolution term the pass did not fuse)."""
-    geometry = fused_window(tuple(v.shape[3:]), window, dilation, None if kernel is None else tuple(kernel.shape[2:]))
+    geometry = fused_window(tuple(v.shape[3:]), hood, None if kernel is None else tuple(kernel.shape[2:]))
     fused = geometry.tap_index is not None
     taps = geometry.tap_index if fused else geometry.offsets.new_zeros(0)
     kernel = kernel.to(v.dtype).flatten(2).contiguous() if fused else v.new_zeros(0)
     bias = v.new_zeros(0) if bias is None else bias.to(v.dtype).contiguous()
-    return (_as_3d(v, geometry), gain.to(v.dtype), kernel, taps, geometry.offsets, bias), geometry
+    arguments = (_as_3d(v, geometry), gain.to(v.dtype), kernel, taps, geometry.offsets, geometry.bounds, bias)
+    return arguments, geometry
 
 
 def runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -179,26 +181,24 @@ def runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and v.dtype in KERNEL_DTYPES and q.dtype == v.dtype
 
 
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, ...] | None, dilation: tuple[int, ...]
-) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hood: Neighborhood) -> torch.Tensor:
     """The attention term alone, sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
     if not runs_here(q, v):
-        return local.attend(q, k, v, window, dilation)
-    return mix(q, k, v, None, v.new_ones(v.shape[1]), window, dilation)
+        return local.attend(q, k, v, hood)
+    return mix(q, k, v, None, v.new_ones(v.shape[1]), hood)
 
 
 _unfused = with_convolution_term(local.attend)
 
 
-def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
+def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
     """z = g * attention term + depthwise conv term + bias in one kernel; see convplus.backends for the
     signature."""
     if gain is None or not runs_here(q, v):
-        return _unfused(q, k, v, kernel, gain, window, dilation, bias)
-    arguments, geometry = _kernel_arguments(v, kernel, gain, window, dilation, bias)
+        return _unfused(q, k, v, kernel, gain, hood, bias)
+    arguments, geometry = _kernel_arguments(v, kernel, gain, hood, bias)
     z = _WindowMix.apply(_as_3d(q, geometry), _as_3d(k, geometry), *arguments, torch.is_grad_enabled())
-    return geometry.add_apart(z.view(v.shape), v, kernel, dilation)
+    return geometry.add_apart(z.view(v.shape), v, kernel, hood)
 
 
 def direct_mix(
@@ -208,8 +208,7 @@ def direct_mix(
     v: torch.Tensor,
     kernel: torch.Tensor | None,
     gain: torch.Tensor,
-    window: tuple[int, ...],
-    dilation: tuple[int, ...],
+    hood: Neighborhood,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``mix`` with the 'direct' score computed inside the kernel: the z that
@@ -219,9 +218,9 @@ def direct_mix(
     heads = v.shape[1]
     if not runs_here(x, v):
         q, k = direct_score(x if pos is None else x + pos.to(x.dtype), heads, temperature)
-        return mix(q, k, v, kernel, gain, window, dilation, bias)
-    arguments, geometry = _kernel_arguments(v, kernel, gain, window, dilation, bias)
+        return mix(q, k, v, kernel, gain, hood, bias)
+    arguments, geometry = _kernel_arguments(v, kernel, gain, hood, bias)
     features = _as_3d(x.reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]), geometry)
     pos = x.new_zeros(0) if pos is None else pos.to(x.dtype).reshape(heads, x.shape[1] // heads, -1).contiguous()
     z = _DirectWindowMix.apply(features, pos, temperature.to(x.dtype), *arguments, torch.is_grad_enabled())
-    return geometry.add_apart(z.view(v.shape), v, kernel, dilation)
+    return geometry.add_apart(z.view(v.shape), v, kernel, hood)

@@ -1,7 +1,10 @@
-"""The window geometry the fused backends ('cpu', 'triton') share: one pass over the clipped window that
+"""The window geometry the fused backends ('cpu', 'triton') share: one pass over the window's offsets that
 computes the attention term and, when its kernel fits in the window, the convolution term too.
 
-Grids of 1 to 3 dims are padded to 3 dims at the front, so one kernel serves every n.
+The pass runs over every offset some position's window uses (``neighborhood.window_offsets``); each
+position's own window is given by the bounds table, per dim and coordinate the first and last offset of
+that coordinate's window (they coincide with the grid's edges except under border='shift'). Grids of 1 to
+3 dims are padded to 3 dims at the front, so one kernel serves every n.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..neighborhood import kernel_tap_index, reachable_halves, window_offsets
+from ..neighborhood import Neighborhood, bounds_table, kernel_tap_index, window_offsets
 from .terms import convolution_term
 
 
@@ -21,38 +24,38 @@ class FusedWindow:
 
     grid: the spatial size padded to 3 dims (T, H, X).
     offsets: (W, 3) int64, the offsets j - i of the window clipped to the grid, row-major.
+    bounds: (T + H + X, 2) int64: for each coordinate of each (padded) dim in turn, the first and last offset
+        of its window: i + offset is in N(i) when every coordinate's offset lies within these bounds.
     tap_index: (W,) int64, the row-major index of the convolution kernel's tap at each offset (-1: none), or
         None when there is no kernel or it reaches past the window (then its term runs apart: ``add_apart``).
     """
 
     grid: tuple[int, int, int]
     offsets: torch.Tensor
+    bounds: torch.Tensor
     tap_index: torch.Tensor | None
 
     def add_apart(
-        self, z: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor | None, dilation: tuple[int, ...]
+        self, z: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor | None, hood: Neighborhood
     ) -> torch.Tensor:
         """z (B, K, D, *S) plus the convolution term of ``kernel`` on v (B, K, D, *S) when the pass did not
         fuse it (a kernel that reaches past the window); else z."""
         if kernel is None or self.tap_index is not None:
             return z
-        return z + convolution_term(v, kernel, dilation)
+        return z + convolution_term(v, kernel, hood)
 
 
 @functools.lru_cache(maxsize=256)
-def fused_window(
-    spatial: tuple[int, ...],
-    window: tuple[int, ...],
-    dilation: tuple[int, ...],
-    kernel_size: tuple[int, ...] | None,
-) -> FusedWindow:
-    """The ``FusedWindow`` of a grid of size ``spatial`` (1 to 3 dims); ``kernel_size`` None: no convolution
-    kernel. Cached; the tensors live on the CPU."""
+def fused_window(spatial: tuple[int, ...], hood: Neighborhood, kernel_size: tuple[int, ...] | None) -> FusedWindow:
+    """The ``FusedWindow`` of a grid of size ``spatial`` (1 to 3 dims) and a finite window; ``kernel_size``
+    None: no convolution kernel. Cached; the tensors live on the CPU."""
     pad = (0,) * (3 - len(spatial))
-    offsets = [pad + offset for offset in window_offsets(reachable_halves(spatial, window, dilation), dilation)]
-    index = None if kernel_size is None else kernel_tap_index(spatial, window, dilation, kernel_size)
+    offsets = [pad + offset for offset in window_offsets(spatial, hood)]
+    index = None if kernel_size is None else kernel_tap_index(spatial, hood, kernel_size)
+    bounds = torch.cat([torch.zeros(len(pad), 2, dtype=torch.int64), bounds_table(spatial, hood)])
     return FusedWindow(
         grid=(1,) * len(pad) + spatial,
         offsets=torch.tensor(offsets, dtype=torch.int64),
+        bounds=bounds,
         tap_index=None if index is None else torch.tensor(index, dtype=torch.int64),
     )

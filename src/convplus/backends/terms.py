@@ -10,20 +10,29 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..neighborhood import Neighborhood
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def convolution_term(v: torch.Tensor, kernel: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
-    """sum_delta r_k(delta) * V_k,i+delta: a dilated depthwise conv of the values, zero padding.
+def convolution_term(v: torch.Tensor, kernel: torch.Tensor, hood: Neighborhood) -> torch.Tensor:
+    """sum_delta r_k(delta) * V_k,i+delta: a dilated depthwise conv of the values, zero padding; centred, or
+    left-padded along the causal dims of ``hood`` (taps at offsets -(k - 1) * dilation .. 0).
 
     v (B, K, D, *S), kernel (K, D, *kernel_size) -> (B, K, D, *S).
     """
     batch, heads, dim = v.shape[:3]
     spatial, ksize = v.shape[3:], kernel.shape[2:]
-    padding = [(k // 2) * r for k, r in zip(ksize, dilation, strict=True)]
+    reach = hood.kernel_reach(tuple(ksize))  # per dim, zero padding -first tap offset left, last tap offset right
+    both = [min(-taps[0], taps[-1]) for taps in reach]  # the part the conv pads on both sides
+    one_sided = [
+        p for taps, b in zip(reversed(reach), reversed(both), strict=True) for p in (-taps[0] - b, taps[-1] - b)
+    ]
+    flat = v.reshape(batch, heads * dim, *spatial)
+    if any(one_sided):
+        flat = F.pad(flat, one_sided)
     weight = kernel.reshape(heads * dim, 1, *ksize).to(v.dtype)
-    out = _CONV[len(spatial)](v.reshape(batch, heads * dim, *spatial), weight, None, 1, padding, dilation, heads * dim)
-    return out.view(v.shape)
+    return _CONV[len(spatial)](flat, weight, None, 1, both, hood.dilation, heads * dim).view(v.shape)
 
 
 def blend(
@@ -31,7 +40,7 @@ def blend(
     gain: torch.Tensor | None,
     v: torch.Tensor,
     kernel: torch.Tensor | None,
-    dilation: tuple[int, ...],
+    hood: Neighborhood,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z = g_k * attention + conv term + bias (K, D); any of the three may be absent (None). Returns
@@ -40,7 +49,7 @@ def blend(
     if attention is not None and gain is not None:
         z = attention * gain.to(attention.dtype).view(1, -1, *([1] * (attention.dim() - 2)))
     if kernel is not None:
-        conv = convolution_term(v, kernel, dilation)
+        conv = convolution_term(v, kernel, hood)
         z = conv if z is None else z + conv
     if z is None:
         z = torch.zeros_like(v)
@@ -53,12 +62,12 @@ def add_bias(z: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def with_convolution_term(attend: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A backend's ``mix`` from its attention term ``attend(q, k, v, window, dilation) -> (B, K, D, *S)``:
+    """A backend's ``mix`` from its attention term ``attend(q, k, v, hood) -> (B, K, D, *S)``:
     z = g * attend(...) + conv term, skipping the attention when there is no gain."""
 
-    def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
-        attention = attend(q, k, v, window, dilation) if gain is not None else None
-        return blend(attention, gain, v, kernel, dilation, bias)
+    def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
+        attention = attend(q, k, v, hood) if gain is not None else None
+        return blend(attention, gain, v, kernel, hood, bias)
 
     mix.__doc__ = f"z = g * ({attend.__module__}.attend) + depthwise conv term + bias; see convplus.backends."
     return mix

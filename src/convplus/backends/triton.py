@@ -30,13 +30,13 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
+def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
     """z = g * attention term + depthwise conv term + bias; see convplus.backends for the signature."""
     from .triton_kernels import WindowMix
 
     if gain is None:  # the conv term alone
-        return blend(None, None, v, kernel, dilation, bias)
-    geometry = fused_window(tuple(v.shape[3:]), window, dilation, None if kernel is None else tuple(kernel.shape[2:]))
+        return blend(None, None, v, kernel, hood, bias)
+    geometry = fused_window(tuple(v.shape[3:]), hood, None if kernel is None else tuple(kernel.shape[2:]))
     taps = None
     if geometry.tap_index is not None:  # the kernel's taps at the window offsets (K, D, W), zero where it has none
         index = geometry.tap_index.to(v.device)
@@ -47,6 +47,6 @@ def mix(q, k, v, kernel, gain, window, dilation, bias=None) -> torch.Tensor:
     def flat3(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0] * t.shape[1], t.shape[2], -1).contiguous()
 
-    offsets = geometry.offsets.to(v.device)
-    z = WindowMix.apply(flat3(q), flat3(k), flat3(v), gain, taps, offsets, geometry.grid).view(v.shape)
-    return add_bias(geometry.add_apart(z, v, kernel, dilation), bias)
+    offsets, bounds = geometry.offsets.to(v.device), geometry.bounds.to(v.device)
+    z = WindowMix.apply(flat3(q), flat3(k), flat3(v), gain, taps, offsets, bounds, geometry.grid).view(v.shape)
+    return add_bias(geometry.add_apart(z, v, kernel, hood), bias)

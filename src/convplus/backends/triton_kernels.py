@@ -5,10 +5,12 @@ the depthwise convolution term in one pass over the window,
 
 and a backward that recomputes the probabilities from the saved log-sum-exp.
 
-Layout: q, k (BK, Dq, N), v (BK, D, N), N = T * H * X (n-d grids padded to 3 dims); offsets (W, 3) int64;
-gain (K,) and taps r (K, D, W) float32 for head bk % K. Each program handles BLOCK_N positions of one
-(batch, head). Accumulation is float32 for every input dtype. Importing this module imports triton;
-``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (tests).
+Layout: q, k (BK, Dq, N), v (BK, D, N), N = T * H * X (n-d grids padded to 3 dims); offsets (W, 3) int64,
+every offset some position's window uses; bounds (T + H + X, 2) int64, per coordinate of each dim the first
+and last offset of its window (``fused_window.FusedWindow``); gain (K,) and taps r (K, D, W) float32 for
+head bk % K. Each program handles BLOCK_N positions of one (batch, head). Accumulation is float32 for every
+input dtype. Importing this module imports triton; ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors
+(tests).
 """
 
 from __future__ import annotations
@@ -26,13 +28,28 @@ def _coords(n, H, X):
 
 
 @triton.jit
-def _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X):
-    """Whether position (t, y, x) + offset w is a valid key, and its flat index."""
-    tt = t + tl.load(off_ptr + 3 * w)
-    yy = y + tl.load(off_ptr + 3 * w + 1)
-    xx = x + tl.load(off_ptr + 3 * w + 2)
-    ok = n_ok & (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < X)
-    return ok, (tt * H + yy) * X + xx
+def _window_bounds(bounds_ptr, t, y, x, n_ok, T, H):
+    """The first and last offset of the window of each of the positions' coordinates: six (BLOCK_N,) vectors."""
+    lo_t = tl.load(bounds_ptr + 2 * t, mask=n_ok, other=0)
+    hi_t = tl.load(bounds_ptr + 2 * t + 1, mask=n_ok, other=0)
+    lo_y = tl.load(bounds_ptr + 2 * (T + y), mask=n_ok, other=0)
+    hi_y = tl.load(bounds_ptr + 2 * (T + y) + 1, mask=n_ok, other=0)
+    lo_x = tl.load(bounds_ptr + 2 * (T + H + x), mask=n_ok, other=0)
+    hi_x = tl.load(bounds_ptr + 2 * (T + H + x) + 1, mask=n_ok, other=0)
+    return lo_t, hi_t, lo_y, hi_y, lo_x, hi_x
+
+
+@triton.jit
+def _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x):
+    """For position (t, y, x) and offset w: whether the key lies in the grid (the convolution term reads it),
+    whether it lies in the position's window N(i) (the attention reads it), and its flat index."""
+    ot = tl.load(off_ptr + 3 * w)
+    oy = tl.load(off_ptr + 3 * w + 1)
+    ox = tl.load(off_ptr + 3 * w + 2)
+    tt, yy, xx = t + ot, y + oy, x + ox
+    in_grid = n_ok & (tt >= 0) & (tt < T) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < X)
+    in_window = (ot >= lo_t) & (ot <= hi_t) & (oy >= lo_y) & (oy <= hi_y) & (ox >= lo_x) & (ox <= hi_x)
+    return in_grid, in_grid & in_window, (tt * H + yy) * X + xx
 
 
 @triton.jit
@@ -41,6 +58,7 @@ def _forward(
     k_ptr,
     v_ptr,
     off_ptr,
+    bounds_ptr,
     gain_ptr,
     taps_ptr,
     out_ptr,
@@ -73,8 +91,9 @@ def _forward(
     m = tl.full((BLOCK_N,), -1e30, tl.float32)
     denom = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    lo_t, hi_t, lo_y, hi_y, lo_x, hi_x = _window_bounds(bounds_ptr, t, y, x, n_ok, T, H)
     for w in range(W):
-        ok, j = _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X)
+        in_grid, ok, j = _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x)
         k = tl.load(
             k_ptr + bk * DQ * N + dq[None, :] * N + j[:, None], mask=ok[:, None] & (dq[None, :] < DQ), other=0.0
         ).to(tl.float32)
@@ -83,7 +102,7 @@ def _forward(
         alpha = tl.exp(m - m_new)
         p = tl.where(ok, tl.exp(s - m_new), 0.0)
         v = tl.load(
-            v_ptr + bk * D * N + dv[None, :] * N + j[:, None], mask=ok[:, None] & (dv[None, :] < D), other=0.0
+            v_ptr + bk * D * N + dv[None, :] * N + j[:, None], mask=in_grid[:, None] & (dv[None, :] < D), other=0.0
         ).to(tl.float32)
         denom = denom * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v
@@ -106,6 +125,7 @@ def _backward(
     k_ptr,
     v_ptr,
     off_ptr,
+    bounds_ptr,
     gain_ptr,
     taps_ptr,
     lse_ptr,
@@ -145,10 +165,11 @@ def _backward(
     lse = tl.load(lse_ptr + bk * N + n, mask=n_ok, other=0.0)
     delta = tl.load(delta_ptr + bk * N + n, mask=n_ok, other=0.0)
     grad_q = tl.zeros((BLOCK_N, BLOCK_DQ), tl.float32)
+    lo_t, hi_t, lo_y, hi_y, lo_x, hi_x = _window_bounds(bounds_ptr, t, y, x, n_ok, T, H)
     for w in range(W):
-        ok, j = _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X)
+        in_grid, ok, j = _neighbor(off_ptr, w, t, y, x, n_ok, T, H, X, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x)
         k_mask = ok[:, None] & (dq[None, :] < DQ)
-        w_mask = ok[:, None] & (dv[None, :] < D)
+        w_mask = in_grid[:, None] & (dv[None, :] < D)
         k = tl.load(k_ptr + bk * DQ * N + dq[None, :] * N + j[:, None], mask=k_mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + bk * D * N + dv[None, :] * N + j[:, None], mask=w_mask, other=0.0).to(tl.float32)
         p = tl.where(ok, tl.exp(tl.sum(q * k, axis=1) - lse), 0.0)
@@ -183,11 +204,11 @@ def _launch_shape(q: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], 
 
 
 class WindowMix(torch.autograd.Function):
-    """q, k (BK, Dq, N), v (BK, D, N), gain (K,), taps (K, D, W) or None, offsets (W, 3), grid (T, H, X)
-    -> z (BK, D, N)."""
+    """q, k (BK, Dq, N), v (BK, D, N), gain (K,), taps (K, D, W) or None, offsets (W, 3), bounds
+    (T + H + X, 2), grid (T, H, X) -> z (BK, D, N)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gain, taps, offsets, grid):
+    def forward(ctx, q, k, v, gain, taps, offsets, bounds, grid):
         s = _launch_shape(q, v, grid, gain.shape[0])
         width = offsets.shape[0]
         gain32 = gain.float().contiguous()
@@ -196,15 +217,17 @@ class WindowMix(torch.autograd.Function):
         attn = torch.empty(v.shape, device=v.device, dtype=torch.float32)
         lse = torch.empty(q.shape[0], s["N"], device=q.device, dtype=torch.float32)
         grid_size = s.pop("grid")
-        _forward[grid_size](q, k, v, offsets, gain32, taps32, out, attn, lse, width, **s, HAS_TAPS=taps is not None)
-        ctx.save_for_backward(q, k, v, offsets, gain32, taps32, attn, lse)
+        _forward[grid_size](
+            q, k, v, offsets, bounds, gain32, taps32, out, attn, lse, width, **s, HAS_TAPS=taps is not None
+        )
+        ctx.save_for_backward(q, k, v, offsets, bounds, gain32, taps32, attn, lse)
         ctx.grid, ctx.has_taps = grid, taps is not None
         ctx.dtypes = (gain.dtype, None if taps is None else taps.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, offsets, gain32, taps32, attn, lse = ctx.saved_tensors
+        q, k, v, offsets, bounds, gain32, taps32, attn, lse = ctx.saved_tensors
         s = _launch_shape(q, v, ctx.grid, gain32.shape[0])
         width, heads = offsets.shape[0], gain32.shape[0]
         grad_out = grad_out.contiguous()
@@ -221,6 +244,7 @@ class WindowMix(torch.autograd.Function):
             k,
             v,
             offsets,
+            bounds,
             gain32,
             taps32,
             lse,
@@ -238,4 +262,4 @@ class WindowMix(torch.autograd.Function):
         if ctx.has_taps:
             taps_grad = grad_taps.sum(1).view(-1, heads, s["D"], width).sum(0).to(ctx.dtypes[1])
         grads = (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_gain.to(ctx.dtypes[0]))
-        return (*grads, taps_grad, None, None)
+        return (*grads, taps_grad, None, None, None)

@@ -1,7 +1,8 @@
 """timm integration: Conv+ ConvNeXt V2 models, exact conversion of ConvNeXt weights, export, detectors and
-segmenters on timm backbones."""
+segmenters on timm backbones; byte-level language models and video networks with Conv+, attention or
+convolution mixers."""
 
-from . import registry
+from . import language, registry, video
 from .convert import convert, load_converted
 from .detection import create_detector
 from .export import export_onnx
@@ -16,10 +17,12 @@ __all__ = [
     "create_detector",
     "create_segmenter",
     "export_onnx",
+    "language",
     "load_backbone_weights",
     "load_converted",
     "load_pretrained",
     "read_state_dict",
     "registry",
     "replace_convplus",
+    "video",
 ]

@@ -14,6 +14,8 @@ default configuration is the same for every size (see docs/models.md for the rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -98,3 +100,20 @@ def _register(size: str) -> None:
 
 for _size in SIZES:
     _register(_size)
+
+
+def register_builder(name: str, build: Callable[..., nn.Module], doc: str, module: str) -> None:
+    """Register ``build(**kwargs)`` with timm as model ``name`` (documented by ``doc``, listed under
+    ``module``): ``timm.create_model(name, **kwargs)`` calls it. These models have no downloadable weights."""
+
+    def entrypoint(
+        pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs
+    ) -> nn.Module:
+        if pretrained:
+            raise ValueError(f"{name} has no downloadable weights: create it with pretrained=False")
+        return build(**kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = doc
+    entrypoint.__module__ = module
+    register_model(entrypoint)

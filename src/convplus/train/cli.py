@@ -36,7 +36,9 @@ def _train_description() -> str:
         "Train any timm model on digits, an image folder, CIFAR pickles or a generated dataset; "
         "--replace-convplus turns ConvNeXt depthwise convs into Conv+. --task detection (coco:PATH, "
         "synthetic:shapes) and --task segmentation (ade20k:PATH, synthetic:shapes) put --model under an FPN "
-        "with Faster / Mask R-CNN or a semantic FPN head. Writes config.json, metrics.csv, "
+        "with Faster / Mask R-CNN or a semantic FPN head. --task lm trains a byte-level language model "
+        "(convplus_lm_*, transformer_lm_*, conv_lm_*) on text:PATH or text:stdlib (bits per byte), --task video "
+        "a video network (convplus_video_*, conv_video_*) on synthetic:moving-digits. Writes config.json, metrics.csv, "
         "TensorBoard events, last/ and best/ checkpoints, summary.json and PNG plots to --output. "
         "Many processes: torchrun --nproc-per-node N train.py ..."
     )

@@ -29,6 +29,8 @@ class TrainConfig:
     num_classes: int | None = None
     masks: bool = False
     img_size: int = 32
+    seq_len: int = 256
+    frames: int = 8
     epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
@@ -58,10 +60,13 @@ class TrainConfig:
     quiet: bool = False
 
     HELP: ClassVar[dict[str, str]] = {
-        "task": "classification | detection | segmentation",
-        "model": "any timm model name (convplus_convnextv2_* included); the backbone for detection / segmentation",
+        "task": "classification | detection | segmentation | lm | video",
+        "model": "any timm model name (convplus_convnextv2_* included); the backbone for detection / segmentation; "
+        "lm: convplus_lm_* | transformer_lm_* | conv_lm_*; video: convplus_video_* | conv_video_*",
         "data": "classification: digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | synthetic:NAME; "
-        "detection: coco:PATH | synthetic:shapes; segmentation: ade20k:PATH | synthetic:shapes",
+        "detection: coco:PATH | synthetic:shapes; segmentation: ade20k:PATH | synthetic:shapes; "
+        "lm: text:PATH (a UTF-8 file or folder) | text:stdlib (this Python's standard library source); "
+        "video: synthetic:moving-digits",
         "num_classes": "classes of an ade20k:PATH folder (default: 150 for ADE20K, else the largest label)",
         "masks": "detection: Mask R-CNN (boxes and instance masks) instead of Faster R-CNN",
         "amp": "none | bf16 | fp16 (fp16 on CUDA only)",
@@ -73,7 +78,9 @@ class TrainConfig:
         "model_kwargs": "JSON dict for timm.create_model, e.g. '{\"depths\": [1,1,1,1]}'",
         "convplus_kwargs": 'JSON dict of Conv+ settings for fresh layers, e.g. \'{"heads": 4, "window": null}\'',
         "img_size": "training resolution: the image side (classification, segmentation crops) or the shorter "
-        "side (detection; the longer one capped at 1333/800 of it)",
+        "side (detection; the longer one capped at 1333/800 of it); video: the frame side",
+        "seq_len": "lm: bytes per training sequence",
+        "frames": "video: frames per clip",
         "max_train_samples": "use only the first N training images (quick runs)",
         "max_val_samples": "use only the first N validation images",
         "quiet": "no progress bars or per-epoch lines",
@@ -102,7 +109,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the flag of the first setting that no run could use."""
-        positive = ("img_size", "epochs", "batch_size", "lr")
+        positive = ("img_size", "seq_len", "frames", "epochs", "batch_size", "lr")
         non_negative = ("weight_decay", "warmup_epochs", "mixup", "cutmix", "workers")
         fractions = ("drop_path", "label_smoothing", "ema")  # in [0, 1)
         problems = [(name, "a number > 0") for name in positive if not _number(getattr(self, name)) > 0]

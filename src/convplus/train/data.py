@@ -131,8 +131,13 @@ def build_data(
         raise ValueError(f"--data {form!r}: unknown dataset form; expected {FORMS}")
     if len(splits.train) == 0 or len(splits.val) == 0:
         raise ValueError(f"--data {form}: empty dataset (train {len(splits.train)}, val {len(splits.val)} images)")
-    if max_train is not None:
-        splits.train = Subset(splits.train, range(min(max_train, len(splits.train))))
-    if max_val is not None:
-        splits.val = Subset(splits.val, range(min(max_val, len(splits.val))))
+    return limited(splits, max_train, max_val)
+
+
+def limited(splits: DataSplits, max_train: int | None, max_val: int | None) -> DataSplits:
+    """The first ``max_train`` / ``max_val`` samples of each split (all where None)."""
+    for split, limit in (("train", max_train), ("val", max_val)):
+        dataset = getattr(splits, split)
+        if limit is not None:
+            setattr(splits, split, Subset(dataset, range(min(limit, len(dataset)))))
     return splits

@@ -15,10 +15,10 @@ from ..data.coco import DetectionSplits, load_coco
 from ..models import create_detector, replace_convplus
 from . import distributed, plots
 from .config import TrainConfig
-from .data import DataSplits
-from .dense import SHOWN, backbone_of, check_dense_settings, data_root, limited
+from .data import DataSplits, limited
+from .dense import SHOWN, backbone_of, data_root
 from .metrics import AP_NAMES, coco_ap, coco_results
-from .tasks import Task
+from .tasks import CLASSIFICATION_ONLY, Task, refuse_settings
 
 FORMS = "coco:PATH | synthetic:shapes"
 
@@ -37,7 +37,7 @@ class DetectionTask(Task):
 
     def __init__(self, cfg: TrainConfig, data: DataSplits, device: torch.device):
         super().__init__(cfg, data, device)
-        check_dense_settings(cfg)
+        refuse_settings(cfg, *CLASSIFICATION_ONLY)
         losses = ["loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"]
         self.train_keys = ("loss", *losses, *(["loss_mask"] if cfg.masks else []))
         self.val_keys = DetectionTask.val_keys + (tuple(f"mask_{n}" for n in AP_NAMES) if cfg.masks else ())
@@ -45,7 +45,9 @@ class DetectionTask(Task):
 
     @staticmethod
     def build_data(cfg: TrainConfig) -> DetectionSplits:
-        return limited(load_coco(data_root(cfg, "coco", "coco", FORMS), cfg.masks), cfg)
+        return limited(
+            load_coco(data_root(cfg, "coco", "coco", FORMS), cfg.masks), cfg.max_train_samples, cfg.max_val_samples
+        )
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg

@@ -272,7 +272,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_failure: contextlib.Ex
             "epoch_seconds": stats["seconds"],
         }
         rows.append(row)
-        is_best = best["epoch"] == 0 or val[task.best_key] > best["val"][task.best_key]
+        is_best = best["epoch"] == 0 or task.improves(val[task.best_key], best["val"][task.best_key])
         if is_best:
             best = {"epoch": epoch + 1, "val": {k: val[k] for k in task.val_keys}}
         if ctx.is_main:

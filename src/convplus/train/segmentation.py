@@ -16,10 +16,10 @@ from ..data.ade20k import IGNORE, load_ade20k
 from ..models import create_segmenter, replace_convplus
 from . import distributed, plots
 from .config import TrainConfig
-from .data import DataSplits
-from .dense import SHOWN, backbone_of, check_dense_settings, data_root, limited
+from .data import DataSplits, limited
+from .dense import SHOWN, backbone_of, data_root
 from .metrics import confusion_matrix, segmentation_scores
-from .tasks import Task
+from .tasks import CLASSIFICATION_ONLY, Task, refuse_settings
 
 FORMS = "ade20k:PATH | synthetic:shapes"
 
@@ -55,11 +55,15 @@ class SegmentationTask(Task):
 
     def __init__(self, cfg: TrainConfig, data: DataSplits, device: torch.device):
         super().__init__(cfg, data, device)
-        check_dense_settings(cfg)
+        refuse_settings(cfg, *CLASSIFICATION_ONLY)
 
     @staticmethod
     def build_data(cfg: TrainConfig) -> DataSplits:
-        return limited(load_ade20k(data_root(cfg, "ade20k", "ade", FORMS), cfg.img_size, cfg.num_classes), cfg)
+        return limited(
+            load_ade20k(data_root(cfg, "ade20k", "ade", FORMS), cfg.img_size, cfg.num_classes),
+            cfg.max_train_samples,
+            cfg.max_val_samples,
+        )
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg

@@ -26,7 +26,12 @@ TASKS = {
     "classification": "convplus.train.classification:ClassificationTask",
     "detection": "convplus.train.detection:DetectionTask",
     "segmentation": "convplus.train.segmentation:SegmentationTask",
+    "lm": "convplus.train.language:LanguageModelTask",
+    "video": "convplus.train.video:VideoTask",
 }
+
+CLASSIFICATION_ONLY = ("mixup", "cutmix", "label_smoothing")
+"""Settings that only ``--task classification`` uses (``refuse_settings`` for the others)."""
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -44,7 +49,8 @@ class Task(ABC):
     """The task-specific part of a run. Subclasses set the class attributes and implement the methods.
 
     ``train_keys``: per-epoch training means (``train_<key>`` in metrics.csv), ``val_keys``: validation
-    metrics (``val_<key>``), ``best_key``: the validation metric (higher is better) that picks ``best/``,
+    metrics (``val_<key>``), ``best_key``: the validation metric that picks ``best/`` (higher is better
+    unless ``lower_is_better``),
     ``summary_keys``: the metrics summary.json reports (``<key>``, ``best_<key>``, ``final_<key>``),
     ``curve``: (metric key, axis label, axis limits) of the learning curves' right panel.
     """
@@ -53,6 +59,7 @@ class Task(ABC):
     train_keys: tuple[str, ...]
     val_keys: tuple[str, ...]
     best_key: str
+    lower_is_better: ClassVar[bool] = False
     summary_keys: tuple[str, ...]
     curve: tuple[str, str, tuple[float, float]]
     collate: Callable | None = None
@@ -92,6 +99,11 @@ class Task(ABC):
         """The pictures ``convplus eval`` writes into ``out`` (by default those of ``plots``)."""
         return self.plots(model, out)
 
+    @classmethod
+    def improves(cls, value: float, best: float) -> bool:
+        """Whether a ``best_key`` value of ``value`` beats ``best``."""
+        return value < best if cls.lower_is_better else value > best
+
     def autocast(self):
         return autocast(self.cfg, self.device)
 
@@ -106,6 +118,13 @@ class Task(ABC):
             "images_per_s",
             "epoch_seconds",
         )
+
+
+def refuse_settings(cfg: TrainConfig, *names: str) -> None:
+    """A ValueError for the first of the settings ``names`` that is set: ``cfg.task`` does not use it."""
+    for name in names:
+        if getattr(cfg, name):
+            raise ValueError(f"--{name.replace('_', '-')} is not used by --task {cfg.task}; leave it unset")
 
 
 def task_class(name: str) -> type[Task]:

@@ -8,15 +8,17 @@
 
 namespace convplus {
 
-// Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dkernel); bias (K, D) or empty.
+// Windowed mixing step (window_mix.cpp): (z, probs) and (dq, dk, dv, dgain, dkernel); bounds (T + H + X, 2) each
+// query's window among the offsets; bias (K, D) or empty.
 std::vector<at::Tensor> window_mix_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
                                               at::Tensor kernel, at::Tensor tap_index, at::Tensor offsets,
-                                              at::Tensor bias, bool save_probs);
+                                              at::Tensor bounds, at::Tensor bias, bool save_probs);
 // The same with the 'direct' score computed in the pass from features (BK, Dq, T, H, X), pos and temperature.
 std::vector<at::Tensor> direct_window_mix_forward(at::Tensor features, at::Tensor pos,
                                                      at::Tensor temperature, at::Tensor v, at::Tensor gain,
                                                      at::Tensor kernel, at::Tensor tap_index,
-                                                     at::Tensor offsets, at::Tensor bias, bool save_probs);
+                                                     at::Tensor offsets, at::Tensor bounds, at::Tensor bias,
+                                                     bool save_probs);
 std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
                                                at::Tensor kernel, at::Tensor tap_index, at::Tensor probs,
                                                at::Tensor gout, at::Tensor offsets);

@@ -1,5 +1,5 @@
 // The window of the CPU mixing kernel on one grid: sizes, the offsets, the distinct (t, y) row offsets they use,
-// and the padded row layout (a zero halo of max|o_x| widened to whole vectors on each side of X rounded up to
+// each query's own window among them, and the padded row layout (a zero halo of max|o_x| widened to whole vectors on each side of X rounded up to
 // whole vectors).
 #pragma once
 
@@ -53,6 +53,30 @@ struct Geometry {
 
   int64_t rows() const { return static_cast<int64_t>(rt.size()); }
   bool row_in_grid(int64_t t, int64_t y) const { return t >= 0 && t < T && y >= 0 && y < H; }
+};
+
+// Each query's own window among the offsets, from bounds (T + H + X, 2) int64: for each coordinate of each dim
+// in turn, the first and last offset of its window (all inside the grid; wider than the grid's edges only under
+// border='shift', where the offsets are the union of the queries' windows).
+struct WindowBounds {
+  std::vector<int64_t> lo, hi;                  // T + H + X entries
+  std::vector<std::vector<int64_t>> blocked_x;  // per offset w: the columns x whose window leaves out o_x[w]
+
+  WindowBounds(const at::Tensor& bounds, const Geometry& g) : blocked_x(g.W) {
+    const auto b = bounds.accessor<int64_t, 2>();
+    for (int64_t c = 0; c < bounds.size(0); ++c) {
+      lo.push_back(b[c][0]);
+      hi.push_back(b[c][1]);
+    }
+    for (int64_t w = 0; w < g.W; ++w)
+      for (int64_t x = 0; x < g.X; ++x)
+        if (g.ox[w] < lo[g.T + g.H + x] || g.ox[w] > hi[g.T + g.H + x]) blocked_x[w].push_back(x);
+  }
+
+  // Whether the row offset r lies in the window of query row (t, y).
+  bool row_in_window(const Geometry& g, int64_t t, int64_t y, int64_t r) const {
+    return lo[t] <= g.rt[r] && g.rt[r] <= hi[t] && lo[g.T + y] <= g.ry[r] && g.ry[r] <= hi[g.T + y];
+  }
 };
 
 inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }

@@ -3,14 +3,17 @@
 //
 //   z[d, i] = sum_w (g * P[w, i] + r[d, w]) * v[d, i + o_w],   P[., i] = softmax_w(<q[:, i], k[:, i + o_w]>)
 //
-// (offsets o_w whose key leaves the grid are excluded from the softmax; the convolution term sees zeros there).
+// (offsets o_w whose key leaves the query's window are excluded from the softmax; the convolution term sees every
+// in-grid key, and zeros outside the grid).
 // With the 'direct' score the keys and queries are computed in the same pass from the features f instead of read:
 // k = unit(f + pos) over each head's channels (as direct_score.cpp computes it), q = tau_h * k.
 //
 // Layout: q, k (B*K, Dq, T, H, X), v (B*K, D, T, H, X), contiguous, channels first; 1-d and 2-d grids are padded
 // to 3 spatial dims with size 1. gain (K,); kernel (K, D, P) flattened, or empty for no convolution term, and
 // tap_index (W,): the kernel entry at each window offset (-1: none), giving the taps r (K, D, W);
-// offsets (W, 3) int64, row-major over (t, y, x); bias (K, D) or empty, added to z. Head of slice bk is bk % K.
+// offsets (W, 3) int64, row-major over (t, y, x), every offset some query's window uses; bounds (T + H + X, 2)
+// int64, each query's own window among them (window_geometry.h, forward only: backward reads the saved
+// probabilities, zero outside the window); bias (K, D) or empty, added to z. Head of slice bk is bk % K.
 //
 // Every inner loop runs over x in register tiles of whole SIMD vectors. The rows a query row needs are copied
 // into per-thread buffers with a zero halo of max|o_x| on each side and zero columns up to a whole number of
@@ -61,7 +64,7 @@ struct ScoreInputs {
 
 template <typename T>
 void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, const T* taps, const T* bias,
-                    const Geometry& g, T* out, T* probs) {
+                    const Geometry& g, const WindowBounds& window, T* out, T* probs) {
   const int64_t rows_total = g.BK * g.T * g.H;
   const bool direct = score.features != nullptr;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
@@ -81,19 +84,16 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
       } else {
         gather_row(score.q, g.Dq, g, bk, t, y, qb.data());
       }
-      // scores, -inf where the key leaves the grid
+      // scores, -inf where the key leaves the query's window (the grid, or a shifted window)
       for (int64_t r = 0; r < g.rows(); ++r) {
-        if (kc.valid(r)) {
+        if (kc.valid(r) && window.row_in_window(g, t, y, r)) {
           row_dots<T, false>(qb.data() + g.lead, kc.row(r) + g.lead, r, g.Dq, g, p.data(), nullptr);
           continue;
         }
         for (const int64_t w : g.by_row[r]) std::fill(p.data() + w * g.Xr, p.data() + (w + 1) * g.Xr, neg_inf);
       }
-      for (int64_t w = 0; w < g.W; ++w) {
-        T* pw = p.data() + w * g.Xr;
-        for (int64_t x = 0; x < std::min(-g.ox[w], g.X); ++x) pw[x] = neg_inf;
-        for (int64_t x = std::max<int64_t>(g.X - g.ox[w], 0); x < g.X; ++x) pw[x] = neg_inf;
-      }
+      for (int64_t w = 0; w < g.W; ++w)
+        for (const int64_t x : window.blocked_x[w]) p[w * g.Xr + x] = neg_inf;
       softmax_numerators(p.data(), g.W, g.X, g.Xr, inverse.data());
       // p[w] = P[w] (kept for backward), then g * P[w]
       for (int64_t w = 0; w < g.W; ++w) {
@@ -266,6 +266,20 @@ void check_window(const ArgumentChecks& check, const char* query_name, const at:
     check.require(-1 <= entry && entry < P, "tap_index must hold kernel entries in [-1, P = ", P, "), got ", entry);
 }
 
+// bounds (T + H + X, 2) int64: per coordinate c of a dim of size S, a window lo <= 0 <= hi inside the grid.
+void check_bounds(const ArgumentChecks& check, const at::Tensor& bounds, const at::Tensor& v) {
+  check.index("bounds", bounds);
+  const int64_t extent[3] = {v.size(2), v.size(3), v.size(4)};
+  check.shape("bounds", bounds, {extent[0] + extent[1] + extent[2], 2}, "(T + H + X, 2)");
+  const auto b = bounds.accessor<int64_t, 2>();
+  int64_t row = 0;
+  for (int64_t d = 0; d < 3; ++d)
+    for (int64_t c = 0; c < extent[d]; ++c, ++row)
+      check.require(-c <= b[row][0] && b[row][0] <= 0 && 0 <= b[row][1] && b[row][1] < extent[d] - c,
+                    "bounds must hold a window lo <= 0 <= hi inside the grid at every coordinate, got bounds[", row,
+                    "] = (", b[row][0], ", ", b[row][1], ")");
+}
+
 // bias (K, D) or empty, of the dtype of v.
 void check_bias(const ArgumentChecks& check, const at::Tensor& bias, const at::Tensor& v,
                 const at::Tensor& gain) {
@@ -277,9 +291,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                    const at::Tensor& pos, const at::Tensor& temperature, const at::Tensor& v,
                                    const at::Tensor& gain, const at::Tensor& kernel,
                                    const at::Tensor& tap_index, const at::Tensor& offsets,
-                                   const at::Tensor& bias, bool save_probs) {
+                                   const at::Tensor& bounds, const at::Tensor& bias, bool save_probs) {
   const at::Tensor& shape = features.dim() == 5 ? features : q;
   const Geometry g(shape, v, offsets, gain.size(0), kVectorBytes / v.element_size());
+  const WindowBounds window(bounds, g);
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto out = at::empty_like(v);
   auto probs = at::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, v.options());
@@ -287,7 +302,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     auto data = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
     const ScoreInputs<scalar_t> score{data(q), data(k), data(features), data(pos), data(temperature)};
     forward_kernel<scalar_t>(score, v.data_ptr<scalar_t>(), gain.data_ptr<scalar_t>(), data(taps), data(bias), g,
-                             out.data_ptr<scalar_t>(), save_probs ? probs.data_ptr<scalar_t>() : nullptr);
+                             window, out.data_ptr<scalar_t>(), save_probs ? probs.data_ptr<scalar_t>() : nullptr);
   });
   return {out, probs};
 }
@@ -296,20 +311,22 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 
 std::vector<at::Tensor> window_mix_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
                                               at::Tensor kernel, at::Tensor tap_index, at::Tensor offsets,
-                                              at::Tensor bias, bool save_probs) {
+                                              at::Tensor bounds, at::Tensor bias, bool save_probs) {
   const ArgumentChecks check("window_mix_forward");
   check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
   check.like("k", k, "v", v);
   check.shape("k", k, q.sizes().vec(), "(BK, Dq, T, H, X)");
+  check_bounds(check, bounds, v);
   check_bias(check, bias, v, gain);
   const auto none = v.new_empty({0});
-  return forward(q, k, none, none, none, v, gain, kernel, tap_index, offsets, bias, save_probs);
+  return forward(q, k, none, none, none, v, gain, kernel, tap_index, offsets, bounds, bias, save_probs);
 }
 
 std::vector<at::Tensor> direct_window_mix_forward(at::Tensor features, at::Tensor pos,
                                                      at::Tensor temperature, at::Tensor v, at::Tensor gain,
                                                      at::Tensor kernel, at::Tensor tap_index,
-                                                     at::Tensor offsets, at::Tensor bias, bool save_probs) {
+                                                     at::Tensor offsets, at::Tensor bounds, at::Tensor bias,
+                                                     bool save_probs) {
   const ArgumentChecks check("direct_window_mix_forward");
   check_window(check, "features", features, v, gain, kernel, tap_index, offsets);
   const int64_t K = gain.size(0), Dq = features.size(1), N = v.size(2) * v.size(3) * v.size(4);
@@ -317,9 +334,11 @@ std::vector<at::Tensor> direct_window_mix_forward(at::Tensor features, at::Tenso
   if (pos.numel()) check.shape("pos", pos, {K, Dq, N}, "(K, Dq, N)");
   check.like("temperature", temperature, "v", v);
   check.shape("temperature", temperature, {K}, "(K,)");
+  check_bounds(check, bounds, v);
   check_bias(check, bias, v, gain);
   const auto none = v.new_empty({0});
-  return forward(none, none, features, pos, temperature, v, gain, kernel, tap_index, offsets, bias, save_probs);
+  return forward(none, none, features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias,
+                 save_probs);
 }
 
 std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
