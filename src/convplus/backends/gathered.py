@@ -2,14 +2,16 @@
 exported graph runs fast (gather, batched matrix products, softmax, a depthwise convolution).
 
 The queries are cut into tiles of ``tile`` consecutive positions per dim (within each dilation group); every
-tile attends to the keys its queries can reach, the tile plus a halo of ``w // 2`` steps on each side, with
-one batched matrix product for the scores and one for the aggregation. A constant additive bias (0 or -inf)
-keeps, for each query, exactly its neighborhood N(i): keys outside its window and outside the grid are
-excluded, as in the definition (docs/definition.md, 'Definition'). Tiles and halos are taken with constant
-index gathers, so one formulation serves 1 to 3 dims, any dilation and clipped borders, and traces to a
-static graph (``torch.export``, ONNX).
+tile attends to the keys its queries can reach: the tile plus a halo spanning, per dim, the union of the
+windows' offsets (``neighborhood.offset_ranges``: ``w // 2`` steps on each side for a centred window, ``w - 1``
+steps back along a causal dim, ``w - 1`` steps on each side under border 'shift'), with one batched matrix
+product for the scores and one for the aggregation. A constant additive bias (0 or -inf) keeps, for each query,
+exactly its neighborhood N(i): keys outside its window (``neighborhood.dim_bounds``, causal and border rules
+included) and outside the grid are excluded, as in the definition (docs/definition.md, 'Definition'). Tiles
+and halos are taken with constant index gathers, so one formulation serves 1 to 3 dims, any dilation, causal
+dims and both border rules, and traces to a static graph (``torch.export``, ONNX).
 
-Cost: each query scores all the keys of its tile's halo, ``prod(tile + 2 * (w // 2))`` of them, instead of
+Cost: each query scores all the keys of its tile's halo, ``prod(tile + before + after)`` of them, instead of
 the ``prod(w)`` of its window; in return the work runs as matrix products, not as one pass per offset.
 """
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..neighborhood import reachable_halves
+from ..neighborhood import Neighborhood, offset_ranges
 from .terms import softmax_probs, with_convolution_term
 
 TILE = 7
@@ -57,51 +59,78 @@ class Tiling:
         return self.bias.shape[2]
 
 
-def _tiles_1d(size: int, half: int, step: int, tile: int) -> list[tuple[list[int], list[int]]]:
+def _tiles_1d(size: int, before: int, after: int, step: int, tile: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """One dim's tiles: for each, its query coordinates (t of them, -1 past the grid) and key coordinates
-    (t + 2 * half, -1 outside the grid). A tile holds consecutive positions of one dilation group."""
+    (t + before + after of them, from ``before`` group steps before the tile to ``after`` past it, -1 outside the
+    grid). A tile holds consecutive positions of one dilation group."""
     tiles = []
     side = min(tile, len(range(0, size, step)))  # the longest group's length: every tile has the same side
     for group in range(min(step, size)):
         length = len(range(group, size, step))
         for start in range(0, length, side):
-            queries = [group + (start + a) * step if start + a < length else -1 for a in range(side)]
-            keys = [group + (start + b) * step if 0 <= start + b < length else -1 for b in range(-half, side + half)]
+            a, b = start + np.arange(side), start + np.arange(-before, side + after)
+            queries = np.where(a < length, group + a * step, -1)
+            keys = np.where((b >= 0) & (b < length), group + b * step, -1)
             tiles.append((queries, keys))
     return tiles
 
 
-def _flat_index(coords_per_dim: list[list[int]], spatial: tuple[int, ...]) -> np.ndarray:
+def _flat_index(coords_per_dim: list[np.ndarray], spatial: tuple[int, ...]) -> np.ndarray:
     """The row-major flat grid indices of the product of per-dim coordinates, N = prod(spatial) where any
     coordinate is -1 (outside the grid)."""
-    grids = np.meshgrid(*[np.asarray(c) for c in coords_per_dim], indexing="ij")
+    grids = np.meshgrid(*coords_per_dim, indexing="ij")
     outside = np.any([g < 0 for g in grids], axis=0)
     index = np.ravel_multi_index([np.maximum(g, 0) for g in grids], spatial)
     return np.where(outside, math.prod(spatial), index).ravel()
 
 
-def _neighborhood_bias(combo: tuple, halves: tuple[int, ...], padding_query: np.ndarray) -> np.ndarray:
-    """(M, L) float32 of one tile: 0 where key b is in query a's window in every dim (0 <= b - a <= 2 * half)
-    and inside the grid, or where the query is padding; -inf elsewhere."""
+def dim_bounds_array(size: int, window: int, dilation: int, causal: bool, border: str) -> np.ndarray:
+    """``neighborhood.dim_bounds`` as a NumPy array: (size, 2) int64, each position's window offsets (lo - i,
+    hi - i). Evaluated in NumPy because ``torch.export`` runs this code with fake tensors, which hold no values;
+    the rule is the one of ``neighborhood`` (a test checks that the two agree)."""
+    i = np.arange(size)
+    a = i // dilation  # index in the dilation group
+    length = (size - 1 - i % dilation) // dilation + 1  # points in the group
+    if causal:
+        lo, hi = np.maximum(a - (window - 1), 0), a
+    elif border == "shift":
+        lo = np.minimum(np.maximum(a - window // 2, 0), np.maximum(length - window, 0))
+        hi = np.minimum(lo + window - 1, length - 1)
+    else:
+        lo, hi = np.maximum(a - window // 2, 0), np.minimum(a + window // 2, length - 1)
+    return np.stack([lo - a, hi - a], axis=1) * dilation
+
+
+def _neighborhood_bias(combo: tuple, bounds: list[np.ndarray], padding_query: np.ndarray) -> np.ndarray:
+    """(M, L) float32 of one tile: 0 where, in every dim, key j is inside the grid and lo(i) <= j - i <= hi(i)
+    for query i (``bounds``: per dim, ``dim_bounds_array``), or where the query is padding; -inf elsewhere."""
     allowed = np.ones((1, 1), dtype=bool)
-    for (queries, keys), half in zip(combo, halves, strict=True):
-        a, b = np.arange(len(queries))[:, None], np.arange(len(keys))[None, :]
-        dim_ok = (b - a >= 0) & (b - a <= 2 * half) & (np.asarray(keys) >= 0)[None, :]
+    for (queries, keys), table in zip(combo, bounds, strict=True):
+        lo, hi = table[queries, :1], table[queries, 1:]  # (t, 1); a padding query (-1) reads a row, later ignored
+        delta = keys[None, :] - queries[:, None]
+        dim_ok = (keys >= 0)[None, :] & (delta >= lo) & (delta <= hi)
         allowed = (allowed[:, None, :, None] & dim_ok[None, :, None, :]).reshape(allowed.shape[0] * dim_ok.shape[0], -1)
     return np.where(allowed | padding_query[:, None], 0.0, -np.inf).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=256)
-def tiling(spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...], tile: int = TILE) -> Tiling:
-    """The ``Tiling`` of a grid ``spatial`` for a window (odd ints) and dilation; cached."""
-    halves = reachable_halves(spatial, window, dilation)
-    per_dim = [_tiles_1d(s, h, r, tile) for s, h, r in zip(spatial, halves, dilation, strict=True)]
+def tiling(spatial: tuple[int, ...], hood: Neighborhood, tile: int = TILE) -> Tiling:
+    """The ``Tiling`` of a grid ``spatial`` for a neighborhood with a finite window; cached."""
+    reach = offset_ranges(spatial, hood)  # per dim, the union of the windows' offsets, in dilated steps of r
+    bounds = [
+        dim_bounds_array(s, w, r, c, hood.border)
+        for s, w, r, c in zip(spatial, hood.window, hood.dilation, hood.causal, strict=True)
+    ]
+    per_dim = [
+        _tiles_1d(s, -offsets.start // r, offsets[-1] // r, r, tile)
+        for s, offsets, r in zip(spatial, reach, hood.dilation, strict=True)
+    ]
     n = math.prod(spatial)
     queries, keys, biases = [], [], []
     for combo in itertools.product(*per_dim):
         queries.append(_flat_index([t[0] for t in combo], spatial))
         keys.append(_flat_index([t[1] for t in combo], spatial))
-        biases.append(_neighborhood_bias(combo, halves, queries[-1] == n))
+        biases.append(_neighborhood_bias(combo, bounds, queries[-1] == n))
     query_index = np.concatenate(queries)
     position = np.empty(n, dtype=np.int64)
     real = query_index < n
@@ -123,13 +152,13 @@ def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window: tuple[int, ...],
-    dilation: tuple[int, ...],
+    hood: Neighborhood,
     tile: int = TILE,
 ) -> torch.Tensor:
-    """sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S)."""
+    """sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S); ``hood`` has a
+    finite window."""
     spatial = tuple(v.shape[3:])
-    geometry = tiling(spatial, window, dilation, tile)
+    geometry = tiling(spatial, hood, tile)
     flat = [t.flatten(3) for t in (q, k, v)]
     q_t = _gather(flat[0], geometry.queries, geometry.queries_per_tile)  # (B, K, T, M, Dq)
     k_t = _gather(flat[1], geometry.keys, geometry.keys_per_tile)  # (B, K, T, L, Dq)
