@@ -11,8 +11,9 @@ included) and outside the grid are excluded, as in the definition (docs/definiti
 and halos are taken with constant index gathers, so one formulation serves 1 to 3 dims, any dilation, causal
 dims and both border rules, and traces to a static graph (``torch.export``, ONNX).
 
-Cost: each query scores all the keys of its tile's halo, ``prod(tile + before + after)`` of them, instead of
-the ``prod(w)`` of its window; in return the work runs as matrix products, not as one pass per offset.
+Cost: each query scores all the keys of its tile and halo, ``prod(tile + before + after)`` of them (before, after:
+the halo's steps on each side), instead of the ``prod(w)`` of its window; in return the work runs as matrix
+products, not as one pass per offset.
 """
 
 from __future__ import annotations
