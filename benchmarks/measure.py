@@ -6,6 +6,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,17 +25,29 @@ def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int) -> float
     return statistics.median(times)
 
 
+class Paired(NamedTuple):
+    """Per-pair ratios of fn's time over base's: their median, lowest and highest, and how many pairs."""
+
+    median: float
+    lowest: float
+    highest: float
+    pairs: int
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x ({self.lowest:.2f}x-{self.highest:.2f}x)"
+
+
 def paired_ratio(
     base: Callable[[], torch.Tensor], fn: Callable[[], torch.Tensor], backward: bool, repeats: int
-) -> tuple[float, float, float]:
+) -> Paired:
     """fn's time over base's, each call of fn timed right after a call of base so that both see the same machine
-    state: (median, lowest, highest) of the per-pair ratios, after one warm-up pair."""
+    state, over ``repeats`` pairs after one warm-up pair."""
     ratios = []
     for i in range(repeats + 1):
         pair = [timed(f, backward, 0) for f in (base, fn)]
         if i:
             ratios.append(pair[1] / pair[0])
-    return statistics.median(ratios), min(ratios), max(ratios)
+    return Paired(statistics.median(ratios), min(ratios), max(ratios), len(ratios))
 
 
 def peak_bytes(fn: Callable[[], torch.Tensor], backward: bool) -> int:

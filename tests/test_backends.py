@@ -82,7 +82,7 @@ def test_backend_matches_reference(backend, config):
     kwargs = config["kwargs"]
     if kwargs["score"] == "direct" and kwargs["in_channels"] % kwargs["heads"]:
         kwargs["score"] = "qk"
-    if backend in ("local", "cpu") and kwargs["window"] is None:
+    if backends.BACKENDS[backend].needs_window and kwargs["window"] is None:
         kwargs["window"] = 5
     module = MODULES[config["n"]](**kwargs, dtype=torch.float64)
     with torch.no_grad():  # random, non-trivial gains and kernels

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..neighborhood import Neighborhood
-from . import cpu, global_attention, local, reference, triton
+from . import cpu, gathered, global_attention, local, reference, triton
 from .terms import with_convolution_term
 
 MixFn = Callable[..., torch.Tensor]
@@ -69,6 +69,7 @@ BACKENDS: dict[str, Backend] = {
             traceable=False,
         ),
         Backend("triton", triton.mix, unavailable_reason=triton.unavailable_reason, needs_window=True),
+        Backend("gathered", gathered.mix, needs_window=True),
     )
 }
 """Backend name -> its record."""
@@ -108,12 +109,15 @@ def _warn_fallback(name: str, reason: str) -> None:
 
 def select(spatial: tuple[int, ...], device: torch.device, hood: Neighborhood) -> str:
     """The backend ``backend="auto"`` uses for a grid of this size on this device, with this neighborhood:
-    'global' (SDPA) when the window is None or covers the grid; else the device's fused backend ('triton' on CUDA, 'cpu'
-    on CPU) when it can run here and be traced (torch.compile / torch.export trace the 'local' PyTorch loop
-    instead of the C++ kernel), else 'local', with a ``BackendFallbackWarning`` (once per process) saying why
-    the fused one cannot run."""
+    'global' (SDPA) when the window is None or covers the grid; else, under ``torch.export`` (and so
+    ``torch.onnx.export(dynamo=True)``), 'gathered' (tiles of dense attention: gathers and batched products);
+    else the device's fused backend ('triton' on CUDA, 'cpu' on CPU) when it can run here and be traced
+    (torch.compile traces the 'local' PyTorch loop instead of the C++ kernel), else 'local', with a
+    ``BackendFallbackWarning`` (once per process) saying why the fused one cannot run."""
     if hood.window is None or hood.covers_grid(spatial):
         return "global"
+    if torch.compiler.is_exporting():
+        return "gathered"
     fused = FUSED.get(device.type)
     if fused is None or (torch.compiler.is_compiling() and not BACKENDS[fused].traceable):
         return "local"

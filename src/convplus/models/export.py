@@ -1,5 +1,7 @@
 """Export of Conv+ models for deployment: ONNX through ``torch.export`` (``torch.onnx.export(dynamo=True)``),
-to run in onnxruntime."""
+to run in onnxruntime. Windowed layers with ``backend='auto'`` export as the 'gathered' formulation (tiles of
+dense attention with a constant neighborhood bias: gathers, batched matrix products, softmax), which
+onnxruntime runs as plain operators."""
 
 from __future__ import annotations
 
