@@ -286,7 +286,24 @@ def _direct_window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
     )
 
 
+def _direct_score_setup(ctx, inputs, output) -> None:
+    _, pos, temperature = inputs
+    _, k, inverse_norm = output
+    ctx.mark_non_differentiable(inverse_norm)
+    ctx.save_for_backward(k, inverse_norm, temperature)
+    ctx.with_pos = pos.numel() > 0
+
+
+def _direct_score_grads(ctx, grad_q, grad_k, _grad_inverse_norm) -> tuple:
+    k, inverse_norm, temperature = ctx.saved_tensors
+    dx, dpos, dtemperature = direct_score_backward(
+        grad_q.contiguous(), grad_k.contiguous(), k, inverse_norm, temperature, ctx.with_pos
+    )
+    return dx, dpos if ctx.with_pos else None, dtemperature
+
+
 window_mix.register_autograd(_window_mix_grads, setup_context=_window_mix_setup)
+direct_score_features.register_autograd(_direct_score_grads, setup_context=_direct_score_setup)
 direct_window_mix.register_autograd(_direct_window_mix_grads, setup_context=_direct_window_mix_setup)
 
 
