@@ -110,3 +110,13 @@ def test_torch_compile_runs_the_fused_ops_without_graph_break_and_matches_eager(
         )
     for compiled, eager in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_export_keeps_to_portable_operators():
+    """An exported program runs outside this process (onnxruntime, another machine), where the custom ops are
+    unknown: under torch.export 'auto' takes the 'local' loop, and the program equals eager."""
+    module = ConvPlus2d(8, kernel_size=3, window=3, heads=2).eval()
+    x = torch.randn(1, 8, 6, 7)
+    program = torch.export.export(module, (x,))
+    assert not [node for node in program.graph.nodes if str(node.target).startswith("convplus.")]
+    torch.testing.assert_close(program.module()(x), module(x), rtol=1e-5, atol=1e-5)

@@ -45,7 +45,7 @@ class Backend:
         and border option.
 
     Every backend runs under torch.compile and torch.export: the fused kernels are ``torch.library`` custom
-    ops, which the graphs keep as single nodes.
+    ops, which the graphs keep as single nodes (see ``select`` for what 'auto' picks under export).
     """
 
     name: str
@@ -109,12 +109,13 @@ def _warn_fallback(name: str, reason: str) -> None:
 def select(spatial: tuple[int, ...], device: torch.device, hood: Neighborhood) -> str:
     """The backend ``backend="auto"`` uses for a grid of this size on this device, with this neighborhood:
     'global' (SDPA) when the window is None or covers the grid; else the device's fused backend ('triton' on CUDA, 'cpu'
-    on CPU; also under torch.compile / torch.export) when it can run here, else 'local', with a
-    ``BackendFallbackWarning`` (once per process) saying why the fused one cannot run."""
+    on CPU; under torch.compile too) when it can run here, else 'local', with a ``BackendFallbackWarning`` (once
+    per process) saying why the fused one cannot run. Under torch.export (and so ONNX export) it picks 'local':
+    an exported program runs where the fused kernels' custom ops are unknown (onnxruntime, another process)."""
     if hood.window is None or hood.covers_grid(spatial):
         return "global"
     fused = FUSED.get(device.type)
-    if fused is None:
+    if fused is None or torch.compiler.is_exporting():
         return "local"
     reason = BACKENDS[fused].unavailable_reason(device)
     if reason is not None:
