@@ -199,20 +199,23 @@ def test_cpu_backend_computes_half_precision_in_float32(monkeypatch, dtype, scor
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
 @pytest.mark.parametrize("score", ["direct", "qk"])
 def test_bfloat16_autocast_runs_the_cpu_kernel(monkeypatch, score):
-    """Under CPU autocast to bfloat16 (mixed-precision training) 'auto' runs the fused kernel, forward and
-    backward, and stays within bfloat16 rounding of the float32 layer."""
+    """Under CPU autocast to bfloat16 (mixed-precision training) a layer fed by a convolution gets bfloat16 features
+    and, without biases, bfloat16 projections: 'auto' runs the fused kernel on them, forward and backward, within
+    bfloat16 rounding of the float32 network."""
     calls = _recording_kernel(monkeypatch)
-    module = MODULES[2](8, heads=2, kernel_size=3, score=score)
-    x = torch.randn(2, 8, 9, 10, requires_grad=True)
-    expected = module(x)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 1), MODULES[2](8, heads=2, kernel_size=3, score=score, bias=False)
+    )
+    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+    expected = model(x)
     (expected_grad,) = torch.autograd.grad(expected.sum(), x)
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = module(x)
+        y = model(x)
     (grad,) = torch.autograd.grad(y.float().sum(), x)
-    assert {"window_mix_backward", "direct_window_mix_forward" if score == "direct" else "window_mix_forward"} <= set(
-        calls
-    )
+    assert y.dtype == torch.bfloat16  # half precision reached the layer and left it
+    forward = "direct_window_mix_forward" if score == "direct" else "window_mix_forward"
+    assert {forward, "window_mix_backward"} <= set(calls)
     assert rel_err(y.float(), expected) <= 5e-2 and rel_err(grad, expected_grad) <= 5e-2
 
 
