@@ -89,7 +89,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 VECTOR_BYTES = 64
-"""The kernel's SIMD vector width in bytes: it pads each row of probabilities to whole vectors."""
+"""The kernel's SIMD vector width in bytes (``kVectorBytes`` of csrc/simd.h): it pads each row of probabilities
+to whole vectors, which the fake implementations must know."""
 
 
 def _probs_shape(v: torch.Tensor, width: int, save_probs: bool) -> tuple:
