@@ -129,22 +129,94 @@ def test_auto_picks_global_when_window_covers_grid_and_the_cpu_kernel_otherwise(
     assert backends.select((20, 20), torch.device("meta"), Neighborhood.of((7, 7), (1, 1))) == "local"
 
 
-@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
-@pytest.mark.parametrize("score", ["direct", "qk"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_backend_runs_the_local_loop_for_other_dtypes(monkeypatch, dtype, score):
+def _recording_kernel(monkeypatch) -> list[str]:
+    """Makes the 'cpu' backend's kernel record the name of every entry point it runs; returns that record."""
     from convplus.backends import cpu
 
     kernels, calls = cpu.extension(), []
-    monkeypatch.setattr(cpu, "extension", lambda: calls.append(1) or kernels)
-    module = MODULES[2](8, heads=2, kernel_size=5, score=score, backend="local", dtype=dtype)
-    x = torch.randn(2, 8, 9, 10, dtype=dtype)
-    expected = module(x)
-    module.backend = "cpu"
-    torch.testing.assert_close(module(x), expected, rtol=0, atol=0)  # the same loop, the same bits
-    assert not calls  # the kernel never ran
-    module.float()(x.float())
-    assert calls  # while float32 takes the kernel
+
+    class Recording:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(kernels, name)
+
+    monkeypatch.setattr(cpu, "extension", Recording)
+    return calls
+
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("score", ["direct", "qk"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_backend_computes_half_precision_in_float32(monkeypatch, dtype, score):
+    """Half-precision q, k, v (autocast's, beside float32 parameters) run the kernel in float32: the output is
+    'reference' in float32 on the same rounded inputs, rounded once to the input dtype, and so are the
+    gradients, each in its input's dtype."""
+    from convplus.backends import cpu
+
+    calls = _recording_kernel(monkeypatch)
+    hood = Neighborhood.of((3, 3), (1, 1), (True, False))
+    x = torch.randn(2, 8, 6, 7).to(dtype)
+    inputs = {  # the 'direct' score reads x and pos in float32 (autocast leaves them), 'qk' half-precision q, k
+        "x": x.float(),
+        "pos": torch.randn(8, 6, 7),
+        "temperature": torch.tensor([2.0, 0.5]),
+        "q": torch.randn(2, 2, 4, 6, 7).to(dtype),
+        "k": torch.randn(2, 2, 4, 6, 7).to(dtype),
+        "v": torch.randn(2, 2, 3, 6, 7).to(dtype),
+        "kernel": torch.randn(2, 3, 3, 3),
+        "gain": torch.tensor([0.7, 1.3]),
+        "bias": torch.randn(2, 3),
+    }
+    upstream = torch.randn(2, 2, 3, 6, 7).to(dtype)
+    results = []
+    for run_in_float32 in (False, True):
+        t = {name: value.detach().float() if run_in_float32 else value.detach() for name, value in inputs.items()}
+        for value in t.values():
+            value.requires_grad_(True)
+        if score == "direct":
+            used = ("x", "pos", "temperature", "v", "kernel", "gain", "bias")
+            if run_in_float32:
+                q, k = functional.score_features(t["x"], 2, "direct", t["pos"], t["temperature"])
+                z = backends.BACKENDS["reference"].mix(q, k, t["v"], t["kernel"], t["gain"], hood, t["bias"])
+            else:
+                z = cpu.direct_mix(t["x"], t["pos"], t["temperature"], t["v"], t["kernel"], t["gain"], hood, t["bias"])
+        else:
+            used = ("q", "k", "v", "kernel", "gain", "bias")
+            mix = backends.BACKENDS["reference"].mix if run_in_float32 else cpu.mix
+            z = mix(t["q"], t["k"], t["v"], t["kernel"], t["gain"], hood, t["bias"])
+        z.backward(upstream.to(z.dtype))
+        results.append({"z": z.detach(), **{name: t[name].grad for name in used}})
+    got, expected = results
+    assert got["z"].dtype == dtype and all(got[name].dtype == inputs[name].dtype for name in got if name != "z")
+    assert calls.count("window_mix_backward") == 1  # the kernel ran, forward and backward: no fallback
+    for name in got:
+        assert rel_err(got[name].float(), expected[name]) <= 2 * UNIT_ROUNDOFF[dtype], name
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("score", ["direct", "qk"])
+def test_bfloat16_autocast_runs_the_cpu_kernel(monkeypatch, score):
+    """Under CPU autocast to bfloat16 (mixed-precision training) a layer fed by a convolution gets bfloat16 features
+    and, without biases, bfloat16 projections: 'auto' runs the fused kernel on them, forward and backward, within
+    bfloat16 rounding of the float32 network."""
+    calls = _recording_kernel(monkeypatch)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 1), MODULES[2](8, heads=2, kernel_size=3, score=score, bias=False)
+    )
+    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+    expected = model(x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    (grad,) = torch.autograd.grad(y.float().sum(), x)
+    assert y.dtype == torch.bfloat16  # half precision reached the layer and left it
+    forward = "direct_window_mix_forward" if score == "direct" else "window_mix_forward"
+    assert {forward, "window_mix_backward"} <= set(calls)
+    assert rel_err(y.float(), expected) <= 5e-2 and rel_err(grad, expected_grad) <= 5e-2
 
 
 FALLBACK_REASONS = {"cpu": "the C++ kernel could not be built (OSError: no compiler)", "triton": "no triton here"}

@@ -28,7 +28,7 @@ def test_dtypes_run_and_agree_with_the_definition(n, dtype):
 
 
 def test_torch_compile_matches_eager():
-    """torch.compile traces a Conv+ layer (the 'local' loop) and matches eager: inductor's generated code for
+    """torch.compile traces a Conv+ layer (the fused C++ kernel as custom ops) and matches eager: inductor's code for
     inference, and the training graph (forward and backward through AOTAutograd) with the aot_eager backend, whose
     backward is the one inductor would compile (its code generation for that graph is PyTorch's own; compiling it
     cold here would double the test's cost)."""

@@ -194,7 +194,7 @@ class _ConvPlusNd(nn.Module):
     @torch.jit.ignore
     def _conv_plus(self, x: torch.Tensor) -> torch.Tensor:
         """The Conv+ op, left to Python by TorchScript: the backends dispatch on device, dtype and grid size
-        to Python autograd functions and compiled kernels, which TorchScript cannot compile. A scripted model
+        to Python code and custom ops of compiled kernels, which TorchScript cannot compile. A scripted model
         with Conv+ layers therefore runs and trains in a Python process, but ``torch.jit.save`` refuses it
         ("Could not export Python function call '_conv_plus'"); deploy through ONNX
         (``convplus.models.export_onnx``) instead.

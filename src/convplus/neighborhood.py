@@ -14,7 +14,6 @@ window None, N(i) is every j, or, along a causal dim, every j with j <= i.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 
@@ -126,7 +125,6 @@ def window_offsets(spatial: tuple[int, ...], hood: Neighborhood) -> list[tuple[i
     return list(itertools.product(*offset_ranges(spatial, hood)))
 
 
-@functools.lru_cache(maxsize=256)
 def kernel_tap_index(
     spatial: tuple[int, ...], hood: Neighborhood, kernel_size: tuple[int, ...]
 ) -> tuple[int, ...] | None:

@@ -43,7 +43,9 @@ class Backend:
         the wrong device), or None when it can. Computed once per process where it is costly.
     needs_window: True if it runs a finite window only (not window=None); every backend runs every causal
         and border option.
-    traceable: False if torch.compile / torch.export cannot trace it ('auto' then picks 'local').
+
+    Every backend runs under torch.compile and torch.export: the fused kernels are ``torch.library`` custom
+    ops, which the graphs keep as single nodes (see ``select`` for what 'auto' picks under export).
     """
 
     name: str
@@ -51,7 +53,6 @@ class Backend:
     direct_mix: MixFn | None = None
     unavailable_reason: Callable[[torch.device], str | None] = _runs_anywhere
     needs_window: bool = False
-    traceable: bool = True
 
 
 BACKENDS: dict[str, Backend] = {
@@ -66,7 +67,6 @@ BACKENDS: dict[str, Backend] = {
             direct_mix=cpu.direct_mix,
             unavailable_reason=cpu.unavailable_reason,
             needs_window=True,
-            traceable=False,
         ),
         Backend("triton", triton.mix, unavailable_reason=triton.unavailable_reason, needs_window=True),
         Backend("gathered", gathered.mix, needs_window=True),
@@ -110,16 +110,16 @@ def _warn_fallback(name: str, reason: str) -> None:
 def select(spatial: tuple[int, ...], device: torch.device, hood: Neighborhood) -> str:
     """The backend ``backend="auto"`` uses for a grid of this size on this device, with this neighborhood:
     'global' (SDPA) when the window is None or covers the grid; else, under ``torch.export`` (and so
-    ``torch.onnx.export(dynamo=True)``), 'gathered' (tiles of dense attention: gathers and batched products);
-    else the device's fused backend ('triton' on CUDA, 'cpu' on CPU) when it can run here and be traced
-    (torch.compile traces the 'local' PyTorch loop instead of the C++ kernel), else 'local', with a
+    ``torch.onnx.export(dynamo=True)``), 'gathered' (tiles of dense attention: gathers and batched products, which
+    an exported program runs anywhere, where the fused kernels' custom ops are unknown); else the device's fused
+    backend ('triton' on CUDA, 'cpu' on CPU; under torch.compile too) when it can run here, else 'local', with a
     ``BackendFallbackWarning`` (once per process) saying why the fused one cannot run."""
     if hood.window is None or hood.covers_grid(spatial):
         return "global"
     if torch.compiler.is_exporting():
         return "gathered"
     fused = FUSED.get(device.type)
-    if fused is None or (torch.compiler.is_compiling() and not BACKENDS[fused].traceable):
+    if fused is None:
         return "local"
     reason = BACKENDS[fused].unavailable_reason(device)
     if reason is not None:

@@ -7,8 +7,10 @@ compiler on first use instead (``torch.utils.cpp_extension``, cached afterwards)
 (``direct_mix``) the pass computes the unit keys and the queries itself from the input features, so they are
 never written to memory; backward recomputes them in one pass.
 
-It computes what the 'local' backend computes. Under ``torch.compile`` / ``torch.export`` (which cannot trace
-into the kernel) and for dtypes other than float32/float64 it runs the 'local' PyTorch loop instead; a
+It computes what the 'local' backend computes. The kernel's entry points are ``torch.library`` custom ops
+(``convplus::window_mix``, ...), with fake implementations and a registered backward, so ``torch.compile`` and
+``torch.export`` keep them in their graphs. float32 and float64 run as given; bfloat16 and float16 (autocast's
+inputs) are computed in float32 and returned in their dtype; other dtypes run the 'local' PyTorch loop. A
 convolution kernel that reaches past the attention window runs as a separate depthwise conv.
 """
 
@@ -28,6 +30,9 @@ from .fused_window import FusedWindow, fused_window
 from .terms import direct_score, with_convolution_term
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
+"""The dtypes the kernel computes in."""
+INPUT_DTYPES = (*KERNEL_DTYPES, torch.bfloat16, torch.float16)
+"""The dtypes it takes: half precision is computed in float32 (autocast's inputs) and returned as given."""
 
 
 def _build_just_in_time() -> ModuleType:
@@ -73,89 +78,251 @@ def extension() -> ModuleType:
     return loaded
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why the kernel cannot run on ``device``, or None."""
+    """Why the kernel cannot run on ``device``, or None. A constant of the process: torch.compile
+    evaluates it while tracing."""
     if device.type != "cpu":
         return f"it runs on CPU tensors, got device {device}"
     loaded = _load()
     return loaded if isinstance(loaded, str) else None
 
 
-def _bias_grad(grad_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
-    """The gradient of the bias (K, D) (None if empty) from grad_out (BK, D, T, H, X)."""
-    if not bias.numel():
+VECTOR_BYTES = 64
+"""The kernel's SIMD vector width in bytes (``kVectorBytes`` of csrc/simd.h): it pads each row of probabilities
+to whole vectors, which the fake implementations must know."""
+
+
+def _probs_shape(v: torch.Tensor, width: int, save_probs: bool) -> tuple:
+    """The shape of the probabilities the forward pass keeps, (BK * T * H, W, X rounded up to whole vectors), or
+    (0, W, ...) when it keeps none; v (BK, D, T, H, X), ``width`` the number W of window offsets."""
+    lanes = VECTOR_BYTES // v.element_size()
+    rows = v.shape[0] * v.shape[2] * v.shape[3] if save_probs else 0
+    return rows, width, (v.shape[4] + lanes - 1) // lanes * lanes
+
+
+def _bias_grad(grad_out: torch.Tensor, bias_shape: torch.Size) -> torch.Tensor | None:
+    """The gradient of a bias of shape ``bias_shape`` (K, D) (None if it is empty) from grad_out (BK, D, T, H, X)."""
+    if not math.prod(bias_shape):
         return None
-    return grad_out.reshape(-1, *bias.shape, grad_out[0, 0].numel()).sum(dim=(0, 3))
+    return grad_out.reshape(-1, *bias_shape, grad_out[0, 0].numel()).sum(dim=(0, 3))
 
 
-class _WindowMix(torch.autograd.Function):
-    """q, k (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), kernel (K, D, P) or empty, tap_index (W,),
-    offsets (W, 3), bounds (T + H + X, 2), bias (K, D) or empty -> z (BK, D, T, H, X). The probabilities are
-    kept for backward only when ``differentiable`` (inside ``forward``, grad mode is always off and
-    ``needs_input_grad`` ignores ``torch.no_grad``)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, gain, kernel, tap_index, offsets, bounds, bias, differentiable):
-        save = differentiable and any(ctx.needs_input_grad)
-        out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, bounds, bias, save)
-        ctx.save_for_backward(q, k, v, gain, kernel, tap_index, probs, offsets, bias)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, gain, kernel, tap_index, probs, offsets, bias = ctx.saved_tensors
-        dq, dk, dv, dgain, dkernel = extension().window_mix_backward(
-            q, k, v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
-        )
-        dkernel = dkernel if kernel.numel() else None
-        return dq, dk, dv, dgain, dkernel, None, None, None, _bias_grad(grad_out, bias), None
+# The kernel's entry points as torch.library custom ops: torch.compile and torch.export keep each one as a single
+# node (output shapes from the fake implementations) and differentiate it with the registered backward, which
+# calls the backward ops. Eager calls take the same path. Layouts as in the C++ sources: q, k, features
+# (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), kernel (K, D, P) or empty, tap_index (W,), offsets (W, 3),
+# bounds (T + H + X, 2), bias (K, D) or empty, pos (K, Dq, N) or empty, temperature (K,); all contiguous, one
+# float dtype (float32 or float64), int64 for the index tensors.
 
 
-class _DirectWindowMix(torch.autograd.Function):
-    """_WindowMix with the 'direct' score computed inside the forward pass: features (BK, Dq, T, H, X), pos
-    (K, Dq, N) or empty and temperature (K,) give k = unit(features + pos) per head and q = tau * k, which are
-    never written out. Backward recomputes q and k in one pass instead of keeping them."""
+@torch.library.custom_op("convplus::window_mix", mutates_args=())
+def window_mix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    kernel: torch.Tensor,
+    tap_index: torch.Tensor,
+    offsets: torch.Tensor,
+    bounds: torch.Tensor,
+    bias: torch.Tensor,
+    save_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """z (BK, D, T, H, X) and the probabilities (``_probs_shape``; kept for backward only when ``save_probs``,
+    which a gradient through q, k, v, gain or kernel needs)."""
+    out, probs = extension().window_mix_forward(q, k, v, gain, kernel, tap_index, offsets, bounds, bias, save_probs)
+    return out, probs
 
-    @staticmethod
-    def forward(ctx, features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias, differentiable):
-        save = differentiable and any(ctx.needs_input_grad)
-        out, probs = extension().direct_window_mix_forward(
-            features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias, save
-        )
-        ctx.save_for_backward(features, pos, temperature, v, gain, kernel, tap_index, probs, offsets, bias)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        features, pos, temperature, v, gain, kernel, tap_index, probs, offsets, bias = ctx.saved_tensors
-        kernels = extension()
-        flat = features.view(-1, temperature.numel(), features.shape[1], math.prod(features.shape[2:]))  # (B, K, Dq, N)
-        q, k, inverse_norm = kernels.direct_score_forward(flat, pos, temperature)
-        dq, dk, dv, dgain, dkernel = kernels.window_mix_backward(
-            q.view_as(features), k.view_as(features), v, gain, kernel, tap_index, probs, grad_out.contiguous(), offsets
-        )
-        with_pos = pos.numel() > 0
-        dx, dpos, dtemperature = kernels.direct_score_backward(
-            dq.view_as(flat), dk.view_as(flat), k, inverse_norm, temperature, with_pos
-        )
-        return (
-            dx.view_as(features),
-            dpos if with_pos else None,
-            dtemperature,
-            dv,
-            dgain,
-            dkernel if kernel.numel() else None,
-            None,
-            None,
-            None,
-            _bias_grad(grad_out, bias),
-            None,
-        )
+@torch.library.custom_op("convplus::direct_window_mix", mutates_args=())
+def direct_window_mix(
+    features: torch.Tensor,
+    pos: torch.Tensor,
+    temperature: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    kernel: torch.Tensor,
+    tap_index: torch.Tensor,
+    offsets: torch.Tensor,
+    bounds: torch.Tensor,
+    bias: torch.Tensor,
+    save_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``window_mix`` with the 'direct' score computed in the pass: k = unit(features + pos) per head and
+    q = temperature * k, never written out."""
+    out, probs = extension().direct_window_mix_forward(
+        features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias, save_probs
+    )
+    return out, probs
+
+
+@torch.library.custom_op("convplus::window_mix_backward", mutates_args=())
+def window_mix_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    kernel: torch.Tensor,
+    tap_index: torch.Tensor,
+    probs: torch.Tensor,
+    grad_out: torch.Tensor,
+    offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of q, k, v, gain and kernel (empty without one) from grad_out (BK, D, T, H, X)."""
+    dq, dk, dv, dgain, dkernel = extension().window_mix_backward(
+        q, k, v, gain, kernel, tap_index, probs, grad_out, offsets
+    )
+    return dq, dk, dv, dgain, dkernel
+
+
+@torch.library.custom_op("convplus::direct_score", mutates_args=())
+def direct_score_features(
+    x: torch.Tensor, pos: torch.Tensor, temperature: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q = temperature * k, k = unit(x + pos) per head, each (B, K, Dq, N), and the inverse norms (B, K, N),
+    from x (B, K, Dq, N)."""
+    q, k, inverse_norm = extension().direct_score_forward(x, pos, temperature)
+    return q, k, inverse_norm
+
+
+@torch.library.custom_op("convplus::direct_score_backward", mutates_args=())
+def direct_score_backward(
+    grad_q: torch.Tensor,
+    grad_k: torch.Tensor,
+    k: torch.Tensor,
+    inverse_norm: torch.Tensor,
+    temperature: torch.Tensor,
+    with_pos: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x, pos ((0, Dq, N) when not ``with_pos``) and temperature from those of q and k."""
+    dx, dpos, dtemperature = extension().direct_score_backward(grad_q, grad_k, k, inverse_norm, temperature, with_pos)
+    return dx, dpos, dtemperature
+
+
+@window_mix.register_fake
+def _(q, k, v, gain, kernel, tap_index, offsets, bounds, bias, save_probs):
+    return torch.empty_like(v), v.new_empty(_probs_shape(v, offsets.shape[0], save_probs))
+
+
+@direct_window_mix.register_fake
+def _(features, pos, temperature, v, gain, kernel, tap_index, offsets, bounds, bias, save_probs):
+    return torch.empty_like(v), v.new_empty(_probs_shape(v, offsets.shape[0], save_probs))
+
+
+@window_mix_backward.register_fake
+def _(q, k, v, gain, kernel, tap_index, probs, grad_out, offsets):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(gain),
+        torch.empty_like(kernel),
+    )
+
+
+@direct_score_features.register_fake
+def _(x, pos, temperature):
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[:2] + x.shape[3:])
+
+
+@direct_score_backward.register_fake
+def _(grad_q, grad_k, k, inverse_norm, temperature, with_pos):
+    return torch.empty_like(k), k.new_empty(k.shape[1] if with_pos else 0, *k.shape[2:]), torch.empty_like(temperature)
+
+
+def _window_setup(ctx, score_inputs, window_inputs, output) -> None:
+    """Keeps what the backward of a window op needs: its score inputs (q, k, or features, pos, temperature), v,
+    gain, kernel, tap_index, offsets, the probabilities, and the bias's shape."""
+    v, gain, kernel, tap_index, offsets, _, bias, _ = window_inputs
+    probs = output[1]
+    ctx.mark_non_differentiable(probs)
+    ctx.save_for_backward(*score_inputs, v, gain, kernel, tap_index, offsets, probs)
+    ctx.bias_shape = bias.shape
+
+
+def _window_grads(ctx, grad_out, q, k, v, gain, kernel, tap_index, offsets, probs) -> tuple:
+    """(dq, dk, dv, dgain, dkernel or None, dbias or None) of a window op from grad_out (BK, D, T, H, X)."""
+    grad_out = grad_out.contiguous()
+    dq, dk, dv, dgain, dkernel = window_mix_backward(q, k, v, gain, kernel, tap_index, probs, grad_out, offsets)
+    return dq, dk, dv, dgain, dkernel if kernel.numel() else None, _bias_grad(grad_out, ctx.bias_shape)
+
+
+def _window_mix_setup(ctx, inputs, output) -> None:
+    _window_setup(ctx, inputs[:2], inputs[2:], output)
+
+
+def _window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
+    q, k, *window = ctx.saved_tensors
+    dq, dk, dv, dgain, dkernel, dbias = _window_grads(ctx, grad_out, q, k, *window)
+    return dq, dk, dv, dgain, dkernel, None, None, None, dbias, None
+
+
+def _direct_window_mix_setup(ctx, inputs, output) -> None:
+    _window_setup(ctx, inputs[:3], inputs[3:], output)
+
+
+def _direct_window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
+    """Recomputes q and k from the features in one pass, then runs the window's backward and the score's."""
+    features, pos, temperature, *window = ctx.saved_tensors
+    flat = features.view(-1, temperature.shape[0], features.shape[1], math.prod(features.shape[2:]))  # (B, K, Dq, N)
+    q, k, inverse_norm = direct_score_features(flat, pos, temperature)
+    dq, dk, dv, dgain, dkernel, dbias = _window_grads(ctx, grad_out, q.view_as(features), k.view_as(features), *window)
+    with_pos = pos.numel() > 0
+    dx, dpos, dtemperature = direct_score_backward(
+        dq.view_as(flat), dk.view_as(flat), k, inverse_norm, temperature, with_pos
+    )
+    return (
+        dx.view_as(features),
+        dpos if with_pos else None,
+        dtemperature,
+        dv,
+        dgain,
+        dkernel,
+        None,
+        None,
+        None,
+        dbias,
+        None,
+    )
+
+
+def _direct_score_setup(ctx, inputs, output) -> None:
+    _, pos, temperature = inputs
+    _, k, inverse_norm = output
+    ctx.mark_non_differentiable(inverse_norm)
+    ctx.save_for_backward(k, inverse_norm, temperature)
+    ctx.with_pos = pos.numel() > 0
+
+
+def _direct_score_grads(ctx, grad_q, grad_k, _grad_inverse_norm) -> tuple:
+    k, inverse_norm, temperature = ctx.saved_tensors
+    dx, dpos, dtemperature = direct_score_backward(
+        grad_q.contiguous(), grad_k.contiguous(), k, inverse_norm, temperature, ctx.with_pos
+    )
+    return dx, dpos if ctx.with_pos else None, dtemperature
+
+
+window_mix.register_autograd(_window_mix_grads, setup_context=_window_mix_setup)
+direct_score_features.register_autograd(_direct_score_grads, setup_context=_direct_score_setup)
+direct_window_mix.register_autograd(_direct_window_mix_grads, setup_context=_direct_window_mix_setup)
 
 
 def _as_3d(t: torch.Tensor, geometry: FusedWindow) -> torch.Tensor:
     """(B, K, C, *S) with 1 <= len(S) <= 3 -> contiguous (B*K, C, T, H, X), (T, H, X) = ``geometry.grid``."""
     return t.reshape(t.shape[0] * t.shape[1], t.shape[2], *geometry.grid).contiguous()
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the kernel computes these tensors in: their common dtype, float32 for half precision."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return dtype if dtype in KERNEL_DTYPES else torch.float32
+
+
+def _keeps_probs(*tensors: torch.Tensor | None) -> bool:
+    """Whether the forward pass must keep the probabilities: a gradient can follow (grad mode on and some input
+    requiring one). Decided here, outside the op, which cannot see grad mode."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _kernel_arguments(
@@ -165,8 +332,8 @@ def _kernel_arguments(
     hood: Neighborhood,
     bias: torch.Tensor | None,
 ) -> tuple[tuple[torch.Tensor, ...], FusedWindow]:
-    """The kernel's (v, gain, kernel, tap_index, offsets, bounds, bias) arguments for v (B, K, D, *S), and the window
-    they were made for (which adds a convolution term the pass did not fuse)."""
+    """The kernel's (v, gain, kernel, tap_index, offsets, bounds, bias) arguments for v (B, K, D, *S), in v's
+    dtype, and the window they were made for (which adds a convolution term the pass did not fuse)."""
     geometry = fused_window(tuple(v.shape[3:]), hood, None if kernel is None else tuple(kernel.shape[2:]))
     fused = geometry.tap_index is not None
     taps = geometry.tap_index if fused else geometry.offsets.new_zeros(0)
@@ -177,8 +344,8 @@ def _kernel_arguments(
 
 
 def runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel takes these tensors (float32/float64, one dtype, not under torch.compile)."""
-    return not torch.compiler.is_compiling() and v.dtype in KERNEL_DTYPES and q.dtype == v.dtype
+    """Whether the kernel takes these tensors: float32/float64, or half precision (computed in float32)."""
+    return q.dtype in INPUT_DTYPES and v.dtype in INPUT_DTYPES
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hood: Neighborhood) -> torch.Tensor:
@@ -192,13 +359,15 @@ _unfused = with_convolution_term(local.attend)
 
 
 def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
-    """z = g * attention term + depthwise conv term + bias in one kernel; see convplus.backends for the
-    signature."""
+    """z = g * attention term + depthwise conv term + bias in one kernel, computed in ``compute_dtype`` and
+    returned in v's dtype; see convplus.backends for the signature."""
     if gain is None or not runs_here(q, v):
         return _unfused(q, k, v, kernel, gain, hood, bias)
-    arguments, geometry = _kernel_arguments(v, kernel, gain, hood, bias)
-    z = _WindowMix.apply(_as_3d(q, geometry), _as_3d(k, geometry), *arguments, torch.is_grad_enabled())
-    return geometry.add_apart(z.view(v.shape), v, kernel, hood)
+    dtype = compute_dtype(q, k, v)
+    arguments, geometry = _kernel_arguments(v.to(dtype), kernel, gain, hood, bias)
+    q3, k3 = (_as_3d(t.to(dtype), geometry) for t in (q, k))
+    z, _ = window_mix(q3, k3, *arguments, _keeps_probs(q, k, v, kernel, gain, bias))
+    return geometry.add_apart(z.view(v.shape), v.to(dtype), kernel, hood).to(v.dtype)
 
 
 def direct_mix(
@@ -219,8 +388,10 @@ def direct_mix(
     if not runs_here(x, v):
         q, k = direct_score(x if pos is None else x + pos.to(x.dtype), heads, temperature)
         return mix(q, k, v, kernel, gain, hood, bias)
-    arguments, geometry = _kernel_arguments(v, kernel, gain, hood, bias)
-    features = _as_3d(x.reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]), geometry)
-    pos = x.new_zeros(0) if pos is None else pos.to(x.dtype).reshape(heads, x.shape[1] // heads, -1).contiguous()
-    z = _DirectWindowMix.apply(features, pos, temperature.to(x.dtype), *arguments, torch.is_grad_enabled())
-    return geometry.add_apart(z.view(v.shape), v, kernel, hood)
+    dtype = compute_dtype(x, v)
+    arguments, geometry = _kernel_arguments(v.to(dtype), kernel, gain, hood, bias)
+    features = _as_3d(x.to(dtype).reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]), geometry)
+    flat_pos = x.new_zeros(0, dtype=dtype) if pos is None else pos.to(dtype).reshape(heads, x.shape[1] // heads, -1)
+    keeps_probs = _keeps_probs(x, pos, temperature, v, kernel, gain, bias)
+    z, _ = direct_window_mix(features, flat_pos.contiguous(), temperature.to(dtype), *arguments, keeps_probs)
+    return geometry.add_apart(z.view(v.shape), v.to(dtype), kernel, hood).to(v.dtype)

@@ -45,10 +45,17 @@ class FusedWindow:
         return z + convolution_term(v, kernel, hood)
 
 
-@functools.lru_cache(maxsize=256)
 def fused_window(spatial: tuple[int, ...], hood: Neighborhood, kernel_size: tuple[int, ...] | None) -> FusedWindow:
     """The ``FusedWindow`` of a grid of size ``spatial`` (1 to 3 dims) and a finite window; ``kernel_size``
-    None: no convolution kernel. Cached; the tensors live on the CPU."""
+    None: no convolution kernel. Cached outside torch.compile (which traces it into constants of the graph);
+    the tensors live on the CPU."""
+    if torch.compiler.is_compiling():
+        return _fused_window(spatial, hood, kernel_size)
+    return _cached_fused_window(spatial, hood, kernel_size)
+
+
+def _fused_window(spatial: tuple[int, ...], hood: Neighborhood, kernel_size: tuple[int, ...] | None) -> FusedWindow:
+    """``fused_window``, computed."""
     pad = (0,) * (3 - len(spatial))
     offsets = [pad + offset for offset in window_offsets(spatial, hood)]
     index = None if kernel_size is None else kernel_tap_index(spatial, hood, kernel_size)
@@ -59,3 +66,6 @@ def fused_window(spatial: tuple[int, ...], hood: Neighborhood, kernel_size: tupl
         bounds=bounds,
         tap_index=None if index is None else torch.tensor(index, dtype=torch.int64),
     )
+
+
+_cached_fused_window = functools.lru_cache(maxsize=256)(_fused_window)

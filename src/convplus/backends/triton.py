@@ -21,8 +21,10 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why the kernels cannot run on ``device``, or None."""
+    """Why the kernels cannot run on ``device``, or None. A constant of the process: torch.compile
+    evaluates it while tracing."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
     if device.type != "cuda" and not interpreted():
@@ -32,7 +34,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
     """z = g * attention term + depthwise conv term + bias; see convplus.backends for the signature."""
-    from .triton_kernels import WindowMix
+    from .triton_kernels import window_mix
 
     if gain is None:  # the conv term alone
         return blend(None, None, v, kernel, hood, bias)
@@ -48,5 +50,6 @@ def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
         return t.reshape(t.shape[0] * t.shape[1], t.shape[2], -1).contiguous()
 
     offsets, bounds = geometry.offsets.to(v.device), geometry.bounds.to(v.device)
-    z = WindowMix.apply(flat3(q), flat3(k), flat3(v), gain, taps, offsets, bounds, geometry.grid).view(v.shape)
+    z, _, _ = window_mix(flat3(q), flat3(k), flat3(v), gain, taps, offsets, bounds, list(geometry.grid))
+    z = z.view(v.shape)
     return add_bias(geometry.add_apart(z, v, kernel, hood), bias)

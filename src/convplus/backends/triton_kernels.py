@@ -203,63 +203,118 @@ def _launch_shape(q: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], 
     }
 
 
-class WindowMix(torch.autograd.Function):
-    """q, k (BK, Dq, N), v (BK, D, N), gain (K,), taps (K, D, W) or None, offsets (W, 3), bounds
-    (T + H + X, 2), grid (T, H, X) -> z (BK, D, N)."""
+# The kernels as torch.library custom ops (kept whole by torch.compile / torch.export, differentiated through the
+# backward op). Layout as in the module docstring; taps None: no convolution term in the pass.
 
-    @staticmethod
-    def forward(ctx, q, k, v, gain, taps, offsets, bounds, grid):
-        s = _launch_shape(q, v, grid, gain.shape[0])
-        width = offsets.shape[0]
-        gain32 = gain.float().contiguous()
-        taps32 = gain32 if taps is None else taps.float().contiguous()  # a placeholder pointer without taps
-        out = torch.empty_like(v)
-        attn = torch.empty(v.shape, device=v.device, dtype=torch.float32)
-        lse = torch.empty(q.shape[0], s["N"], device=q.device, dtype=torch.float32)
-        grid_size = s.pop("grid")
-        _forward[grid_size](
-            q, k, v, offsets, bounds, gain32, taps32, out, attn, lse, width, **s, HAS_TAPS=taps is not None
-        )
-        ctx.save_for_backward(q, k, v, offsets, bounds, gain32, taps32, attn, lse)
-        ctx.grid, ctx.has_taps = grid, taps is not None
-        ctx.dtypes = (gain.dtype, None if taps is None else taps.dtype)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, offsets, bounds, gain32, taps32, attn, lse = ctx.saved_tensors
-        s = _launch_shape(q, v, ctx.grid, gain32.shape[0])
-        width, heads = offsets.shape[0], gain32.shape[0]
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * attn).sum(1).contiguous()  # (BK, N): sum_d gout * attention term
-        grad_gain = delta.view(-1, heads, delta.shape[1]).sum((0, 2))
-        grad_q = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        grad_k = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
-        grad_v = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
-        grid_size = s.pop("grid")
-        blocks = grid_size[1] if ctx.has_taps else 0
-        grad_taps = torch.zeros(q.shape[0], blocks, s["D"], width, device=q.device, dtype=torch.float32)
-        _backward[grid_size](
-            q,
-            k,
-            v,
-            offsets,
-            bounds,
-            gain32,
-            taps32,
-            lse,
-            delta,
-            grad_out,
-            grad_q,
-            grad_k,
-            grad_v,
-            grad_taps,
-            width,
-            **s,
-            HAS_TAPS=ctx.has_taps,
-        )
-        taps_grad = None
-        if ctx.has_taps:
-            taps_grad = grad_taps.sum(1).view(-1, heads, s["D"], width).sum(0).to(ctx.dtypes[1])
-        grads = (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_gain.to(ctx.dtypes[0]))
-        return (*grads, taps_grad, None, None, None)
+@torch.library.custom_op("convplus::triton_window_mix", mutates_args=())
+def window_mix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    taps: torch.Tensor | None,
+    offsets: torch.Tensor,
+    bounds: torch.Tensor,
+    grid: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z (BK, D, N) in v's dtype, and for backward the attention term (BK, D, N) and the log-sum-exp of the
+    scores (BK, N), both float32."""
+    s = _launch_shape(q, v, grid, gain.shape[0])
+    gain32 = gain.float().contiguous()
+    taps32 = gain32 if taps is None else taps.float().contiguous()  # a placeholder pointer without taps
+    out = torch.empty_like(v)
+    attn = torch.empty(v.shape, device=v.device, dtype=torch.float32)
+    lse = torch.empty(q.shape[0], s["N"], device=q.device, dtype=torch.float32)
+    grid_size = s.pop("grid")
+    _forward[grid_size](
+        q, k, v, offsets, bounds, gain32, taps32, out, attn, lse, offsets.shape[0], **s, HAS_TAPS=taps is not None
+    )
+    return out, attn, lse
+
+
+@torch.library.custom_op("convplus::triton_window_mix_backward", mutates_args=())
+def window_mix_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    taps: torch.Tensor | None,
+    offsets: torch.Tensor,
+    bounds: torch.Tensor,
+    grid: list[int],
+    attn: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of q, k, v, gain and taps (in their dtypes; (0,) without taps) from grad_out (BK, D, N)."""
+    s = _launch_shape(q, v, grid, gain.shape[0])
+    width, heads = offsets.shape[0], gain.shape[0]
+    gain32 = gain.float().contiguous()
+    taps32 = gain32 if taps is None else taps.float().contiguous()
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * attn).sum(1).contiguous()  # (BK, N): sum_d gout * attention term
+    grad_gain = delta.view(-1, heads, delta.shape[1]).sum((0, 2))
+    grad_q = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    grad_k = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+    grad_v = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
+    grid_size = s.pop("grid")
+    blocks = 0 if taps is None else grid_size[1]
+    grad_taps = torch.zeros(q.shape[0], blocks, s["D"], width, device=q.device, dtype=torch.float32)
+    _backward[grid_size](
+        q,
+        k,
+        v,
+        offsets,
+        bounds,
+        gain32,
+        taps32,
+        lse,
+        delta,
+        grad_out,
+        grad_q,
+        grad_k,
+        grad_v,
+        grad_taps,
+        width,
+        **s,
+        HAS_TAPS=taps is not None,
+    )
+    taps_grad = (
+        v.new_zeros(0) if taps is None else grad_taps.sum(1).view(-1, heads, s["D"], width).sum(0).to(taps.dtype)
+    )
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_gain.to(gain.dtype), taps_grad
+
+
+@window_mix.register_fake
+def _(q, k, v, gain, taps, offsets, bounds, grid):
+    return (
+        torch.empty_like(v),
+        v.new_empty(v.shape, dtype=torch.float32),
+        q.new_empty(q.shape[0], q.shape[2], dtype=torch.float32),
+    )
+
+
+@window_mix_backward.register_fake
+def _(q, k, v, gain, taps, offsets, bounds, grid, attn, lse, grad_out):
+    taps_grad = v.new_empty(0) if taps is None else torch.empty_like(taps)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gain), taps_grad
+
+
+def _setup(ctx, inputs, output) -> None:
+    q, k, v, gain, taps, offsets, bounds, grid = inputs
+    _, attn, lse = output
+    ctx.mark_non_differentiable(attn, lse)
+    ctx.save_for_backward(q, k, v, gain, taps, offsets, bounds, attn, lse)
+    ctx.grid = grid
+
+
+def _grads(ctx, grad_out, _grad_attn, _grad_lse) -> tuple:
+    q, k, v, gain, taps, offsets, bounds, attn, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_gain, grad_taps = window_mix_backward(
+        q, k, v, gain, taps, offsets, bounds, ctx.grid, attn, lse, grad_out
+    )
+    return grad_q, grad_k, grad_v, grad_gain, None if taps is None else grad_taps, None, None, None
+
+
+window_mix.register_autograd(_grads, setup_context=_setup)

@@ -1,0 +1,122 @@
+"""The fused CPU kernel as torch.library custom ops: each op passes ``torch.library.opcheck`` (schema, fake
+shapes, autograd registration, AOT dispatch with static and dynamic shapes), and torch.compile keeps the ops in
+one graph whose forward and backward equal eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convplus import ConvPlus1d, ConvPlus2d
+from convplus.backends import cpu
+from convplus.neighborhood import Neighborhood
+
+pytestmark = pytest.mark.skipif(
+    cpu.unavailable_reason(torch.device("cpu")) is not None, reason="the C++ kernel does not build here"
+)
+
+CASES = [  # (dtype, with a fused conv kernel and a bias, neighborhood): each option at least once
+    (torch.float32, False, Neighborhood.of((3, 3), (1, 1))),
+    (torch.float64, True, Neighborhood.of((3, 3), (1, 2), (True, False))),
+    (torch.float32, True, Neighborhood.of((5, 3), (1, 1), None, "shift")),
+    (torch.float64, False, Neighborhood.of((3, 5), (1, 1), (False, True), "shift")),
+]
+GRID = (4, 5)
+HEADS, DQ, D = 2, 3, 2
+
+
+def _window_inputs(dtype: torch.dtype, convolution: bool, hood: Neighborhood, grad: bool) -> tuple:
+    """(q, k, features, pos, temperature) and the kernel's window arguments (v, gain, kernel, tap_index, offsets,
+    bounds, bias) for a batch of 2 on ``GRID``, made the way the backend makes them; the float ones require
+    grad when ``grad``."""
+    v = torch.randn(2, HEADS, D, *GRID, dtype=dtype)
+    kernel = torch.randn(HEADS, D, 3, 3, dtype=dtype) if convolution else None
+    bias = torch.randn(HEADS, D, dtype=dtype) if convolution else None
+    window, geometry = cpu._kernel_arguments(v, kernel, torch.randn(HEADS, dtype=dtype), hood, bias)
+    q, k, features = (cpu._as_3d(torch.randn(2, HEADS, DQ, *GRID, dtype=dtype), geometry) for _ in range(3))
+    score = (q, k, features, torch.randn(HEADS, DQ, GRID[0] * GRID[1], dtype=dtype), torch.rand(HEADS, dtype=dtype) + 1)
+    leaves = [t.detach().requires_grad_(grad) if t.is_floating_point() and t.numel() else t for t in (*score, *window)]
+    return tuple(leaves[:5]), tuple(leaves[5:])
+
+
+@pytest.mark.parametrize(("dtype", "convolution", "hood"), CASES)
+def test_forward_ops_pass_opcheck(dtype, convolution, hood):
+    (q, k, features, pos, temperature), window = _window_inputs(dtype, convolution, hood, grad=True)
+    torch.library.opcheck(torch.ops.convplus.window_mix, (q, k, *window, True))
+    torch.library.opcheck(torch.ops.convplus.direct_window_mix, (features, pos, temperature, *window, True))
+    x = features.flatten(2).unflatten(0, (2, HEADS))  # (B, K, Dq, N)
+    torch.library.opcheck(torch.ops.convplus.direct_score, (x, pos, temperature))
+    if dtype == torch.float64:  # its registered backward is its derivative (the window ops': the compile test)
+        assert torch.autograd.gradcheck(lambda *a: cpu.direct_score_features(*a)[:2], (x, pos, temperature))
+
+
+@pytest.mark.parametrize(("dtype", "convolution", "hood"), CASES)
+def test_backward_ops_and_inference_forward_pass_opcheck(dtype, convolution, hood):
+    (q, k, features, pos, temperature), window = _window_inputs(dtype, convolution, hood, grad=False)
+    v, gain, kernel, tap_index, offsets = window[:5]
+    for save_probs in (False, True):  # inference keeps no probabilities: fake and real agree on the empty shape
+        torch.library.opcheck(torch.ops.convplus.window_mix, (q, k, *window, save_probs))
+    _, probs = cpu.window_mix(q, k, *window, True)
+    grad_out = torch.randn_like(v)
+    torch.library.opcheck(
+        torch.ops.convplus.window_mix_backward, (q, k, v, gain, kernel, tap_index, probs, grad_out, offsets)
+    )
+    x = features.flatten(2).unflatten(0, (2, HEADS))
+    dq, dk, inverse_norm = cpu.direct_score_features(x, pos, temperature)
+    for with_pos in (False, True):
+        torch.library.opcheck(
+            torch.ops.convplus.direct_score_backward, (dq, dk, dk.clone(), inverse_norm, temperature, with_pos)
+        )
+
+
+def _graph_ops(module: torch.nn.Module, x: torch.Tensor) -> set[str]:
+    """The custom convplus ops in the graphs dynamo captures from module(x); asserts there is no graph break."""
+    explained = torch._dynamo.explain(module)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    (graph,) = explained.graphs
+    return {str(node.target) for node in graph.graph.nodes if str(node.target).startswith("convplus.")}
+
+
+@pytest.mark.parametrize(
+    ("score", "op"),
+    [("direct", "convplus.direct_window_mix.default"), ("qk", "convplus.window_mix.default")],
+)
+@pytest.mark.parametrize(
+    ("cls", "shape", "kwargs"),
+    [
+        (ConvPlus2d, (2, 8, 6, 7), {"kernel_size": 3, "window": 3}),
+        (ConvPlus1d, (1, 8, 9), {"kernel_size": 3, "window": 5, "causal": True, "proj": False}),
+        (ConvPlus2d, (1, 8, 5, 6), {"kernel_size": 5, "window": 3, "border": "shift"}),  # conv term apart
+    ],
+)
+def test_torch_compile_runs_the_fused_ops_without_graph_break_and_matches_eager(score, op, cls, shape, kwargs):
+    torch._dynamo.reset()
+    module = cls(8, heads=2, score=score, dtype=torch.float64, **kwargs)  # backend 'auto'
+    with torch.no_grad():
+        module.gain.uniform_(0.5, 1.5)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert _graph_ops(module, x) == {op}  # 'auto' picked the fused kernel, and the graph kept it whole
+    results = []
+    for run in (module, torch.compile(module, backend="aot_eager", fullgraph=True)):
+        y = run(x)
+        results.append(
+            (
+                y,
+                *torch.autograd.grad(
+                    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, *module.parameters()]
+                ),
+            )
+        )
+    for compiled, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_export_keeps_to_portable_operators():
+    """An exported program runs outside this process (onnxruntime, another machine), where the custom ops are
+    unknown: under torch.export 'auto' takes the 'gathered' formulation, and the program equals eager."""
+    module = ConvPlus2d(8, kernel_size=3, window=3, heads=2).eval()
+    x = torch.randn(1, 8, 6, 7)
+    program = torch.export.export(module, (x,))
+    assert not [node for node in program.graph.nodes if str(node.target).startswith("convplus.")]
+    torch.testing.assert_close(program.module()(x), module(x), rtol=1e-5, atol=1e-5)
