@@ -259,10 +259,10 @@ METHOD = """## Method
 CIFAR-10 page) or `--data imagefolder:PATH` (PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg, the
 ImageNet layout) trains the same eight variants at 32x32 for 10 epochs each, 5 seeds, with RGB
 augmentation (random resized crops, flips). CIFAR-10 is 50,000 training images per epoch: 8 variants x 5
-seeds x 10 epochs is 20 million image passes, days on a 2-core CPU (about 100 images/s per core for
-these models) and about an hour on one GPU. `--seeds 2 --variants conv attention-global convplus-global`
-gives a first answer in a sixth of that; `--backbone hierarchical|isotropic` picks the backbone (default
-for user data: the column).
+seeds x 10 epochs is 20 million image passes: days on a 2-core CPU, where these models train at the
+order of 100 images/s per core (GPU times have not been measured).
+`--seeds 2 --variants conv attention-global convplus-global` gives a first answer in a sixth of that;
+`--backbone hierarchical|isotropic` picks the backbone (default for user data: the column).
 """
 
 
