@@ -19,11 +19,13 @@ from torch.profiler import ProfilerActivity, profile
 from convplus import ConvPlus2d
 
 PARTS = {  # part -> test on an op name; the first part that matches takes the op
-    "fused kernel, backward pass": lambda name: "WindowMix" in name and "Backward" in name,
-    "fused kernel, forward pass (scores, softmax, aggregation, conv term)": lambda name: "WindowMix" in name,
+    "fused kernel, backward pass": lambda name: "convplus" in name and "backward" in name.lower(),
+    "fused kernel, forward pass (scores, softmax, aggregation, conv term)": lambda name: "convplus" in name,
     "layout and dtype copies": lambda name: name in ("aten::copy_", "aten::clone", "aten::contiguous"),
     "reductions (aten::sum, aten::mean: bias gradients, the loss)": lambda name: name in ("aten::sum", "aten::mean"),
-    "convolutions and matrix products (rest of the model)": lambda name: "conv" in name or "mm" in name,
+    "convolutions and matrix products (rest of the model)": lambda name: (
+        name.startswith("aten::") and ("conv" in name or "mm" in name)
+    ),
 }
 
 
