@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -224,7 +225,9 @@ def assert_resume_equals_uninterrupted(tmp_path: Path, flags: dict[str, str], ep
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
+    with metrics.open() as rows:
+        first_epoch = float(next(csv.DictReader(rows))["epoch_seconds"])
+    time.sleep(first_epoch / 2)  # into the middle of the next epoch, however fast the epochs are
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = len(metrics.read_text().splitlines()) - 1
