@@ -170,3 +170,20 @@ def test_channels_last_input_keeps_its_layout_in_output_and_gradient(n, layout):
     assert grads["last"].is_contiguous(memory_format=layout)
     torch.testing.assert_close(outputs["last"], outputs["plain"])
     torch.testing.assert_close(grads["last"], grads["plain"])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "local"])
+def test_training_after_inference_mode_on_the_same_shapes(backend):
+    """Geometry and positional encodings are cached per shape; made first under torch.inference_mode(), they
+    must still be usable by a later training step (inference tensors cannot be saved for backward)."""
+    from convplus.backends import fused_window
+    from convplus.positional import _cached_sincos
+
+    fused_window._cached_fused_window.cache_clear()
+    _cached_sincos.cache_clear()
+    layer = ConvPlus2d(8, kernel_size=3, window=3, heads=2, pos="sincos", backend=backend)
+    x = torch.randn(2, 8, 7, 9)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)

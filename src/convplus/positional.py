@@ -41,7 +41,12 @@ def _sincos(channels: int, spatial: tuple[int, ...], dtype: torch.dtype, device:
     return enc.to(dtype)
 
 
-_cached_sincos = functools.lru_cache(maxsize=64)(_sincos)
+@functools.lru_cache(maxsize=64)
+def _cached_sincos(channels: int, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``_sincos``, made outside inference mode: a cached tensor first made under ``torch.inference_mode()``
+    could not be saved for backward by a later training step."""
+    with torch.inference_mode(False):
+        return _sincos(channels, spatial, dtype, device)
 
 
 def resize_learned(table: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

@@ -68,4 +68,11 @@ def _fused_window(spatial: tuple[int, ...], hood: Neighborhood, kernel_size: tup
     )
 
 
-_cached_fused_window = functools.lru_cache(maxsize=256)(_fused_window)
+@functools.lru_cache(maxsize=256)
+def _cached_fused_window(
+    spatial: tuple[int, ...], hood: Neighborhood, kernel_size: tuple[int, ...] | None
+) -> FusedWindow:
+    """``_fused_window``, made outside inference mode: a cached tensor first made under
+    ``torch.inference_mode()`` could not be saved for backward by a later training step."""
+    with torch.inference_mode(False):
+        return _fused_window(spatial, hood, kernel_size)
