@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from convplus import backends, functional
 from convplus.neighborhood import Neighborhood
 
-from .conftest import MODULES, rel_err
+from .conftest import MODULES, forward_backward, rel_err
 
 
 def _runnable_backends() -> list[str]:
@@ -66,15 +66,6 @@ def configs(draw):
     }
 
 
-def _forward_backward(module, x):
-    x = x.clone().requires_grad_(True)
-    y = module(x)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
-    grads = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
-    module.zero_grad(set_to_none=True)
-    return y.detach(), grads
-
-
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=configs())
@@ -90,9 +81,9 @@ def test_backend_matches_reference(backend, config):
             p.add_(torch.randn_like(p) * 0.3)
     x = torch.randn(config["batch"], kwargs["in_channels"], *config["grid"], dtype=torch.float64)
     module.backend = "reference"
-    y_ref, g_ref = _forward_backward(module, x)
+    y_ref, g_ref = forward_backward(module, x)
     module.backend = backend
-    y, g = _forward_backward(module, x)
+    y, g = forward_backward(module, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
     assert g.keys() == g_ref.keys()
     for name in g_ref:
@@ -314,7 +305,7 @@ def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
     results = {}
     for backend in ("local", "cpu"):
         module.backend = backend
-        results[backend] = _forward_backward(module, x)
+        results[backend] = forward_backward(module, x)
     (y_local, g_local), (y_cpu, g_cpu) = results["local"], results["cpu"]
     limit = 1e-4 if dtype == torch.float32 else 1e-11  # sums of thousands of terms, some cancelling
     assert rel_err(y_cpu, y_local) < limit

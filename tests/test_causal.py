@@ -20,7 +20,7 @@ from torch import nn
 from convplus import ConvPlus1d, ConvPlus2d, ConvPlus3d, conv_plus
 
 from . import oracle
-from .conftest import MODULES, rel_err
+from .conftest import MODULES, forward_backward, rel_err
 from .test_backends import FAST_BACKENDS
 
 TOL = 1e-5
@@ -144,15 +144,6 @@ CASES = [
 ]
 
 
-def _forward_backward(module, x):
-    x = x.clone().requires_grad_(True)
-    y = module(x)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
-    grads = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
-    module.zero_grad(set_to_none=True)
-    return y.detach(), grads
-
-
 def _module(n: int, kwargs: dict, dtype=torch.float64):
     module = MODULES[n](4, 4, heads=2, dtype=dtype, **kwargs)
     with torch.no_grad():
@@ -167,12 +158,12 @@ def test_every_backend_matches_reference_and_the_oracle(n, grid, kwargs):
     module = _module(n, kwargs)
     x = torch.randn(2, 4, *grid, dtype=torch.float64)
     module.backend = "reference"
-    y_ref, g_ref = _forward_backward(module, x)
+    y_ref, g_ref = forward_backward(module, x)
     assert rel_err(y_ref, oracle.conv_plus(module, x)) <= 1e-12
     names = FAST_BACKENDS if kwargs["window"] is not None else ["global"]
     for name in names:
         module.backend = name
-        y, grads = _forward_backward(module, x)
+        y, grads = forward_backward(module, x)
         assert rel_err(y, y_ref) <= 1e-10, name
         for key, grad in grads.items():
             assert rel_err(grad, g_ref[key]) <= 1e-10, (name, key)
