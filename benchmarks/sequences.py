@@ -85,8 +85,8 @@ def unigram_bits_per_byte(train_bytes: bytes, val_bytes: bytes) -> float:
     return -sum(math.log2((counts[b] + 1) / total) for b in val_bytes) / len(val_bytes)
 
 
-def language_models(args: argparse.Namespace) -> tuple[list[str], float]:
-    """Table rows (mean ± std over seeds) and the unigram baseline's bits per byte on the same bytes."""
+def language_models(args: argparse.Namespace) -> dict:
+    """Every LM x seed trained for the budget: {"runs": {label: [run, ...]}, "unigram": bits per byte}."""
     runs: dict[str, list[dict]] = {}
     for name, model in LM_MODELS.items():
         runs[name] = []
@@ -99,7 +99,7 @@ def language_models(args: argparse.Namespace) -> tuple[list[str], float]:
                 seq_len=args.seq_len,
                 epochs=args.lm_epochs,
                 batch_size=16,
-                lr=2e-3,
+                lr=args.lm_lr,
                 weight_decay=0.1,
                 warmup_epochs=0,
                 max_val_samples=args.val_sequences,
@@ -109,11 +109,15 @@ def language_models(args: argparse.Namespace) -> tuple[list[str], float]:
                 quiet=True,
             )
             runs[name].append(budget_run(cfg, args.budget))
-    (args.runs / "lm.json").write_text(json.dumps(runs, indent=2, default=str) + "\n")
     train_bytes, val_bytes = text_splits("text:stdlib")
     unigram = unigram_bits_per_byte(train_bytes, val_bytes[1 : args.val_sequences * args.seq_len + 1])
+    return {"runs": runs, "unigram": unigram}
+
+
+def language_rows(lm: dict, seq_len: int) -> list[str]:
+    """Table rows: model, params, validation bits per byte (mean ± std over seeds), training s, bytes seen."""
     rows = []
-    for name, results in runs.items():
+    for name, results in lm["runs"].items():
 
         def stat(key: str, results=results) -> str:
             values = [r[key] for r in results]
@@ -123,9 +127,9 @@ def language_models(args: argparse.Namespace) -> tuple[list[str], float]:
         rows.append(
             f"| {name} (`{LM_MODELS[name]}`) | {results[0]['params'] / 1e6:.3f}M | {stat('final_bpb')} | "
             f"{statistics.mean(r['train_seconds'] for r in results):.0f} | "
-            f"{statistics.mean(r['samples'] for r in results) * args.seq_len:,.0f} |"
+            f"{statistics.mean(r['samples'] for r in results) * seq_len:,.0f} |"
         )
-    return rows, unigram
+    return rows
 
 
 def sweep_models(quick: bool) -> dict[str, torch.nn.Module]:
@@ -138,41 +142,50 @@ def sweep_models(quick: bool) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def sequence_cost(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
-    """The models, rows of tokens/s and peak memory (MiB) per length, and each model's fitted exponents."""
+def sequence_cost(args: argparse.Namespace) -> dict:
+    """{model: {length: [tokens/s, peak MiB]}} for every length the model was run at."""
     torch.manual_seed(0)
-    results: dict[str, dict[int, tuple[float, float]]] = {}
+    results: dict[str, dict[str, list[float]]] = {}
     for label, model in sweep_models(args.quick).items():
         results[label] = {}
         for length in args.lengths:
             tokens = torch.randint(0, 256, (1, length))
             seconds = timed(lambda model=model, tokens=tokens: model(tokens), backward=False, repeats=args.repeats)
             peak = peak_bytes(lambda model=model, tokens=tokens: model(tokens), backward=False)
-            results[label][length] = (length / seconds, peak / 2**20)
+            results[label][str(length)] = [length / seconds, peak / 2**20]
             if seconds > args.max_call:
                 break
+    return results
+
+
+def cost_rows(cost: dict) -> tuple[list[str], list[str]]:
+    """Table rows (length: tokens/s / peak MiB per model) and each model's fitted exponents."""
+    lengths = sorted({int(n) for points in cost.values() for n in points})
     rows = []
-    for length in args.lengths:
+    for length in lengths:
         cells = [
-            f"{results[m][length][0]:,.0f} / {results[m][length][1]:,.1f}" if length in results[m] else "not run"
-            for m in results
+            f"{points[str(length)][0]:,.0f} / {points[str(length)][1]:,.1f}" if str(length) in points else "not run"
+            for points in cost.values()
         ]
         rows.append(f"| {length} | " + " | ".join(cells) + " |")
-    exponents = []
-    for m, points in results.items():
+    return rows, [f"{m}: {p}" for m, p in exponents(cost).items()]
+
+
+def exponents(cost: dict) -> dict[str, str]:
+    """Per model: 'time ~ L^a, memory ~ L^b', fitted on log-log over the lengths it ran."""
+    fitted = {}
+    for m, points in cost.items():
         if len(points) > 1:
-            time_p = fitted_exponent([(n, n / tps) for n, (tps, _) in points.items()])
-            memory_p = fitted_exponent([(n, mib) for n, (_, mib) in points.items()])
-            exponents.append(f"{m}: time ~ L^{time_p:.2f}, memory ~ L^{memory_p:.2f}")
-    return list(results), rows, exponents
+            time_p = fitted_exponent([(int(n), int(n) / tps) for n, (tps, _) in points.items()])
+            memory_p = fitted_exponent([(int(n), mib) for n, (_, mib) in points.items()])
+            fitted[m] = f"time ~ L^{time_p:.2f}, memory ~ L^{memory_p:.2f}"
+    return fitted
 
 
-def video(args: argparse.Namespace) -> list[str]:
-    """Rows: frames, then per model top-1 (%) after the budget and inference ms per clip (batch 1)."""
-    rows = []
+def video(args: argparse.Namespace) -> dict:
+    """{f"{model}-{frames}": training summary + ms_per_clip} for every model and clip length."""
     results = {}
     for frames in args.frames:
-        cells = []
         for model in VIDEO_MODELS.values():
             cfg = TrainConfig(
                 task="video",
@@ -195,17 +208,49 @@ def video(args: argparse.Namespace) -> list[str]:
             clip = torch.randn(1, 1, frames, 32, 32)
             with torch.no_grad():
                 ms = 1000 * timed(lambda net=net, clip=clip: net(clip), backward=False, repeats=args.repeats)
-            results[f"{model}-{frames}"] = {**summary, "ms_per_clip": ms}
-            cells.append(f"{summary['final_top1']:.1f} | {summary['samples']} | {ms:.1f}")
+            results[f"{model}-{frames}"] = {**summary, "ms_per_clip": ms, "frames": frames}
+    return results
+
+
+def video_rows(clips: dict) -> list[str]:
+    """Rows: frames, then per model top-1 (%), clips seen, inference ms per clip."""
+    rows = []
+    for frames in sorted({r["frames"] for r in clips.values()}):
+        cells = [
+            f"{r['final_top1']:.1f} | {r['samples']} | {r['ms_per_clip']:.1f}"
+            for model in VIDEO_MODELS.values()
+            if (r := clips.get(f"{model}-{frames}"))
+        ]
         rows.append(f"| {frames} | " + " | ".join(cells) + " |")
-    (args.runs / "video.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return rows
+
+
+def findings(lm: dict, cost: dict, clips: dict) -> list[str]:
+    """What the numbers say, computed from them."""
+    means = {name: statistics.mean(r["final_bpb"] for r in runs) for name, runs in lm["runs"].items()}
+    best = min(means, key=means.get)
+    lines = [
+        f"- Language modelling: every model ends below the unigram's {lm['unigram']:.3f} bits per byte "
+        if all(m < lm["unigram"] for m in means.values())
+        else f"- Language modelling: not every model beats the unigram's {lm['unigram']:.3f} bits per byte ",
+        "  (" + ", ".join(f"{name} {value:.3f}" for name, value in means.items()) + f"); lowest: {best}.",
+    ]
+    for name, fitted in exponents(cost).items():
+        lines.append(f"- Inference cost, {name}: {fitted}.")
+    for frames in sorted({r["frames"] for r in clips.values()}):
+        scores = {m: clips[f"{m}-{frames}"]["final_top1"] for m in VIDEO_MODELS.values() if f"{m}-{frames}" in clips}
+        lines.append(f"- Video, {frames} frames: " + ", ".join(f"`{m}` {v:.1f}%" for m, v in scores.items()) + ".")
+    return lines
+
+
+PARTS = {"lm": language_models, "cost": sequence_cost, "video": video}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of LM training steps per run")
+    parser.add_argument("--lm-lr", type=float, default=2e-3, help="peak learning rate of the LMs")
     parser.add_argument("--video-budget", type=float, default=60.0, help="seconds of video training steps per run")
     parser.add_argument("--lm-epochs", type=int, default=1, help="epochs an LM budget is spread over")
     parser.add_argument("--video-epochs", type=int, default=4, help="epochs a video budget is spread over")
@@ -216,6 +261,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--repeats", type=int, default=2, help="timed calls after a warm-up, median")
     parser.add_argument("--max-call", type=float, default=30.0, help="longer sequences skipped past this (s)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=tuple(PARTS),
+        default=tuple(PARTS),
+        help="parts to run; the others are read from the JSON files an earlier run left in --runs",
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/sequences-study"))
     parser.add_argument("--output", type=Path, default=Path("docs/sequences.md"))
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 seed, 3 s budgets: a pipeline check")
@@ -225,23 +277,43 @@ def main() -> None:
         args.seeds, args.budget, args.video_budget, args.video_epochs, args.repeats = 1, 3.0, 3.0, 2, 1
         args.val_sequences, args.val_clips, args.lengths, args.frames = 8, 32, [256, 1024], [4]
     args.runs.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    lm_rows, unigram = language_models(args)
-    cost_models, cost_rows, exponents = sequence_cost(args)
-    video_rows = video(args)
-    minutes = (time.perf_counter() - start) / 60
-    quick = "\n**--quick: tiny models and budgets of seconds, a check of the pipeline, not a result.**\n"
-    text = f"""# Sequences and video: Conv+ against attention and convolution
+    parts = {}
+    for name, run in PARTS.items():
+        path = args.runs / f"{name}.json"
+        if name in args.parts:
+            start = time.perf_counter()
+            result = run(args)
+            parts[name] = {"command": command, "minutes": (time.perf_counter() - start) / 60, "result": result}
+            path.write_text(json.dumps(parts[name], indent=2, default=str) + "\n")
+        elif path.is_file():
+            parts[name] = json.loads(path.read_text())
+        else:
+            raise SystemExit(f"--parts: {name} is not run and {path} does not exist; run it first")
+    args.output.write_text(report(args, parts))
+    print(f"wrote {args.output}")
 
-Every number below was made by `{command}` (`make sequences-study`), in {minutes:.0f} min on
-{cpu_model()} ({torch.get_num_threads()} threads), torch {torch.__version__}.
+
+def report(args: argparse.Namespace, parts: dict) -> str:
+    """docs/sequences.md from the three parts' records (each with the command and minutes that made it)."""
+    lm, cost, clips = (parts[name]["result"] for name in PARTS)
+    made = "; ".join(f"{name}: `{part['command']}`, {part['minutes']:.0f} min" for name, part in parts.items())
+    cost_table, fitted = cost_rows(cost)
+    quick = "\n**--quick: tiny models and budgets of seconds, a check of the pipeline, not a result.**\n"
+    return f"""# Sequences and video: Conv+ against attention and convolution
+
+Every number below was made on {cpu_model()} ({torch.get_num_threads()} threads), torch {torch.__version__}, by
+`make sequences-study` (`python benchmarks/sequences.py`); per part, the command and its time: {made}.
 {quick if args.quick else ""}
+## What the numbers say
+
+{chr(10).join(findings(lm, cost, clips))}
+
 ## Language modelling: bits per byte at equal CPU time
 
 Data: `--data text:stdlib`, the `*.py` files of this Python's standard library, split by file (about one
-file in ten is validation), bytes as tokens; {args.seq_len}-byte sequences, batch 16, AdamW (lr 2e-3, weight
-decay 0.1), cosine schedule over {args.lm_epochs} epoch(s). Each run trains for about {args.budget:.0f} s of
-training steps: its training set is sized from a timed calibration of its own steps. Validation: bits per
+file in ten is validation), bytes as tokens; {args.seq_len}-byte sequences, batch 16, AdamW (lr {args.lm_lr:g},
+weight decay 0.1), cosine schedule over {args.lm_epochs} epoch(s). Each run trains for about {args.budget:.0f} s
+of training steps: its training set is sized from a timed calibration of its own steps. Validation: bits per
 byte on the first {args.val_sequences} validation sequences ({args.val_sequences * args.seq_len:,} bytes).
 Mean ± std over {args.seeds} seed(s) (data order and initialisation).
 
@@ -249,11 +321,11 @@ Models (`convplus.models.language`, 4 pre-norm blocks of width 128, 4 heads, eac
 that the three have the same parameters): Conv+ = causal `ConvPlus1d` ('qk' scores, a 7-tap causal conv
 term) with windows of 15 earlier positions at dilations 1, 2, 4 and a global top layer; transformer =
 causal `scaled_dot_product_attention`; conv = linear, 15-tap causal depthwise conv (dilations 1, 2, 4, 1),
-linear. A unigram model of the training bytes gives **{unigram:.3f}** bits per byte on the same bytes.
+linear. A unigram model of the training bytes gives **{lm["unigram"]:.3f}** bits per byte on the same bytes.
 
 | model | params | validation bits per byte | training s | bytes seen |
 |---|---|---|---|---|
-{chr(10).join(lm_rows)}
+{chr(10).join(language_rows(lm, args.seq_len))}
 
 ## Inference cost against sequence length
 
@@ -262,11 +334,11 @@ Cells: tokens/s / peak MiB of PyTorch's CPU allocator during one forward (profil
 of {args.repeats} call(s) after a warm-up. A model whose call took over {args.max_call:.0f} s is not run at
 longer sequences.
 
-| sequence length | {" | ".join(cost_models)} |
+| sequence length | {" | ".join(cost)} |
 |---|---|---|---|
-{chr(10).join(cost_rows)}
+{chr(10).join(cost_table)}
 
-Fitted exponents (least squares on log-log): {"; ".join(exponents)}.
+Fitted exponents (least squares on log-log): {"; ".join(fitted)}.
 
 ## Video: moving digits
 
@@ -279,10 +351,8 @@ per clip at batch 1, median of {args.repeats} call(s).
 
 | frames | Conv+ top-1 (%) | Conv+ clips seen | Conv+ ms/clip | conv top-1 (%) | conv clips seen | conv ms/clip |
 |---|---|---|---|---|---|---|
-{chr(10).join(video_rows)}
+{chr(10).join(video_rows(clips))}
 """
-    args.output.write_text(text)
-    print(f"wrote {args.output} in {minutes:.1f} min")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ from convplus.flops import count_flops
         ({"score": "qk"}, 432_128),
         # global attention: 64 keys per query, 2*64*64*4*8 = 262,144, conv 3x3: 2*64*16*9 = 18,432
         ({"proj": False, "kernel_size": 3, "window": None}, 280_576),
+        # an 11x11 window on the 8x8 grid: centred, it reaches 5 steps either way (121 offsets, with the
+        # 3x3 conv 2*64*121*4*8 + 18,432); causal or 'shift', 8 of its 11 points fit per dim (64 keys)
+        ({"proj": False, "kernel_size": 3, "window": 11}, 514_048),
+        ({"proj": False, "kernel_size": 3, "window": 11, "causal": True}, 280_576),
+        ({"proj": False, "kernel_size": 3, "window": 11, "border": "shift"}, 280_576),
+        # a causal 5x5 window: 25 keys, as centred
+        ({"proj": False, "kernel_size": 3, "window": 5, "causal": True}, 120_832),
     ],
 )
 def test_conv_plus_flops_are_the_same_on_every_backend_and_device(kwargs, expected):

@@ -15,11 +15,13 @@ The Conv+ convention, for input (B, C_in, *S), N = prod(S), K heads of d channel
     convolution term         2 B N K d prod(kernel_size)
     output projection        2 B N K d C_out         (proj=True)
 
-W, the keys each query scores, is the number of offsets of the window clipped to the grid, border positions
-included (as the windowed backends compute them), or N when the window covers the grid (global attention,
-as SDPA counts it). The positional encoding, normalization, softmax, gain and biases are elementwise: free, as
-in FlopCounterMode. On the 'local' backend (no fused kernel) the profiler's count of the layer plus the window
-multiply-adds it cannot see gives exactly this.
+W, the keys each query scores, is the product over dims of the window's points that fit in the grid (border
+positions included, as the windowed backends compute them): 2 min(w // 2, reach) + 1 for a centred
+('clip') window, min(w, reach + 1) for a causal or 'shift' window, reach = (size - 1) // dilation; or N when
+the window covers the grid (global attention, as SDPA counts it, causal or not). The positional encoding,
+normalization, softmax, gain and biases are elementwise: free, as in FlopCounterMode. On the 'local'
+backend (no fused kernel) the profiler's count of the layer plus the window multiply-adds it cannot see gives
+exactly this.
 """
 
 from __future__ import annotations
@@ -31,14 +33,19 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .modules import _ConvPlusNd
-from .neighborhood import covers_grid, reachable_halves
+from .neighborhood import Neighborhood, covers_grid
 
 
-def keys_per_query(spatial: tuple[int, ...], window: tuple[int, ...] | None, dilation: tuple[int, ...]) -> int:
-    """W of the convention above: the clipped window's offsets, or N = prod(spatial) for global attention."""
-    if covers_grid(spatial, window, dilation):
+def keys_per_query(spatial: tuple[int, ...], hood: Neighborhood) -> int:
+    """W of the convention above: the window's points that fit in the grid, or N = prod(spatial) for global
+    attention."""
+    if hood.window is None or covers_grid(spatial, hood.window, hood.dilation):
         return math.prod(spatial)
-    return math.prod(2 * h + 1 for h in reachable_halves(spatial, window, dilation))
+    keys = 1
+    for s, w, r, c in zip(spatial, hood.window, hood.dilation, hood.causal, strict=True):
+        reach = (s - 1) // r
+        keys *= min(w, reach + 1) if c or hood.border == "shift" else 2 * min(w // 2, reach) + 1
+    return keys
 
 
 def conv_plus_flops(module: _ConvPlusNd, x: torch.Tensor) -> int:
@@ -53,7 +60,7 @@ def conv_plus_flops(module: _ConvPlusNd, x: torch.Tensor) -> int:
         qk_dim = module.in_channels // module.heads if module.score == "direct" else module.qk_dim
         if module.score == "qk":
             per_position += 2 * module.in_channels * module.heads * qk_dim
-        keys = keys_per_query(spatial, module.window, module.dilation)
+        keys = keys_per_query(spatial, module.neighborhood)
         per_position += keys * module.heads * (qk_dim + module.head_dim)
     if module.kernel is not None:
         per_position += inner * math.prod(module.kernel_size)

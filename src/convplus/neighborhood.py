@@ -65,14 +65,6 @@ class Neighborhood:
         ]
 
 
-def reachable_halves(spatial: tuple[int, ...], window: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
-    """Per dim, how many dilated steps of a centred window can land inside a grid of size ``spatial``.
-
-    A window larger than the grid is clipped: offsets that leave the grid from every position are dropped.
-    """
-    return tuple(min(w // 2, (s - 1) // r) for s, w, r in zip(spatial, window, dilation, strict=True))
-
-
 def covers_grid(spatial: tuple[int, ...], window: tuple[int, ...] | None, dilation: tuple[int, ...]) -> bool:
     """True when the centred, non-causal N(i) is the whole grid for every i."""
     if window is None:

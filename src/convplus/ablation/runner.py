@@ -36,12 +36,47 @@ class TaskSpec:
     epochs: int
     max_train_samples: int | None = None
     backbone: str = "isotropic"
+    description: str = ""  # what the images show and what decides the label (the report's method section)
 
 
 TASKS: dict[str, TaskSpec] = {
-    "digits": TaskSpec("digits", "local statistics", 90.0, 10.0, epochs=8, backbone="hierarchical"),
-    "texture": TaskSpec("synthetic:texture", "local statistics", 90.0, 25.0, epochs=3, max_train_samples=800),
-    "xor": TaskSpec("synthetic:xor", "long range", 90.0, 75.0, epochs=3, max_train_samples=1500),
+    "digits": TaskSpec(
+        "digits",
+        "local statistics",
+        90.0,
+        10.0,
+        epochs=8,
+        backbone="hierarchical",
+        description="scikit-learn's 8x8 digits, resized",
+    ),
+    "texture": TaskSpec(
+        "synthetic:texture",
+        "local statistics",
+        90.0,
+        25.0,
+        epochs=3,
+        max_train_samples=800,
+        description="stripes and checkerboards; any 5x5 patch tells the class",
+    ),
+    "xor": TaskSpec(
+        "synthetic:xor",
+        "long range",
+        90.0,
+        75.0,
+        epochs=3,
+        max_train_samples=1500,
+        description="two strips of random sign 20 px apart, label = the signs agree; fixed positions",
+    ),
+    "samediff": TaskSpec(
+        "synthetic:samediff",
+        "long range",
+        90.0,
+        75.0,
+        epochs=4,
+        max_train_samples=2000,
+        description="a bright or dark 12x6 rectangle at a random height at each edge, 20 px apart, label = the "
+        "same polarity; the parts move",
+    ),
 }
 
 

@@ -4,8 +4,8 @@ All are 32x32 grayscale, deterministic for (name, split, seed), with balanced la
 
 - ``texture`` (4 classes): horizontal, vertical, diagonal stripes or a checkerboard, with random period,
   phase, contrast and noise. Any 5x5 patch tells the class: local patterns suffice.
-- ``samediff`` (2 classes): a strip of one of 4 patterns at the left edge and one at the right edge;
-  label = the same pattern.
+- ``samediff`` (2 classes): a bright or dark square at a random height at the left edge and one at the
+  right edge; label = the same polarity.
 - ``xor`` (2 classes): a strip of random sign at each edge; label = the signs agree.
 
 In the two long-range tasks the two parts that decide the label are farther apart (20 px) than the 18 px
@@ -70,26 +70,23 @@ def xor(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-PATTERNS = np.stack(  # (4, SIZE, STRIP): the strip patterns of samediff, +-1
-    [
-        np.ones((SIZE, STRIP)),  # solid
-        np.kron((-1.0) ** np.arange(SIZE // 2)[:, None], np.ones((2, STRIP))),  # horizontal bars, 4-px period
-        np.kron((-1.0) ** np.arange(STRIP // 2)[None, :], np.ones((SIZE, 2))),  # vertical bars
-        np.kron((-1.0) ** np.add.outer(np.arange(SIZE // 2), np.arange(STRIP // 2)), np.ones((2, 2))),  # checker
-    ]
-).astype(np.float32)
+PART_HEIGHT = 12  # px: the parts of samediff are PART_HEIGHT x STRIP rectangles
 
 
 def samediff(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A strip of one of 4 patterns (random sign) at the left edge and one at the right edge; label 1 when
-    they show the same pattern."""
+    """A bright (+1) or dark (-1) PART_HEIGHT x STRIP rectangle at a random height at the left edge and one at
+    the right edge; label 1 when both have the same polarity. The heights are even (on the 2x2 patch grid) and
+    independent: unlike ``xor``, where the decisive parts are is not fixed."""
     labels = _balanced_labels(rng, n, 2)
-    first = rng.integers(0, len(PATTERNS), n)
-    second = np.where(labels == 1, first, (first + rng.integers(1, len(PATTERNS), n)) % len(PATTERNS))
-    signs = rng.choice([-1.0, 1.0], (2, n, 1, 1)).astype(np.float32)
+    first = rng.choice([-1.0, 1.0], n).astype(np.float32)
+    second = np.where(labels == 1, first, -first)
     images = rng.normal(0, 0.3, (n, SIZE, SIZE)).astype(np.float32)
-    images[:, :, :STRIP] += signs[0] * PATTERNS[first]
-    images[:, :, SIZE - STRIP :] += signs[1] * PATTERNS[second]
+    top = 2 * rng.integers(0, (SIZE - PART_HEIGHT) // 2 + 1, (2, n))
+    rows = np.arange(PART_HEIGHT)[None, :, None] + top[..., None, None]
+    cols = np.arange(STRIP)[None, None, :]
+    samples = np.arange(n)[:, None, None]
+    images[samples, rows[0], cols] += first[:, None, None]
+    images[samples, rows[1], SIZE - STRIP + cols] += second[:, None, None]
     return images, labels
 
 

@@ -1,10 +1,11 @@
 """Byte-level decoder language models whose token mixer is chosen by name: causal Conv+, causal attention (a
 transformer), or a causal depthwise convolution, at matched parameter counts.
 
-``ByteLM``: token embedding (256 bytes) + fixed sine-cosine positions, pre-norm blocks (x + mixer(norm(x)),
-x + mlp(norm(x))), a final norm, and a head tied to the embedding. The MLP's hidden width of each block is
-chosen so that the block has as many parameters as a transformer block with a 4x MLP: the three mixers are
-compared at equal size.
+``ByteLM``: token embedding (256 bytes, times sqrt(dim): with the embedding's small initialisation, std 0.02,
+the fixed positions of amplitude 1 would otherwise drown the tokens) + fixed sine-cosine positions, pre-norm
+blocks (x + mixer(norm(x)), x + mlp(norm(x))), a final norm, and a head tied to the embedding. The MLP's
+hidden width of each block is chosen so that the block has as many parameters as a transformer block with a
+4x MLP: the three mixers are compared at equal size.
 
 Registered with timm (``timm.create_model("convplus_lm_tiny", depth=2, ...)``, ``convplus train --task lm
 --model convplus_lm_tiny``): ``{convplus,transformer,conv}_lm_{tiny,small}``.
@@ -99,7 +100,7 @@ class ByteLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.dtype != torch.int64:
             raise ValueError(f"tokens must be (B, L) int64, got {tuple(tokens.shape)} {tokens.dtype}")
-        x = self.embed(tokens)
+        x = self.embed(tokens) * self.dim**0.5  # as Vaswani et al.: tokens on the scale of the positions
         x = x + sincos_encoding(self.dim, (tokens.shape[1],), x.dtype, x.device).T
         for block in self.blocks:
             x = block(x)
