@@ -229,11 +229,11 @@ def findings(lm: dict, cost: dict, clips: dict) -> list[str]:
     """What the numbers say, computed from them."""
     means = {name: statistics.mean(r["final_bpb"] for r in runs) for name, runs in lm["runs"].items()}
     best = min(means, key=means.get)
+    beaten = "every model ends below" if all(m < lm["unigram"] for m in means.values()) else "not every model beats"
     lines = [
-        f"- Language modelling: every model ends below the unigram's {lm['unigram']:.3f} bits per byte "
-        if all(m < lm["unigram"] for m in means.values())
-        else f"- Language modelling: not every model beats the unigram's {lm['unigram']:.3f} bits per byte ",
-        "  (" + ", ".join(f"{name} {value:.3f}" for name, value in means.items()) + f"); lowest: {best}.",
+        f"- Language modelling: {beaten} the unigram's {lm['unigram']:.3f} bits per byte ("
+        + ", ".join(f"{name} {value:.3f}" for name, value in means.items())
+        + f"); lowest: {best}."
     ]
     for name, fitted in exponents(cost).items():
         lines.append(f"- Inference cost, {name}: {fitted}.")
@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of LM training steps per run")
     parser.add_argument("--lm-lr", type=float, default=2e-3, help="peak learning rate of the LMs")
-    parser.add_argument("--video-budget", type=float, default=60.0, help="seconds of video training steps per run")
+    parser.add_argument("--video-budget", type=float, default=120.0, help="seconds of video training steps per run")
     parser.add_argument("--lm-epochs", type=int, default=1, help="epochs an LM budget is spread over")
     parser.add_argument("--video-epochs", type=int, default=4, help="epochs a video budget is spread over")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -296,13 +296,19 @@ def main() -> None:
 def report(args: argparse.Namespace, parts: dict) -> str:
     """docs/sequences.md from the three parts' records (each with the command and minutes that made it)."""
     lm, cost, clips = (parts[name]["result"] for name in PARTS)
-    made = "; ".join(f"{name}: `{part['command']}`, {part['minutes']:.0f} min" for name, part in parts.items())
+    commands = dict.fromkeys(part["command"] for part in parts.values())
+    made = "; ".join(
+        f"`{command}` ("
+        + ", ".join(f"{n} {p['minutes']:.0f} min" for n, p in parts.items() if p["command"] == command)
+        + ")"
+        for command in commands
+    )
     cost_table, fitted = cost_rows(cost)
     quick = "\n**--quick: tiny models and budgets of seconds, a check of the pipeline, not a result.**\n"
     return f"""# Sequences and video: Conv+ against attention and convolution
 
 Every number below was made on {cpu_model()} ({torch.get_num_threads()} threads), torch {torch.__version__}, by
-`make sequences-study` (`python benchmarks/sequences.py`); per part, the command and its time: {made}.
+`make sequences-study`; the command(s) and each part's time: {made}.
 {quick if args.quick else ""}
 ## What the numbers say
 
