@@ -26,7 +26,7 @@ from measure import paired_ratio, peak_bytes, timed
 
 from convplus import info
 from convplus.models import create_detector
-from convplus.train import TrainConfig, train
+from convplus.train import TrainConfig, finished_summary, train
 
 BACKBONES = {"Conv+ atto": "convplus_convnextv2_atto", "ConvNeXt V2 atto": "convnextv2_atto"}
 METRICS = {
@@ -52,17 +52,6 @@ proposals per image: over 15x the training FLOPs of these at 128 px) so that 3 s
 budget, and anchors for objects of 10-56 px (torchvision's start at 32 px)."""
 
 
-def _finished(cfg: TrainConfig) -> dict | None:
-    """The summary of a finished run of exactly these settings in ``cfg.output`` (an interrupted study goes on
-    where it stopped), else None."""
-    folder = Path(cfg.output)
-    if not (folder / "summary.json").is_file():
-        return None
-    if json.loads((folder / "config.json").read_text()) != json.loads(json.dumps(cfg.to_dict())):
-        return None
-    return json.loads((folder / "summary.json").read_text())
-
-
 def accuracy(backbone: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     """Final-epoch box AP, AP50, mask AP and mIoU of one seed, and each run's wall seconds."""
     scores = {}
@@ -86,7 +75,7 @@ def accuracy(backbone: str, seed: int, args: argparse.Namespace) -> dict[str, fl
             max_train_samples=8 if args.quick else None,
             max_val_samples=8 if args.quick else None,
         )
-        summary = _finished(cfg) or train(cfg)
+        summary = finished_summary(cfg) or train(cfg)
         scores.update({name: summary[key] for name, (t, key) in METRICS.items() if t == task})
         scores[f"{task} seconds"] = summary["wall_seconds"]
     return scores

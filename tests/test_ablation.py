@@ -103,6 +103,17 @@ def test_quick_suite_end_to_end(tmp_path):
         (tmp_path / name).unlink()
     assert main(["ablate", "--report", str(tmp_path)]) == 0  # from the files alone
     assert (tmp_path / "report.md").read_text() == report and (tmp_path / "top1.png").is_file()
+    # run again: every finished run of the same settings is reused (not retrained), and the records are
+    # the same; a changed setting (here 3 seeds) trains only the new runs
+    summaries = sorted(tmp_path.glob("texture/*/seed*/summary.json"))
+    written = [f.stat().st_mtime_ns for f in summaries]
+    records = json.loads((tmp_path / "results.json").read_text())
+    three_seeds = [a if a != "2" else "3" for a in argv]  # --seeds 3
+    assert main([*three_seeds, "--variants", "conv", "attention-global"]) == 0
+    assert [f.stat().st_mtime_ns for f in summaries] == written
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert [r for r in again if r["seed"] < 2] == [r for r in records if r["variant"] in ("conv", "attention-global")]
+    assert sorted(r["variant"] for r in again if r["seed"] == 2) == ["attention-global", "conv"]
 
 
 def test_user_image_folder(tmp_path):

@@ -6,10 +6,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from convplus.modules import ConvPlus2d
 from convplus.train import TrainConfig, train
 from convplus.train.metrics import coco_ap, coco_results, confusion_matrix, segmentation_scores
 
-from .test_train import ROOT, _env
+from .test_train import ROOT, _env, kill_mid_run
 
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64], "fpn_channels": 16}
 SMALL_DETECTOR = {"min_size": 96, "max_size": 160, "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32}
@@ -431,15 +429,8 @@ def test_detection_sigkill_then_resume_equals_uninterrupted_run(tmp_path, shapes
             str(output),
         ]
 
-    process = subprocess.Popen(command(killed), env=env)
     metrics = killed / "metrics.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the next epoch
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = len(metrics.read_text().splitlines()) - 1
+    done = kill_mid_run(subprocess.Popen(command(killed), env=env), metrics, timeout=300)
     assert 1 <= done < 3, "the kill should land mid-run"
     subprocess.run([*command(killed), "--resume"], check=True, env=env)
     subprocess.run(command(full), check=True, env=env)

@@ -215,22 +215,27 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert_resume_equals_uninterrupted(tmp_path, random_run, epochs=4)
 
 
+def kill_mid_run(process: subprocess.Popen, metrics: Path, timeout: float) -> int:
+    """SIGKILL a training ``process`` half of its first epoch's ``epoch_seconds`` after that epoch's row reaches
+    ``metrics`` (into the middle of the next epoch, however fast the epochs are); the epochs it finished."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    with metrics.open() as rows:
+        first_epoch = float(next(csv.DictReader(rows))["epoch_seconds"])
+    time.sleep(first_epoch / 2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(metrics.read_text().splitlines()) - 1
+
+
 def assert_resume_equals_uninterrupted(tmp_path: Path, flags: dict[str, str], epochs: int) -> None:
     """``train.py`` with ``flags`` (``_train_cmd``), SIGKILLed after its first epoch and resumed, ends with the
     weights of the same run left alone, and one metrics row per epoch."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     cmd = _train_cmd(killed, sys.executable, **flags, epochs=str(epochs))
-    process = subprocess.Popen(cmd, env=_env())
     metrics = killed / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    with metrics.open() as rows:
-        first_epoch = float(next(csv.DictReader(rows))["epoch_seconds"])
-    time.sleep(first_epoch / 2)  # into the middle of the next epoch, however fast the epochs are
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = len(metrics.read_text().splitlines()) - 1
+    done = kill_mid_run(subprocess.Popen(cmd, env=_env()), metrics, timeout=120)
     assert 1 <= done < epochs, "the kill should land mid-run"
     subprocess.run([*cmd, "--resume"], check=True, env=_env())
     subprocess.run(_train_cmd(full, sys.executable, **flags, epochs=str(epochs)), check=True, env=_env())

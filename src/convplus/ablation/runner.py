@@ -2,15 +2,19 @@
 
 Each run is ``convplus.train.train`` of the ``convplus_ablation`` model. ``conv-to-convplus`` starts from
 the same seed's trained ``conv`` run (``--pretrained-file`` + ``--replace-convplus``: an exact conversion)
-and fine-tunes for as many epochs as the others train. Runs of different (task, seed) pairs are independent
+and fine-tunes for as many epochs as the others train. A finished run of the same settings in the output
+folder is reused (an interrupted study goes on where it stopped; a task added to the suite trains only its
+own runs). Runs of different (task, seed) pairs are independent
 and go to ``workers`` processes of one thread each; a seed's runs share its data order (paired comparison).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import multiprocessing
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +22,7 @@ from pathlib import Path
 import timm
 import torch
 
-from ..train import TrainConfig, train
+from ..train import TrainConfig, finished_summary, train
 from ..train.data import build_data
 from .backbones import grid_sizes, receptive_field
 from .variants import VARIANT_NAMES, Variant, variants
@@ -167,9 +171,11 @@ def architecture(task: str, variant: Variant, recipe: Recipe) -> dict:
 def run_variant(task: str, variant: Variant, seed: int, recipe: Recipe, root: Path) -> tuple[dict, list]:
     """Train one variant with one seed: its record (results.json) and its per-epoch Conv+ layer history."""
     cfg = config(task, variant, seed, recipe, root)
-    summary = train(cfg)
+    summary = finished_summary(cfg) or train(cfg)
     history_file = Path(cfg.output) / "convplus_layers_epochs.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    with open(Path(cfg.output) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     record = {
         "task": task,
         "variant": variant.name,
@@ -177,6 +183,7 @@ def run_variant(task: str, variant: Variant, seed: int, recipe: Recipe, root: Pa
         "top1": summary["final_top1"],
         "params": summary["params"],
         "train_seconds": summary["wall_seconds"],
+        "images_per_second": statistics.fmean(float(row["images_per_s"]) for row in rows),  # training steps
         "epochs": cfg.epochs,
         "backbone": backbone_of(task, recipe),
     }

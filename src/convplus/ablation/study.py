@@ -10,7 +10,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from ..train import train
+from ..train import finished_summary, train
 from .runner import Recipe, backbone_of, config, single_thread_pool, slug
 from .variants import variants
 
@@ -36,7 +36,7 @@ def run_setting(task: str, setting: str, seed: int, recipe: Recipe, root: Path) 
         convplus_kwargs=convert,
         convplus_lr_scale=options["convplus_lr_scale"],
     )
-    summary = train(cfg)
+    summary = finished_summary(cfg) or train(cfg)
     layers = json.loads((Path(cfg.output) / "convplus_layers_epochs.json").read_text())[-1]["layers"]
     print(f"study {task} {setting:34s} seed {seed}: top-1 {summary['final_top1']:6.2f}%", flush=True)
     return {

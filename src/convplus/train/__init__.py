@@ -2,6 +2,6 @@
 
 from .config import TrainConfig
 from .engine import TrainingDiverged, train
-from .run import Run, load_run
+from .run import Run, finished_summary, load_run
 
-__all__ = ["Run", "TrainConfig", "TrainingDiverged", "load_run", "train"]
+__all__ = ["Run", "TrainConfig", "TrainingDiverged", "finished_summary", "load_run", "train"]

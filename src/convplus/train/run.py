@@ -70,3 +70,14 @@ def load_run(
     summary_file = folder / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     return Run(folder, weights, config, splits, task, model.eval(), summary)
+
+
+def finished_summary(cfg: TrainConfig) -> dict | None:
+    """The summary of a finished run of exactly these settings in ``cfg.output``, else None: a study that
+    was interrupted, or that gained runs, trains only what is missing (``train(cfg)`` would redo it)."""
+    folder = Path(cfg.output)
+    if not (folder / "summary.json").is_file() or not (folder / "config.json").is_file():
+        return None
+    if json.loads((folder / "config.json").read_text()) != json.loads(json.dumps(cfg.to_dict())):
+        return None
+    return json.loads((folder / "summary.json").read_text())
