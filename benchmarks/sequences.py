@@ -263,10 +263,10 @@ def main() -> None:
     parser.add_argument("--max-call", type=float, default=30.0, help="longer sequences skipped past this (s)")
     parser.add_argument(
         "--parts",
-        nargs="+",
+        nargs="*",
         choices=tuple(PARTS),
         default=tuple(PARTS),
-        help="parts to run; the others are read from the JSON files an earlier run left in --runs",
+        help="parts to run (none: only rewrite the doc); the others are read from the JSON files in --runs",
     )
     parser.add_argument("--runs", type=Path, default=Path("runs/sequences-study"))
     parser.add_argument("--output", type=Path, default=Path("docs/sequences.md"))
@@ -299,7 +299,7 @@ def report(args: argparse.Namespace, parts: dict) -> str:
     commands = dict.fromkeys(part["command"] for part in parts.values())
     made = "; ".join(
         f"`{command}` ("
-        + ", ".join(f"{n} {p['minutes']:.0f} min" for n, p in parts.items() if p["command"] == command)
+        + ", ".join(f"{n} {p['minutes']:.1f} min" for n, p in parts.items() if p["command"] == command)
         + ")"
         for command in commands
     )
