@@ -71,6 +71,7 @@ def test_statistics():
     assert verdict(paired(a, b)).startswith("exceeds")
     assert verdict(paired(b, a)).startswith("falls short by")
     assert verdict(summarize([-1.0, 1.0, 0.5])).startswith("reaches")
+    assert verdict(summarize([-3.0, 1.0, -2.0])).startswith("not shown to fall short")  # mean < 0, CI holds 0
     assert pooled_std([[1.0, 3.0], [10.0, 14.0]]) == pytest.approx(math.sqrt((2.0 + 8.0) / 2))
 
 

@@ -52,11 +52,15 @@ def pooled_std(groups: list[list[float]]) -> float:
 
 def verdict(difference: Summary) -> str:
     """Where a Conv+ variant stands against the upper envelope of conv and attention, from the paired
-    difference (Conv+ - best baseline): above, level with it (the CI contains 0), or short of it."""
+    difference (Conv+ - best baseline): above it (the CI above 0), short of it (the CI below 0), or, when
+    the CI contains 0, level with it (mean >= 0) or not shown to fall short (mean < 0: a wide interval says
+    that the seeds disagree, not that the two are equal)."""
     if difference.n < 2 or math.isnan(difference.ci):
         return f"{difference.mean:+.2f} (one seed: no interval)"
     if difference.mean - difference.ci > 0:
         return f"exceeds the upper envelope by {difference.mean:.2f} ± {difference.ci:.2f}"
-    if difference.mean + difference.ci >= 0:
+    if difference.mean + difference.ci < 0:
+        return f"falls short by {-difference.mean:.2f} ± {difference.ci:.2f}"
+    if difference.mean >= 0:
         return f"reaches the upper envelope ({difference.mean:+.2f} ± {difference.ci:.2f})"
-    return f"falls short by {-difference.mean:.2f} ± {difference.ci:.2f}"
+    return f"not shown to fall short ({difference.mean:+.2f} ± {difference.ci:.2f}: the interval contains 0)"
