@@ -127,11 +127,13 @@ def top1_plot(records: list[dict], path: Path) -> Path:
         for i, variant in enumerate(names):
             values = list(by_seed(records, task, variant).values())
             s = summarize(values)
-            ax.errorbar(i, s.mean, yerr=0 if math.isnan(s.ci) else s.ci, fmt="o", capsize=4, color=f"C{i}")
+            half = 0.0 if math.isnan(s.ci) else s.ci
+            low, high = max(0.0, s.mean - half), min(100.0, s.mean + half)  # top-1 lies in [0, 100]
+            ax.errorbar(i, s.mean, yerr=[[s.mean - low], [high - s.mean]], fmt="o", capsize=4, color=f"C{i}")
             ax.plot([i] * len(values), values, ".", color=f"C{i}", alpha=0.35)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{task} ({TASKS[task].decided_by})" if task in TASKS else task, fontsize=9)
-        ax.set_ylabel("top-1 (%), mean and 95% CI")
+        ax.set_ylabel("top-1 (%), mean and 95% CI (within 0-100)")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
