@@ -11,18 +11,22 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from scipy import stats as scipy_stats
 
 from convplus import ConvPlus2d
 from convplus.ablation.backbones import BACKBONES, grid_sizes, receptive_field
+from convplus.ablation.runner import QUICK, TASKS, config
 from convplus.ablation.stats import paired, pooled_std, summarize, verdict
 from convplus.ablation.variants import VARIANT_NAMES, variants
 from convplus.cli import main
-from convplus.models import replace_convplus
+from convplus.models import create_segmenter, replace_convplus
 from convplus.train import TrainConfig
 from convplus.train.classification import ClassificationTask
 from convplus.train.data import build_data
+from convplus.train.engine import build_data as build_task_data
 from convplus.train.engine import optimizer_groups
+from convplus.train.segmentation import SegmentationTask
 
 RECORD_KEYS = {"task": str, "variant": str, "seed": int, "top1": float, "params": int, "train_seconds": float}
 
@@ -51,6 +55,17 @@ def test_receptive_fields_and_grids():
         assert receptive_field(model, 32, 3) == expected.get(variant.name, 32), variant.name
         assert grid_sizes(model, 32, 3) == [16]
     assert grid_sizes(timm.create_model("convplus_ablation", backbone="hierarchical"), 32, 3) == [16, 8, 4, 2]
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_features_only_maps_have_the_grids_feature_info_states(backbone):
+    """A segmenter places its FPN by ``feature_info``: each map's channels and stride must be the real ones
+    (the hierarchical backbone's stride-2 stem halves timm's strides)."""
+    features = timm.create_model("convplus_ablation", backbone=backbone, features_only=True, patch_size=2)
+    maps = features(torch.zeros(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == features.feature_info.channels()
+    assert [64 // m.shape[-1] for m in maps] == features.feature_info.reduction()
+    assert features.feature_info.reduction()[0] == 2
 
 
 def test_fixed_blend_freezes_only_the_gains():
@@ -115,6 +130,29 @@ def test_quick_suite_end_to_end(tmp_path):
     again = json.loads((tmp_path / "results.json").read_text())
     assert [r for r in again if r["seed"] < 2] == [r for r in records if r["variant"] in ("conv", "attention-global")]
     assert sorted(r["variant"] for r in again if r["seed"] == 2) == ["attention-global", "conv"]
+
+
+def test_quick_segmentation_task_scores_miou_and_converts_the_whole_conv_segmenter(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVPLUS_CACHE", str(tmp_path / "cache"))
+    names = ["conv", "conv-to-convplus"]
+    argv = ["ablate", "--task", "shapes", "--quick", "--seeds", "1", "--workers", "1", "--output", str(tmp_path)]
+    assert main([*argv, "--variants", *names]) == 0
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["variant"], r["metric"]) for r in records] == [(n, "miou") for n in names]
+    summary = json.loads((tmp_path / "shapes" / "conv" / "seed0" / "summary.json").read_text())
+    assert records[0]["miou"] == pytest.approx(100 * summary["final_miou"]) and 0 <= records[0]["miou"] <= 100
+    report = (tmp_path / "report.md").read_text()
+    assert "| shapes: variant | mIoU mean ± std |" in report
+    # conv-to-convplus: the trained conv segmenter, every weight (FPN and head too), converted exactly
+    converted_variant = next(v for v in variants("isotropic") if v.name == "conv-to-convplus")
+    cfg = config("shapes", converted_variant, 0, QUICK, tmp_path)
+    converted = SegmentationTask(cfg, build_task_data(cfg), torch.device("cpu")).build_model().eval()
+    plain = create_segmenter("convplus_ablation", 6, backbone="isotropic", **TASKS["shapes"].model_kwargs).eval()
+    plain.load_state_dict(load_file(cfg.pretrained_file))
+    assert any(isinstance(m, ConvPlus2d) for m in converted.modules())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
 def test_user_image_folder(tmp_path):

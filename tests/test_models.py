@@ -109,6 +109,11 @@ def test_pretrained_file_into_convplus_model_is_exact(tmp_path):
     load_pretrained(timm.create_model("convplus_convnextv2_atto"), tmp_path / "wrapped.pth")
     with pytest.warns(UserWarning, match="classifier head"):
         load_pretrained(timm.create_model("convplus_convnextv2_atto", num_classes=3), path)
+    trained = _randomized("convplus_convnextv2_atto")  # a Conv+ run's weights: its gains are kept, not zeroed
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "convplus.safetensors")
+    again = load_pretrained(timm.create_model("convplus_convnextv2_atto"), tmp_path / "convplus.safetensors")
+    for key, value in again.state_dict().items():
+        torch.testing.assert_close(value, trained.state_dict()[key], msg=key)
 
 
 def test_convert_command_writes_folder_and_refuses_bad_files(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import LayerNorm2d
-from timm.models import register_model
+from timm.models import FeatureListNet, register_model
 from timm.models._manipulate import named_apply
 from timm.models.convnext import ConvNeXtStage, _init_weights
 from torch import nn
@@ -63,6 +63,7 @@ class IsotropicConvNeXt(nn.Module):
         self.stages = nn.Sequential(ConvNeXtStage(dim, dim, kernel_size, stride=1, depth=depth, drop_path_rates=rates))
         self.norm = LayerNorm2d(dim)  # per cell: the pooled logit stays a sum of what each cell sees
         self.head = nn.Linear(dim, num_classes)
+        self.feature_info = [{"num_chs": dim, "reduction": patch_size, "module": "stages.0"}]
         named_apply(_init_weights, self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,8 @@ def build_backbone(backbone: str, **timm_kwargs) -> nn.Module:
         return IsotropicConvNeXt(**settings)
     model = timm.create_model("convnextv2_atto", **settings)
     model.stages[0].downsample = nn.Identity()  # timm halves a stride-2 stem's grid again in stage 0
+    for info in model.feature_info:  # so every stage's grid is twice timm's
+        info["reduction"] //= 2
     return model
 
 
@@ -96,12 +99,17 @@ def convplus_ablation(
     mixer: str = "conv",
     mixer_kwargs: dict[str, Any] | None = None,
     frozen_gain: bool = False,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] | None = None,
     **kwargs,
 ) -> nn.Module:
     """An ablation backbone with every depthwise conv kept (``mixer='conv'``), replaced by a fresh Conv+
     (``'convplus'``, ``mixer_kwargs`` for ``ConvPlus2d``; ``frozen_gain``: gains fixed at their initial 1) or
     by the seed sketch (``'sketch'``: ``SeedSketch2d`` with one depthwise projection per conv tap, so the
-    parameters match the conv's)."""
+    parameters match the conv's).
+
+    ``features_only``: timm's ``FeatureListNet`` of the stage outputs ``out_indices`` (default: all), a list
+    of (B, C_i, H / r_i, W / r_i) with ``feature_info`` giving C_i and r_i (the backbone for a segmenter)."""
     if pretrained:
         raise ValueError("convplus_ablation has no pretrained weights: train it (convplus ablate / convplus train)")
     if mixer not in MIXERS:
@@ -117,6 +125,8 @@ def convplus_ablation(
         for module in model.modules():
             if isinstance(module, ConvPlus2d) and module.gain is not None:
                 module.gain.requires_grad_(False)
+    if features_only:
+        return FeatureListNet(model, out_indices or tuple(range(len(model.feature_info))), flatten_sequential=True)
     return model
 
 

@@ -26,8 +26,18 @@ LEARNED_BLEND = ("convplus-local", "convplus-global", "conv-to-convplus")
 BLEND_PLOTTED = ("convplus-local", "convplus-global", "conv-to-convplus")
 
 
+def score(record: dict) -> float:
+    """A record's score (%): its top-1, or its mIoU on a segmentation task."""
+    return record[record.get("metric", "top1")]
+
+
+def metric_label(task: str) -> str:
+    """What a task's scores are: 'top-1' or 'mIoU'."""
+    return "mIoU" if task in TASKS and TASKS[task].metric == "miou" else "top-1"
+
+
 def by_seed(records: list[dict], task: str, variant: str) -> dict[int, float]:
-    return {r["seed"]: r["top1"] for r in records if r["task"] == task and r["variant"] == variant}
+    return {r["seed"]: score(r) for r in records if r["task"] == task and r["variant"] == variant}
 
 
 def task_order(records: list[dict]) -> list[str]:
@@ -89,15 +99,15 @@ def paired_table(records: list[dict], task: str) -> str:
 def details_table(records: list[dict], task: str, architectures: dict[str, dict]) -> str:
     """Per variant: mean ± std, 95% CI, seeds, params, receptive field, grids, seconds per run."""
     lines = [
-        f"| {task}: variant | top-1 mean ± std | 95% CI (within 0-100) | seeds | params | receptive field (px) | "
-        "grids | s/run |",
+        f"| {task}: variant | {metric_label(task)} mean ± std | 95% CI (within 0-100) | seeds | params | "
+        "receptive field (px) | grids | s/run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANT_NAMES:
         runs = [r for r in records if r["task"] == task and r["variant"] == variant]
         if not runs:
             continue
-        s = summarize([r["top1"] for r in runs])
+        s = summarize([score(r) for r in runs])
         arch = architectures.get(variant, {})
         grids = "/".join(str(g) for g in arch.get("grids", [])) or "—"
         lines.append(
@@ -128,12 +138,12 @@ def top1_plot(records: list[dict], path: Path) -> Path:
             values = list(by_seed(records, task, variant).values())
             s = summarize(values)
             half = 0.0 if math.isnan(s.ci) else s.ci
-            low, high = max(0.0, s.mean - half), min(100.0, s.mean + half)  # top-1 lies in [0, 100]
+            low, high = max(0.0, s.mean - half), min(100.0, s.mean + half)  # scores lie in [0, 100]
             ax.errorbar(i, s.mean, yerr=[[s.mean - low], [high - s.mean]], fmt="o", capsize=4, color=f"C{i}")
             ax.plot([i] * len(values), values, ".", color=f"C{i}", alpha=0.35)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{task} ({TASKS[task].decided_by})" if task in TASKS else task, fontsize=9)
-        ax.set_ylabel("top-1 (%), mean and 95% CI (within 0-100)")
+        ax.set_ylabel(f"{metric_label(task)} (%), mean and 95% CI (within 0-100)")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -268,16 +278,20 @@ METHOD = """## Method
   normalises each cell before the average pool and the linear classifier, so the logit is a sum over cells
   of what each cell sees: a conv column sees 18 px (the receptive-field column of the tables), and a
   model none of whose cells sees both of two distant parts computes an additive function of them.
+  On the segmentation task the column takes 64x64 images in 4x4 patches (again a 16x16 grid) and its
+  last blocks' output goes, as a `features_only` backbone, under the semantic branch of Panoptic FPN
+  (`convplus.models.create_segmenter`, FPN and head 32 channels wide) in place of the classifier head.
   `hierarchical` ({hierarchical}): ConvNeXt V2 with a 2x2 stem, stage grids 16/8/4/2, 7x7
   mixers; its GRN and pooled-then-normalised head are global, as in ConvNeXt V2.
-- **Tasks** (cards in docs/datasets/), with the level (top-1) the best variant must reach for the task to
-  count as calibrated, chance (local tasks) or the ceiling of a model that never sees both decisive parts
+- **Tasks** (cards in docs/datasets/), with the level (top-1, or mIoU) the best variant must reach for the
+  task to count as calibrated, chance (local tasks; for segmentation, the mIoU of predicting the background
+  everywhere) or the ceiling of a model that never sees both decisive parts
   at once (long-range tasks), and the training length:
 
 {tasks}
 
-- **Recipe.** AdamW, lr 3e-3, batch 32, cosine schedule with 1 warm-up epoch, the epochs and training
-  images above; 500 held-out images (digits: 450). Seeds 0-4: a seed fixes the initialisation and the data
+- **Recipe.** AdamW, lr 3e-3, cosine schedule with 1 warm-up epoch, the epochs, batch sizes and training
+  images above; 500 held-out images (digits: 450, shapes: 100). Seeds 0-4: a seed fixes the initialisation and the data
   order of every variant, so differences are paired by seed.
   `conv-to-convplus` starts from the same seed's trained `conv` model, converted exactly (gains 0,
   tau 1, global window), and fine-tunes as long as the others train (gains and temperatures at 10x lr).
@@ -302,7 +316,7 @@ def cifar_estimate(records: list[dict]) -> str:
     """The time of the CIFAR-10 recipe at the training speed this run measured on the isotropic column."""
     rates = defaultdict(list)  # variant -> training images/s of one worker
     for r in records:
-        if r["backbone"] == "isotropic" and "images_per_second" in r:
+        if r["backbone"] == "isotropic" and r.get("metric", "top1") == "top1" and "images_per_second" in r:
             rates[r["variant"]].append(r["images_per_second"])
     if not rates:
         return "This run trained no model on the isotropic column, so it gives no estimate of that time."
@@ -319,7 +333,7 @@ def method(records: list[dict]) -> str:
     """The method section, its task list and backbones read from ``TASKS``."""
     tasks = [
         f"  - `{name}` ({spec.decided_by}): {spec.description}. Level {spec.level:.0f}%, {floor_name(spec)} "
-        f"{spec.chance:.0f}%; {spec.epochs} epochs on "
+        f"{spec.chance:.0f}%; {spec.epochs} epochs of batch {spec.batch_size} on "
         + (f"{spec.max_train_samples} images" if spec.max_train_samples else "the whole training split")
         + "."
         for name, spec in TASKS.items()
@@ -356,7 +370,8 @@ def write_report(results: Path, markdown: Path, command: str, minutes: float | N
         "(one record per task, variant and seed); regenerate this page from it with "
         f"`convplus ablate --report {results} --markdown {markdown}`.\n",
         "## Upper envelope\n",
-        "Top-1 (%) on the held-out split, mean ± 95% confidence interval (Student t) over seeds; bold: the best "
+        "Top-1 (%) on the held-out split (mIoU (%) on the segmentation task), mean ± 95% confidence interval "
+        "(Student t) over seeds; bold: the best "
         "variant. The verdict compares the better (by mean) of the two from-scratch Conv+ variants with the "
         "better of conv and attention, paired by seed (same initialisation stream and data order): it "
         "exceeds the envelope or falls short of it when the interval of the difference lies above or below "

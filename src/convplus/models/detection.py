@@ -21,7 +21,7 @@ all others go to ``timm.create_model``."""
 
 
 def create_detector(
-    backbone: str,
+    model_name: str,
     num_classes: int,
     masks: bool = False,
     pretrained_file: str | Path | None = None,
@@ -30,7 +30,7 @@ def create_detector(
     anchor_sizes: tuple[int, ...] | None = None,
     **kwargs,
 ) -> FasterRCNN:
-    """torchvision ``FasterRCNN`` (``masks=True``: ``MaskRCNN``) on ``timm.create_model(backbone,
+    """torchvision ``FasterRCNN`` (``masks=True``: ``MaskRCNN``) on ``timm.create_model(model_name,
     features_only=True)`` + ``FeaturePyramidNetwork`` with its ``LastLevelMaxPool`` level.
 
     ``num_classes`` counts object classes; the background class 0 is added here (labels are 1..num_classes).
@@ -45,7 +45,7 @@ def create_detector(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (object classes, background excluded), got {num_classes}")
     detector_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in DETECTOR_KWARGS}
-    body = timm_fpn(backbone, fpn_channels, LastLevelMaxPool(), pretrained_file, **kwargs)
+    body = timm_fpn(model_name, fpn_channels, LastLevelMaxPool(), pretrained_file, **kwargs)
     levels = [*map(str, range(len(body.body.channels)))]
     if anchor_sizes is None:
         anchor_sizes = tuple(32 * 2**i for i in range(len(levels) + 1))  # + the max-pool level

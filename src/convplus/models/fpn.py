@@ -106,18 +106,18 @@ def load_backbone_weights(features: nn.Module, path: str | Path) -> nn.Module:
 
 
 def timm_fpn(
-    backbone: str,
+    model_name: str,
     out_channels: int = 256,
     extra_blocks: ExtraFPNBlock | None = None,
     pretrained_file: str | Path | None = None,
     **timm_kwargs,
 ) -> TimmWithFPN:
-    """``timm.create_model(backbone, features_only=True, **timm_kwargs)`` (weights from ``pretrained_file``)
+    """``timm.create_model(model_name, features_only=True, **timm_kwargs)`` (weights from ``pretrained_file``)
     under a torchvision FPN with ``out_channels`` channels per level."""
     try:
-        body = timm.create_model(backbone, pretrained=False, features_only=True, **timm_kwargs)
+        body = timm.create_model(model_name, pretrained=False, features_only=True, **timm_kwargs)
     except RuntimeError as error:  # timm: unknown model name, or no features_only support
-        raise ValueError(f"backbone {backbone!r}: {error}") from error
+        raise ValueError(f"backbone {model_name!r}: {error}") from error
     if pretrained_file is not None:
         load_backbone_weights(body, pretrained_file)
     return TimmWithFPN(TimmFeatures(body), out_channels, extra_blocks)

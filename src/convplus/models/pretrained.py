@@ -93,7 +93,7 @@ def load_pretrained(model: nn.Module, path: str | Path, strict_head: bool = Fals
         raise CheckpointError(f"{path}: does not fit {type(model).__name__}: " + "; ".join(p for p in problems if p))
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, ConvPlus2d) and module.gain is not None:
-                module.gain.zero_()
+        for name, module in model.named_modules():
+            if isinstance(module, ConvPlus2d) and module.gain is not None and f"{name}.gain" not in state:
+                module.gain.zero_()  # a conv checkpoint: the layer starts as exactly that conv
     return model

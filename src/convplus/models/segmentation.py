@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fpn import TimmWithFPN, timm_fpn
+from .fpn import TimmWithFPN, timm_fpn, weights_file
+from .pretrained import load_pretrained, read_state_dict
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -63,17 +64,29 @@ class SemanticFPN(nn.Module):
 
 
 def create_segmenter(
-    backbone: str,
+    model_name: str,
     num_classes: int,
     pretrained_file: str | Path | None = None,
     fpn_channels: int = 256,
     head_channels: int = 128,
     **timm_kwargs,
 ) -> SemanticFPN:
-    """``SemanticFPN`` on ``timm.create_model(backbone, features_only=True, **timm_kwargs)`` + torchvision
-    FPN; weights of the backbone from ``pretrained_file`` (see ``load_backbone_weights``)."""
+    """``SemanticFPN`` on ``timm.create_model(model_name, features_only=True, **timm_kwargs)`` + torchvision
+    FPN. ``pretrained_file``: a classification checkpoint or run (the backbone's weights, see
+    ``load_backbone_weights``; FPN and head start fresh) or a segmentation run's weights (the whole
+    segmenter, to train further)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return SemanticFPN(
-        timm_fpn(backbone, fpn_channels, None, pretrained_file, **timm_kwargs), num_classes, head_channels
+    whole = pretrained_file is not None and is_segmenter_checkpoint(pretrained_file)
+    model = SemanticFPN(
+        timm_fpn(model_name, fpn_channels, None, None if whole else pretrained_file, **timm_kwargs),
+        num_classes,
+        head_channels,
     )
+    return load_pretrained(model, weights_file(pretrained_file)) if whole else model
+
+
+def is_segmenter_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint (file or run folder) holds a whole ``SemanticFPN`` rather than a backbone."""
+    keys = read_state_dict(weights_file(path))
+    return any(k.startswith("backbone.fpn.") for k in keys) and any(k.startswith("classifier.") for k in keys)
