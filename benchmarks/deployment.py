@@ -9,7 +9,7 @@ from pathlib import Path
 
 import timm
 import torch
-from measure import paired_ratio
+from measure import paired_ratio, train_step
 
 from convplus.models import export_onnx
 
@@ -54,31 +54,50 @@ def onnx_ratios(side: int, pairs: int, results: dict) -> list[str]:
 
 
 def compiled_ratios(batch: int, side: int, pairs: int, results: dict) -> list[str]:
-    """``torch.compile`` (inductor) of both models, channels-last, inference: compile time and paired ratio."""
+    """``torch.compile`` (inductor) of both models, channels-last: the first call's time (compilation) and the
+    paired ratio, for inference and for a train step (forward, backward, AdamW step)."""
     x = torch.randn(batch, 3, side, side).contiguous(memory_format=torch.channels_last)
-    calls, seconds = [], {}
+    models = {}
     for name in MODELS:
         torch.manual_seed(0)
-        model = torch.compile(timm.create_model(name).eval().to(memory_format=torch.channels_last))
-        start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                model(x)
-        except Exception as error:  # report why it could not compile instead of failing the suite
-            results["compile summary"] = f"torch.compile: {name} failed ({type(error).__name__})."
-            return [f"torch.compile: {name} could not run: {type(error).__name__}: {str(error).splitlines()[0][:160]}"]
-        seconds[name] = time.perf_counter() - start
-
-        def call(model=model):
-            with torch.no_grad():
-                return model(x)
-
-        calls.append(call)
-    ratio = paired_ratio(*calls, False, pairs)
-    results["compile summary"] = f"under torch.compile (inference, batch {batch}), Conv+ atto over plain atto {ratio}."
-    return [
-        f"| torch.compile (inductor), inference, batch {batch}, channels-last | plain atto | Conv+ atto |",
-        "|---|---|---|",
-        f"| first call (compilation), s | {seconds[MODELS[0]]:.0f} | {seconds[MODELS[1]]:.0f} |",
-        f"| inference ratio, paired ({pairs} pairs) | 1.00x | {ratio} |",
+        eager = timm.create_model(name).to(memory_format=torch.channels_last)
+        models[name] = (eager, torch.compile(eager))
+    rows = [
+        f"| torch.compile (inductor), batch {batch}, channels-last | plain atto: first call, s | Conv+ atto: "
+        "first call, s | Conv+ / plain, paired |",
+        "|---|---|---|---|",
     ]
+    summary = []
+    for mode in ("inference", "train step"):
+        calls, seconds = [], []
+        for name, (eager, compiled) in models.items():
+            eager.train(mode == "train step")
+            call = train_step(compiled, x) if mode == "train step" else _inference(compiled, x)
+            start = time.perf_counter()
+            try:
+                call()
+            except Exception as error:  # report why it could not compile instead of failing the suite
+                results["compile summary"] = f"torch.compile: {name} {mode} failed ({type(error).__name__})."
+                return [*rows, f"| {mode} | {name} could not run: {type(error).__name__} | — | — |"]
+            seconds.append(time.perf_counter() - start)
+            calls.append(call)
+        ratio = paired_ratio(*calls, False, pairs)
+        results.setdefault("compiled", {})[mode] = ratio
+        summary.append(f"{ratio} ({mode})")
+        rows.append(f"| {mode} ({pairs} pairs) | {seconds[0]:.0f} | {seconds[1]:.0f} | {ratio} |")
+    plus = models[MODELS[1]][0].eval()
+    with torch.no_grad():
+        breaks = torch._dynamo.explain(plus)(x).graph_break_count
+    results["compile summary"] = (
+        f"under torch.compile, Conv+ atto over plain atto {', '.join(summary)}; graph breaks in Conv+ atto "
+        f"(torch._dynamo.explain): {breaks}."
+    )
+    return [*rows, "", f"Graph breaks in convplus_convnextv2_atto under torch.compile (dynamo explain): {breaks}."]
+
+
+def _inference(model: torch.nn.Module, x: torch.Tensor):
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return call

@@ -71,3 +71,17 @@ def fitted_exponent(points: list[tuple[int, float]]) -> float:
     xs, ys = [math.log(n) for n, _ in points], [math.log(max(v, 1e-12)) for _, v in points]
     mx, my = statistics.mean(xs), statistics.mean(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One forward, backward and AdamW step of ``model`` on x."""
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def step():
+        optimizer.zero_grad()
+        loss = model(x).logsumexp(1).mean()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step

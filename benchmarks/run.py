@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import flex_neighborhood_attention, natten_neighborhood_attention, unfold_neighborhood_attention
 from deployment import compiled_ratios, onnx_ratios
-from measure import Paired, fitted_exponent, paired_ratio, peak_bytes, timed
+from measure import Paired, fitted_exponent, paired_ratio, peak_bytes, timed, train_step
 from profile_table import profile_section
 
 import convplus  # noqa: F401
@@ -237,20 +237,6 @@ def stage_table(stages: list[tuple[int, int]], batch: int, pairs: int, results: 
         "Baseline times: medians of as many repeats.",
     ]
     return rows
-
-
-def train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One forward, backward and AdamW step of ``model`` on x."""
-    optimizer = torch.optim.AdamW(model.parameters())
-
-    def step():
-        optimizer.zero_grad()
-        loss = model(x).logsumexp(1).mean()
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return step
 
 
 def model_table(batch: int, side: int, pairs: int, results: dict) -> list[str]:
