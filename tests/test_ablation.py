@@ -143,11 +143,15 @@ def test_quick_segmentation_task_scores_miou_and_converts_the_whole_conv_segment
     assert records[0]["miou"] == pytest.approx(100 * summary["final_miou"]) and 0 <= records[0]["miou"] <= 100
     report = (tmp_path / "report.md").read_text()
     assert "| shapes: variant | mIoU mean ± std |" in report
+    architectures = json.loads((tmp_path / "architectures.json").read_text())["shapes"]
+    assert architectures["conv"]["grids"] == [16]  # 64x64 images in 4x4 patches
     # conv-to-convplus: the trained conv segmenter, every weight (FPN and head too), converted exactly
     converted_variant = next(v for v in variants("isotropic") if v.name == "conv-to-convplus")
     cfg = config("shapes", converted_variant, 0, QUICK, tmp_path)
     converted = SegmentationTask(cfg, build_task_data(cfg), torch.device("cpu")).build_model().eval()
-    plain = create_segmenter("convplus_ablation", 6, backbone="isotropic", **TASKS["shapes"].model_kwargs).eval()
+    shapes = TASKS["shapes"]
+    plain = create_segmenter("convplus_ablation", 6, backbone="isotropic", **shapes.model_kwargs, **shapes.head_kwargs)
+    plain.eval()
     plain.load_state_dict(load_file(cfg.pretrained_file))
     assert any(isinstance(m, ConvPlus2d) for m in converted.modules())
     x = torch.rand(2, 3, 64, 64)

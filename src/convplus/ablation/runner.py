@@ -45,7 +45,8 @@ class TaskSpec:
     description: str = ""  # what the images show and what decides the label (the report's method section)
     task: str = "classification"  # or 'segmentation' (the backbone under a semantic FPN head, scored by mIoU)
     img_size: int = 32
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # for the trainer's model (segmenter head widths)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # backbone settings for this task (BACKBONES')
+    head_kwargs: dict[str, Any] = field(default_factory=dict)  # the segmenter's FPN and head widths
 
     @property
     def metric(self) -> str:
@@ -102,7 +103,8 @@ TASKS: dict[str, TaskSpec] = {
         "(shapes 5-28 px across): a pixel's class is the shape it lies in, decided by that shape's outline",
         task="segmentation",
         img_size=64,
-        model_kwargs={"patch_size": 4, "fpn_channels": 32, "head_channels": 32},
+        model_kwargs={"patch_size": 4},  # 16x16 cells, as the other tasks' grids
+        head_kwargs={"fpn_channels": 32, "head_channels": 32},  # a head small beside the 24-wide column
     ),
 }
 
@@ -158,7 +160,7 @@ def config(task: str, variant: Variant, seed: int, recipe: Recipe, root: Path) -
         output=str(root / slug(task) / variant.name / f"seed{seed}"),
         overwrite=True,
         quiet=True,
-        model_kwargs={**model_kwargs, **spec.model_kwargs},
+        model_kwargs={**model_kwargs, **spec.model_kwargs, **spec.head_kwargs},
         max_train_samples=recipe.max_train_samples or spec.max_train_samples,
         max_val_samples=recipe.max_val_samples,
     )
@@ -182,7 +184,7 @@ def architecture(task: str, variant: Variant, recipe: Recipe) -> dict:
     """Receptive field (px) and stage grid sides of a variant's model on the task's images."""
     cfg = config(task, variant, 0, recipe, Path("."))
     in_chans = build_data(replace(cfg, max_train_samples=1, max_val_samples=1)).in_chans
-    kwargs = {k: v for k, v in cfg.model_kwargs.items() if k not in task_spec(task).model_kwargs}
+    kwargs = {k: v for k, v in cfg.model_kwargs.items() if k not in task_spec(task).head_kwargs}
     if variant.finetune_from:  # the converted model: the plain one, then Conv+ with the conversion's window
         kwargs = {**kwargs, "mixer": "convplus", "mixer_kwargs": variant.convert_kwargs}
     model = timm.create_model(cfg.model, num_classes=2, in_chans=in_chans, **kwargs)
