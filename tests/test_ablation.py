@@ -16,6 +16,7 @@ from scipy import stats as scipy_stats
 
 from convplus import ConvPlus2d
 from convplus.ablation.backbones import BACKBONES, grid_sizes, receptive_field
+from convplus.ablation.report import write_report
 from convplus.ablation.runner import QUICK, TASKS, config
 from convplus.ablation.stats import paired, pooled_std, summarize, verdict
 from convplus.ablation.variants import VARIANT_NAMES, variants
@@ -157,6 +158,36 @@ def test_quick_segmentation_task_scores_miou_and_converts_the_whole_conv_segment
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_report_reads_the_conversion_study_from_results_json(tmp_path):
+    """results.json holds every per-seed number: the suite's records and the conversion study's (with a
+    ``setting``); the study's go to its own table, never into the suite's."""
+    common = {"task": "xor", "params": 100, "train_seconds": 1.0, "backbone": "isotropic", "metric": "top1"}
+    records = [
+        {**common, "variant": variant, "seed": seed, "top1": top1 + seed}
+        for variant, top1 in (("conv", 50.0), ("convplus-global", 90.0))
+        for seed in range(2)
+    ]
+    study = [
+        {
+            **common,
+            "variant": "conv-to-convplus",
+            "setting": setting,
+            "seed": seed,
+            "top1": top1 + 2 * seed,
+            "attention_share": 0.5,
+            "mean_abs_gain": 0.25,
+        }
+        for setting, top1 in (("g=0, lr x1, tau=10", 10.0), ("g=0, lr x10, tau=1 (default)", 70.0))
+        for seed in range(2)
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(records + study))
+    (tmp_path / "architectures.json").write_text(json.dumps({}))
+    report = write_report(tmp_path, tmp_path / "report.md", "convplus ablate").read_text()
+    assert "| xor | 50.50 ± 6.35 | **90.50 ± 6.35** |" in report  # the suite's table: conv, convplus-global
+    assert "| g=0, lr x1, tau=10 | 11.00 ± 12.71 | 50.0% | 0.250 | 2 |" in report
+    assert "| g=0, lr x10, tau=1 (default) | 71.00 ± 12.71 | 50.0% | 0.250 | 2 |" in report
 
 
 def test_user_image_folder(tmp_path):

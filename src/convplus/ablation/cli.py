@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
         }
         for task in tasks
     }
-    files = {"results.json": records, "layers.json": histories, "architectures.json": architectures}
     if args.task == "all" and not args.data and "conv" in names:
-        files["replace_study.json"] = run_study(STUDY_TASK, min(seeds, STUDY_SEEDS), recipe, args.output, args.workers)
+        records += run_study(STUDY_TASK, min(seeds, STUDY_SEEDS), recipe, args.output, args.workers)
+    files = {"results.json": records, "layers.json": histories, "architectures.json": architectures}
     minutes = (time.perf_counter() - start) / 60
     flags = f"--data {args.data}" if args.data else f"--task {args.task}"
     command = f"convplus ablate {flags} --seeds {seeds}" + f" --backbone {args.backbone}" * bool(args.backbone)

@@ -1,7 +1,7 @@
 """The ablation's report, regenerated from its files alone: ``results.json`` (one record per task, variant
-and seed), ``layers.json`` (per-epoch Conv+ layer statistics) and ``replace_study.json`` (the conversion
-study). Writes the markdown and its plots: top-1 per task on its own axis with 95% confidence intervals,
-and, per task, how the learned blend moves over the epochs."""
+and seed, and one per setting and seed of the conversion study: those have a ``setting``) and ``layers.json``
+(per-epoch Conv+ layer statistics). Writes the markdown and its plots: each task's score on its own axis with
+95% confidence intervals, and, per task, how the learned blend moves over the epochs."""
 
 from __future__ import annotations
 
@@ -345,13 +345,13 @@ def method(records: list[dict]) -> str:
 
 
 def write_report(results: Path, markdown: Path, command: str, minutes: float | None = None) -> Path:
-    """Read ``results`` (a folder with results.json, layers.json and maybe replace_study.json), write the
-    plots there and the markdown to ``markdown``."""
-    records = json.loads((results / "results.json").read_text())
+    """Read ``results`` (a folder with results.json, architectures.json and layers.json), write the plots there
+    and the markdown to ``markdown``."""
+    everything = json.loads((results / "results.json").read_text())
+    records = [r for r in everything if "setting" not in r]  # the suite; the others are the conversion study's
+    study = [r for r in everything if "setting" in r]
     layers_file = results / "layers.json"
     histories = json.loads(layers_file.read_text()) if layers_file.is_file() else {}
-    study_file = results / "replace_study.json"
-    study = json.loads(study_file.read_text()) if study_file.is_file() else []
     architectures = json.loads((results / "architectures.json").read_text())
     relative = Path(os.path.relpath(results.resolve(), markdown.resolve().parent))
     top1 = top1_plot(records, results / "top1.png")
@@ -361,14 +361,14 @@ def write_report(results: Path, markdown: Path, command: str, minutes: float | N
         tasks = ", ".join(t for t, b in backbones.items() if b == backbone)
         variant_lines += [f"Backbone `{backbone}` ({tasks}):\n"]
         variant_lines += [f"- `{v.name}`: {v.description}" for v in variants(backbone)] + [""]
-    run_minutes = sum(r["train_seconds"] for r in records) / 60
+    run_minutes = sum(r["train_seconds"] for r in everything) / 60
     timing = f" ({minutes:.0f} min; " if minutes is not None else " ("
     timing += f"the runs' own wall times sum to {run_minutes:.0f} min over the workers, reused runs included)"
     parts = [
         "# Ablations: Conv+ against convolution and attention\n",
         f"Command: `{command}`{timing}. Every number below is read from `{relative}/results.json` "
-        "(one record per task, variant and seed); regenerate this page from it with "
-        f"`convplus ablate --report {results} --markdown {markdown}`.\n",
+        "(one record per task, variant and seed, and per setting and seed of the conversion study); regenerate "
+        f"this page from it with `convplus ablate --report {results} --markdown {markdown}`.\n",
         "## Upper envelope\n",
         "Top-1 (%) on the held-out split (mIoU (%) on the segmentation task), mean ± 95% confidence interval "
         "(Student t) over seeds; bold: the best "

@@ -25,7 +25,8 @@ SETTINGS: dict[str, dict] = {
 
 def run_setting(task: str, setting: str, seed: int, recipe: Recipe, root: Path) -> dict:
     """One setting with one seed; needs the suite's ``conv`` run of that seed under ``root``. Its record:
-    task, setting, seed, top1, attention_share and mean_abs_gain (last epoch, mean over layers), seconds."""
+    task, variant (conv-to-convplus), setting, seed, top1, attention_share and mean_abs_gain (last epoch, mean
+    over layers), seconds."""
     converted = next(v for v in variants(backbone_of(task, recipe), recipe.heads) if v.finetune_from)
     options = SETTINGS[setting]
     base = config(task, converted, seed, recipe, root)
@@ -41,6 +42,7 @@ def run_setting(task: str, setting: str, seed: int, recipe: Recipe, root: Path) 
     print(f"study {task} {setting:34s} seed {seed}: top-1 {summary['final_top1']:6.2f}%", flush=True)
     return {
         "task": task,
+        "variant": converted.name,
         "setting": setting,
         "seed": seed,
         "top1": summary["final_top1"],
