@@ -294,7 +294,9 @@ METHOD = """## Method
   images above; 500 held-out images (digits: 450, shapes: 100). Seeds 0-4: a seed fixes the initialisation and the data
   order of every variant, so differences are paired by seed.
   `conv-to-convplus` starts from the same seed's trained `conv` model, converted exactly (gains 0,
-  tau 1, global window), and fine-tunes as long as the others train (gains and temperatures at 10x lr).
+  tau 1, global window), and fine-tunes as long as the others train (gains and temperatures at 10x lr), so
+  it trains twice as long in all: where it leads, conversion and the longer training are not told apart
+  (no conv was trained for the doubled length).
   The Conv+ variants trained from scratch also start at temperature 1.
 - **Statistics** (`convplus.ablation.stats`). Mean, sample std and the 95% confidence interval (Student t)
   over seeds; paired differences against the better of conv and attention (the envelope); separation =
