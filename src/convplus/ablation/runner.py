@@ -36,8 +36,8 @@ class TaskSpec:
 
     data: str
     decided_by: str  # 'local statistics', 'long range' or 'shape' (segmentation)
-    level: float  # top-1 (%) that the best variant must reach for the task to separate anything
-    chance: float  # the best top-1 (%) of a model that sees no two decisive parts at once (local ceiling)
+    level: float  # the score (%) that the best variant must reach for the task to separate anything
+    chance: float  # chance, or the best score (%) of a model that sees no two decisive parts at once
     epochs: int
     max_train_samples: int | None = None
     batch_size: int = 32
@@ -96,7 +96,7 @@ TASKS: dict[str, TaskSpec] = {
         "synthetic:shapes",
         "shape",
         20.0,
-        14.2,  # the mIoU of predicting the background (85.3% of the validation pixels) everywhere
+        14.2,  # the mIoU of predicting the background everywhere (85.3% of seed 0's validation pixels)
         epochs=30,
         batch_size=16,
         description="semantic segmentation (mIoU, %) of the generated scenes of 5 kinds of shapes at 64x64 "
