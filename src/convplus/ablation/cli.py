@@ -1,6 +1,6 @@
 """``convplus ablate``: Conv+ against conv-only and attention-only at matched parameters, several seeds.
 
-``--task all`` runs the calibrated suite (digits, texture, xor, samediff) and the conversion study (on xor);
+``--task all`` runs the calibrated suite (digits, texture, xor, samediff, shapes) and the conversion study (on xor);
 ``--data cifar10:PATH | imagefolder:PATH`` runs the same variants on your data; ``--report DIR`` rewrites
 the report from the files a run left in DIR (results.json, layers.json, architectures.json).
 """
