@@ -88,7 +88,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     return loaded if isinstance(loaded, str) else None
 
 
-VECTOR_BYTES = 64
+VECTOR_BYTES = 32
 """The kernel's SIMD vector width in bytes (``kVectorBytes`` of csrc/simd.h): it pads each row of probabilities
 to whole vectors, which the fake implementations must know."""
 

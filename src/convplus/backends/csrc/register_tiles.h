@@ -37,11 +37,11 @@ constexpr int kSumTile = 2;     // vectors per tile of the weighted sums,
 constexpr int kSumChannels = 8;  // times this many channels
 
 // For the m offsets of one key row, at the n vectors of x from 0: out[o][x] = sum_c a[c * stride + x] *
-// b[o][c * stride + x]; with sums, also sums[o][c * sums_stride] += sum_x of the same products. Each load of a
-// serves all m offsets.
+// b[o][c * stride + x]; with sums, also sums[o][c] += the same products, summed over the n vectors (lane-wise:
+// the caller sums the lanes). Each load of a serves all m offsets.
 template <typename T, int n, int m, bool with_sums>
-inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T* const* out, double* const* sums,
-                     int64_t sums_stride) {
+inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T* const* out,
+                     typename Simd<T>::vec* const* sums) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
   V acc[m][n] = {};
@@ -55,7 +55,7 @@ inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T
         acc[o][j] += prod;
         if constexpr (with_sums) part += prod;
       }
-      if constexpr (with_sums) sums[o][c * sums_stride] += horizontal_sum<V, T>(part);
+      if constexpr (with_sums) sums[o][c] += part;
     }
   }
   for (int o = 0; o < m; ++o)
@@ -64,20 +64,21 @@ inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T
 
 // Dot products over C channels of the query-side row a (C, Xp) with key row b shifted by each offset of the
 // window that reads b: out[w][x] = sum_c a[c, x] * b[c, x + o_w] for x = 0 .. Xr and every w with row[w] = r
-// (a and b point at column lead). With sums (per w, c at sums + w + c * W): the same products summed over x.
+// (a and b point at column lead). With sums ((W, C) vectors): sums[w][c] += the same products, summed over x
+// lane-wise.
 template <typename T, bool with_sums>
-void row_dots(const T* a, const T* b, int64_t r, int64_t C, const Geometry& g, T* out, double* sums) {
+void row_dots(const T* a, const T* b, int64_t r, int64_t C, const Geometry& g, T* out, typename Simd<T>::vec* sums) {
   const std::vector<int64_t>& ws = g.by_row[r];
   for (size_t first = 0; first < ws.size(); first += kDotGroup) {
     const int64_t count = std::min<int64_t>(kDotGroup, static_cast<int64_t>(ws.size()) - first);
     std::array<const T*, kDotGroup> bs;
     std::array<T*, kDotGroup> outs;
-    std::array<double*, kDotGroup> ss;
+    std::array<typename Simd<T>::vec*, kDotGroup> ss;
     for (int64_t o = 0; o < count; ++o) {
       const int64_t w = ws[first + o];
       bs[o] = b + g.ox[w];
       outs[o] = out + w * g.Xr;
-      ss[o] = sums ? sums + w : nullptr;
+      ss[o] = sums ? sums + w * C : nullptr;
     }
     with_constant<kDotGroup>(count, [&](auto m) {
       over_tiles<T, kDotTile>(g.Xr, [&](auto n, int64_t x) {
@@ -88,7 +89,7 @@ void row_dots(const T* a, const T* b, int64_t r, int64_t C, const Geometry& g, T
           outx[o] = outs[o] + x;
         }
         dot_tile<T, decltype(n)::value, decltype(m)::value, with_sums>(a + x, bx.data(), C, g.Xp, outx.data(),
-                                                                      ss.data(), g.W);
+                                                                      ss.data());
       });
     });
   }
@@ -139,10 +140,10 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, c
   });
 }
 
-// In place, for each column x of p (W, Xr): p[w, x] = exp(p[w, x] - max_w p[., x]), and inverse[x] = 1 / sum_w
-// p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w.
+// In place, for each column x of p (W, Xr) of scores: p[w, x] = scale * P[w, x], P = softmax over w of the scores
+// (0 for the columns from X on); with probs non-null, also probs[w, x] = P[w, x].
 template <typename T>
-void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, T* inverse) {
+void softmax(T* p, int64_t W, int64_t X, int64_t Xr, T scale, T* probs) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
   over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0) {
@@ -160,12 +161,18 @@ void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, T* inverse) {
         store(p + w * Xr + x0 + j * L, e);
         sum[j] += e;
       }
+    V inverse[n];
     for (int j = 0; j < n; ++j) {
-      V inv = T(1) / sum[j];
+      inverse[j] = T(1) / sum[j];
       for (int64_t i = 0; i < L; ++i)
-        if (x0 + j * L + i >= X) inv[i] = 0;
-      store(inverse + x0 + j * L, inv);
+        if (x0 + j * L + i >= X) inverse[j][i] = 0;
     }
+    for (int64_t w = 0; w < W; ++w)
+      for (int j = 0; j < n; ++j) {
+        const V prob = load<V>(p + w * Xr + x0 + j * L) * inverse[j];
+        if (probs) store(probs + w * Xr + x0 + j * L, prob);
+        store(p + w * Xr + x0 + j * L, prob * scale);
+      }
   });
 }
 

@@ -41,11 +41,13 @@ namespace {
 
 using namespace detail;
 
-// The taps of head h at the M live offsets live[m], as a (D, M) matrix in out; null without a convolution term.
+// The taps of head h at the M live offsets live[m], as a (D, M) matrix: taps' own when every offset is live, else
+// copied into out; null without a convolution term.
 template <typename T>
 const T* live_taps(const T* taps, int64_t h, const std::vector<int64_t>& live, int64_t M, const Geometry& g,
                    T* out) {
   if (!taps) return nullptr;
+  if (M == g.W) return taps + h * g.D * g.W;
   for (int64_t d = 0; d < g.D; ++d)
     for (int64_t m = 0; m < M; ++m) out[d * M + m] = taps[(h * g.D + d) * g.W + live[m]];
   return out;
@@ -68,7 +70,7 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
   const int64_t rows_total = g.BK * g.T * g.H;
   const bool direct = score.features != nullptr;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), inverse(g.Xr);
+    Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr);
     RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
     std::vector<T> tap(g.D * g.W);
@@ -94,14 +96,8 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
       }
       for (int64_t w = 0; w < g.W; ++w)
         for (const int64_t x : window.blocked_x[w]) p[w * g.Xr + x] = neg_inf;
-      softmax_numerators(p.data(), g.W, g.X, g.Xr, inverse.data());
-      // p[w] = P[w] (kept for backward), then g * P[w]
-      for (int64_t w = 0; w < g.W; ++w) {
-        T* pw = p.data() + w * g.Xr;
-        for (int64_t x = 0; x < g.Xr; ++x) pw[x] *= inverse[x];
-        if (probs) std::memcpy(probs + (index * g.W + w) * g.Xr, pw, g.Xr * sizeof(T));
-        for (int64_t x = 0; x < g.Xr; ++x) pw[x] *= gain[h];
-      }
+      // p[w] = g * P[w], and P[w] kept for backward
+      softmax(p.data(), g.W, g.X, g.Xr, gain[h], probs ? probs + index * g.W * g.Xr : nullptr);
       // z[d] = sum_w (g * P[w] + r[d, w]) * v[d, i + o_w] + b[d] over the offsets whose values lie in the grid
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w)
@@ -134,8 +130,25 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
     RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
     std::vector<double> local_gain(g.K, 0.0), local_taps(taps ? g.K * g.D * g.W : 0, 0.0);
+    // dr of the current slice per (w, d), summed lane-wise over its rows, then over the lanes into local_taps
+    using V = typename Simd<T>::vec;
+    std::vector<V, VectorAligned<V>> lane_taps(taps ? g.W * g.D : 0, V{});
+    int64_t lane_bk = -1;
+    const auto flush_taps = [&] {
+      if (lane_bk < 0) return;
+      double* dst = local_taps.data() + head(g, lane_bk) * g.D * g.W;
+      for (int64_t w = 0; w < g.W; ++w)
+        for (int64_t d = 0; d < g.D; ++d) {
+          dst[d * g.W + w] += horizontal_sum<V, T>(lane_taps[w * g.D + d]);
+          lane_taps[w * g.D + d] = V{};
+        }
+    };
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
+      if (taps && bk != lane_bk) {
+        flush_taps();
+        lane_bk = bk;
+      }
       gather_row(gout, g.D, g, bk, t, y, gb.data());
       kc.gather(bk, t, y, 1);
       vc.gather(bk, t, y, 1);
@@ -143,9 +156,8 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
       T* s = gscore + index * g.W * g.Xr;
       for (int64_t r = 0; r < g.rows(); ++r) {
         if (vc.valid(r)) {
-          double* sums = taps ? local_taps.data() + h * g.D * g.W : nullptr;
           if (taps)
-            row_dots<T, true>(gb.data() + g.lead, vc.row(r) + g.lead, r, g.D, g, dp.data(), sums);
+            row_dots<T, true>(gb.data() + g.lead, vc.row(r) + g.lead, r, g.D, g, dp.data(), lane_taps.data());
           else
             row_dots<T, false>(gb.data() + g.lead, vc.row(r) + g.lead, r, g.D, g, dp.data(), nullptr);
           continue;
@@ -169,6 +181,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T*
       window_sum<T>(weight.data(), value.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gq);
     }
+    flush_taps();
     std::lock_guard<std::mutex> lock(reduce);
     for (int64_t i = 0; i < g.K; ++i) ggain[i] += local_gain[i];
     for (size_t i = 0; i < local_taps.size(); ++i) gtaps[i] += local_taps[i];
