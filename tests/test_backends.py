@@ -292,9 +292,13 @@ def test_a_failed_kernel_build_is_tried_once_per_process(monkeypatch):
         (2, (9, 40), {"kernel_size": 7, "window": 3}),  # the kernel reaches past the window: not fused
         (1, (70,), {"kernel_size": 5, "window": 11}),  # 11 offsets on one key row: more than one group of 8
         (2, (5, 20), {"kernel_size": 3, "window": 3, "channels": 24}),  # 12 channels a head: 8 + 4 per block
+        (2, (11, 19), {"kernel_size": 5, "window": 5, "channels": 32}),  # channels-last rows in 8x8 blocks + rest
     ],
 )
-def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs, channels_last):
+    """Also on channels-last input (channels innermost, 1-d included), which the kernel reads without a copy;
+    in 2-d and 3-d the output and the input's gradient keep that layout."""
     kwargs = dict(kwargs)
     channels = kwargs.pop("channels", 8)
     module = MODULES[n](channels, heads=2, dtype=dtype, **kwargs)
@@ -302,11 +306,15 @@ def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs):
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     x = torch.randn(2, channels, *grid, dtype=dtype)
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
     results = {}
     for backend in ("local", "cpu"):
         module.backend = backend
         results[backend] = forward_backward(module, x)
     (y_local, g_local), (y_cpu, g_cpu) = results["local"], results["cpu"]
+    if channels_last and n > 1:  # a 1-d (B, C, L) tensor has no channels-last memory format to keep
+        assert y_cpu.stride() == x.stride() and g_cpu["x"].stride() == x.stride()
     limit = 1e-4 if dtype == torch.float32 else 1e-11  # sums of thousands of terms, some cancelling
     assert rel_err(y_cpu, y_local) < limit
     for name in g_local:

@@ -44,10 +44,29 @@ def test_forward_ops_pass_opcheck(dtype, convolution, hood):
     (q, k, features, pos, temperature), window = _window_inputs(dtype, convolution, hood, grad=True)
     torch.library.opcheck(torch.ops.convplus.window_mix, (q, k, *window, True))
     torch.library.opcheck(torch.ops.convplus.direct_window_mix, (features, pos, temperature, *window, True))
-    x = features.flatten(2).unflatten(0, (2, HEADS))  # (B, K, Dq, N)
+    x = features.flatten(3)  # (B, K, Dq, N)
     torch.library.opcheck(torch.ops.convplus.direct_score, (x, pos, temperature))
     if dtype == torch.float64:  # its registered backward is its derivative (the window ops': the compile test)
         assert torch.autograd.gradcheck(lambda *a: cpu.direct_score_features(*a)[:2], (x, pos, temperature))
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t (B, K, C, T, H, X) with the same values, stored with its channels innermost."""
+    return t.detach().movedim(2, -1).contiguous().movedim(-1, 2).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize(("dtype", "convolution", "hood"), CASES[:2])
+def test_window_ops_pass_opcheck_on_channels_last_inputs(dtype, convolution, hood):
+    """The fake implementations make z and the gradients in the layout the kernel makes them (that of v, q, k)."""
+    (q, k, features, pos, temperature), (v, *rest) = _window_inputs(dtype, convolution, hood, grad=True)
+    q, k, features, v = (_channels_last(t) for t in (q, k, features, v))
+    torch.library.opcheck(torch.ops.convplus.window_mix, (q, k, v, *rest, True))
+    torch.library.opcheck(torch.ops.convplus.direct_window_mix, (features, pos, temperature, v, *rest, True))
+    gain, kernel, tap_index, offsets = rest[:4]
+    _, probs = cpu.window_mix(q, k, v, *rest, True)
+    inputs = (q.detach(), k.detach(), v.detach(), gain.detach(), kernel.detach(), tap_index, probs)
+    grad_out = _channels_last(torch.randn_like(v))
+    torch.library.opcheck(torch.ops.convplus.window_mix_backward, (*inputs, grad_out.detach(), offsets))
 
 
 @pytest.mark.parametrize(("dtype", "convolution", "hood"), CASES)
@@ -61,7 +80,7 @@ def test_backward_ops_and_inference_forward_pass_opcheck(dtype, convolution, hoo
     torch.library.opcheck(
         torch.ops.convplus.window_mix_backward, (q, k, v, gain, kernel, tap_index, probs, grad_out, offsets)
     )
-    x = features.flatten(2).unflatten(0, (2, HEADS))
+    x = features.flatten(3)
     dq, dk, inverse_norm = cpu.direct_score_features(x, pos, temperature)
     for with_pos in (False, True):
         torch.library.opcheck(

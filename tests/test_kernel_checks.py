@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
     unavailable_reason(torch.device("cpu")) is not None, reason="the C++ kernel does not build here"
 )
 
-BK, K, DQ, D, T, H, X = 4, 2, 3, 4, 1, 5, 6  # BK = batch 2 times K = 2 heads; a 1 x 5 x 6 grid
+B, K, DQ, D, T, H, X = 2, 2, 3, 4, 1, 5, 6  # batch 2, K = 2 heads; a 1 x 5 x 6 grid
 N = T * H * X
 OFFSETS = [(0, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # a 3 x 3 window: W = 9
 W = len(OFFSETS)
@@ -43,6 +43,15 @@ SIGNATURES = {
     "direct_score_backward": ("gq", "gk", "k", "inverse_norm", "temperature", "with_pos"),
 }
 FLAGS = ("save_probs", "with_pos")
+ANY_STRIDES = {"window_mix_forward": ("q", "k", "v"), "window_mix_backward": ("q", "k", "v", "gout")}
+ANY_STRIDES["direct_window_mix_forward"] = ("features", "v")
+"""The arguments each entry point reads in any layout (channels-last, broadcast): the others must be contiguous."""
+MATCHING_OUTPUT = {
+    "window_mix_forward": {"v": 0},
+    "direct_window_mix_forward": {"v": 0},
+    "window_mix_backward": {"q": 0, "k": 1, "v": 2},
+}
+"""entry -> strided argument -> the index of the output made in its layout (z like v; dq, dk, dv like q, k, v)."""
 
 
 def _call(entry: str, arguments: dict) -> list[torch.Tensor]:
@@ -52,7 +61,7 @@ def _call(entry: str, arguments: dict) -> list[torch.Tensor]:
 def _window(dtype: torch.dtype, optional: bool) -> dict:
     """v, gain, the convolution kernel with its tap_index, offsets, bounds and bias (kernel and bias empty
     unless ``optional``)."""
-    v = torch.randn(BK, D, T, H, X, dtype=dtype)
+    v = torch.randn(B, K, D, T, H, X, dtype=dtype)
     return {
         "v": v,
         "gain": torch.rand(K, dtype=dtype),
@@ -65,13 +74,13 @@ def _window(dtype: torch.dtype, optional: bool) -> dict:
 
 
 def _window_mix_forward(dtype: torch.dtype, optional: bool) -> dict:
-    q = torch.randn(BK, DQ, T, H, X, dtype=dtype)
+    q = torch.randn(B, K, DQ, T, H, X, dtype=dtype)
     return {"q": q, "k": torch.randn_like(q), **_window(dtype, optional), "save_probs": True}
 
 
 def _direct_window_mix_forward(dtype: torch.dtype, optional: bool) -> dict:
     return {
-        "features": torch.randn(BK, DQ, T, H, X, dtype=dtype),
+        "features": torch.randn(B, K, DQ, T, H, X, dtype=dtype),
         "pos": torch.randn(K, DQ, N, dtype=dtype) if optional else torch.zeros(0, dtype=dtype),
         "temperature": torch.rand(K, dtype=dtype) + 0.5,
         **_window(dtype, optional),
@@ -87,7 +96,7 @@ def _window_mix_backward(dtype: torch.dtype, optional: bool) -> dict:
 
 def _direct_score_forward(dtype: torch.dtype, optional: bool) -> dict:
     return {
-        "x": torch.randn(BK // K, K, DQ, N, dtype=dtype),
+        "x": torch.randn(B, K, DQ, N, dtype=dtype),
         "pos": torch.randn(K, DQ, N, dtype=dtype) if optional else torch.zeros(0, dtype=dtype),
         "temperature": torch.rand(K, dtype=dtype) + 0.5,
     }
@@ -114,6 +123,7 @@ VALID = {
     "direct_score_backward": _direct_score_backward,
 }
 TENSOR_ARGUMENTS = [(entry, name) for entry, names in SIGNATURES.items() for name in names if name not in FLAGS]
+CONTIGUOUS_ARGUMENTS = [(entry, name) for entry, name in TENSOR_ARGUMENTS if name not in ANY_STRIDES.get(entry, ())]
 
 
 def _refused(entry: str, name: str, value, message: str) -> None:
@@ -144,33 +154,54 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
     [
         (lambda t: t.to("meta"), "must be a dense CPU tensor, got a Strided tensor on meta"),
         (lambda t: t.to(torch.int32), "must have dtype"),
-        (_strided, "must be contiguous"),
     ],
-    ids=["device", "dtype", "contiguity"],
+    ids=["device", "dtype"],
 )
-def test_every_tensor_argument_is_a_contiguous_cpu_tensor_of_the_right_dtype(entry, name, value, message):
+def test_every_tensor_argument_is_a_cpu_tensor_of_the_right_dtype(entry, name, value, message):
     _refused(entry, name, value, f"{name} {message}")
+
+
+@pytest.mark.parametrize(("entry", "name"), CONTIGUOUS_ARGUMENTS)
+def test_tensor_arguments_outside_the_strided_ones_must_be_contiguous(entry, name):
+    _refused(entry, name, _strided, f"{name} must be contiguous")
+
+
+@pytest.mark.parametrize(("entry", "name"), [(entry, name) for entry, names in ANY_STRIDES.items() for name in names])
+def test_strided_arguments_give_what_their_contiguous_copies_give(entry, name):
+    """q, k, features, v and gout are read in any layout: a non-contiguous one (every other entry of a wider
+    tensor) or channels-last (channels innermost) gives the outputs of its contiguous copy, and z and the
+    gradients are made in the layout of the input they match."""
+    arguments = VALID[entry](torch.float64, True)
+    expected = _call(entry, arguments)
+    channels_last = arguments[name].permute(0, 1, 3, 4, 5, 2).contiguous().permute(0, 1, 5, 2, 3, 4)
+    for layout in (_strided(arguments[name]), channels_last):
+        outputs = _call(entry, {**arguments, name: layout})
+        for got, want in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    matching = MATCHING_OUTPUT[entry].get(name)
+    if matching is not None:
+        assert outputs[matching].stride() == channels_last.stride()
 
 
 def _mix_cases(entry: str, query: str) -> list[tuple[str, str, Callable, str]]:
     """The shape and value cases shared by the three windowed-mix entry points; query: q or features."""
     return [
-        (entry, query, lambda t: t[0], f"{query} must be a 5-d tensor (BK, Dq, T, H, X), got shape [{DQ}, {T}, "),
+        (
+            entry,
+            query,
+            lambda t: t[0],
+            f"{query} must be a 6-d tensor (B, K, Dq, T, H, X), got shape [{K}, {DQ}, {T}, ",
+        ),
         (
             entry,
             query,
             lambda t: t[..., :-1].contiguous(),
-            f"{query} must have shape (BK, Dq, T, H, X) = [4, 3, 1, 5, 6], got [4, 3, 1, 5, 5]",
+            f"{query} must have shape (B, K, Dq, T, H, X) = [2, 2, 3, 1, 5, 6], got [2, 2, 3, 1, 5, 5]",
         ),
-        (entry, "v", lambda t: t[0], "v must be a 5-d tensor (BK, D, T, H, X)"),
-        (entry, "gain", lambda t: t.view(K, 1), "gain must be a 1-d tensor (K,), got shape [2, 1]"),
-        (
-            entry,
-            "gain",
-            lambda t: torch.ones(3, dtype=t.dtype),
-            "gain must have shape (K,) with K >= 1 dividing BK = 4, got [3]",
-        ),
-        (entry, "gain", lambda t: t[:0], "gain must have shape (K,) with K >= 1 dividing BK = 4, got [0]"),
+        (entry, "v", lambda t: t[0], "v must be a 6-d tensor (B, K, D, T, H, X)"),
+        (entry, "gain", lambda t: t.view(K, 1), "gain must have shape (K,) = [2], got [2, 1]"),
+        (entry, "gain", lambda t: torch.ones(3, dtype=t.dtype), "gain must have shape (K,) = [2], got [3]"),
+        (entry, "gain", lambda t: t[:0], "gain must have shape (K,) = [2], got [0]"),
         (entry, "kernel", lambda t: t[0], "kernel must be a 3-d tensor (K, D, P) or empty"),
         (entry, "kernel", lambda t: t[:, 1:].contiguous(), f"kernel must have shape (K, D, P) = [2, {D}, {W}]"),
         (entry, "kernel", lambda t: t[:0], "tap_index must have shape (0,) as kernel is empty, got [9]"),
@@ -208,7 +239,7 @@ def _mix_cases(entry: str, query: str) -> list[tuple[str, str, Callable, str]]:
 
 SHAPE_CASES = [
     *_mix_cases("window_mix_forward", "q"),
-    ("window_mix_forward", "k", lambda t: t[:, 1:].contiguous(), "k must have shape (BK, Dq, T, H, X) = [4, 3, 1"),
+    ("window_mix_forward", "k", lambda t: t[:, 1:].contiguous(), "k must have shape (B, K, Dq, T, H, X) = [2, 2, 3"),
     *_mix_cases("direct_window_mix_forward", "features"),
     (
         "direct_window_mix_forward",
@@ -218,10 +249,10 @@ SHAPE_CASES = [
     ),
     ("direct_window_mix_forward", "temperature", lambda t: t[:1], "temperature must have shape (K,) = [2], got [1]"),
     *_mix_cases("window_mix_backward", "q"),
-    ("window_mix_backward", "k", lambda t: t[:2], "k must have shape (BK, Dq, T, H, X) = [4, 3, 1, 5, 6], got [2,"),
+    ("window_mix_backward", "k", lambda t: t[:1], "k must have shape (B, K, Dq, T, H, X) = [2, 2, 3, 1, 5, 6], got [1"),
     ("window_mix_backward", "probs", lambda t: t[:0], "probs must have shape (BK*T*H, W, Xr) = [20, 9, 8], got [0,"),
     ("window_mix_backward", "probs", lambda t: t[..., :-1].contiguous(), "probs must have shape (BK*T*H, W, Xr)"),
-    ("window_mix_backward", "gout", lambda t: t[:, 1:].contiguous(), "gout must have shape (BK, D, T, H, X) = [4, 4,"),
+    ("window_mix_backward", "gout", lambda t: t[:, 1:].contiguous(), "gout must have shape (B, K, D, T, H, X) = [2, 2"),
     ("direct_score_forward", "x", lambda t: t[0], "x must be a 4-d tensor (B, K, D, N), got shape [2, 3, 30]"),
     ("direct_score_forward", "pos", lambda t: t[:, 1:].contiguous(), "pos must have shape (K, D, N) = [2, 3, 30]"),
     ("direct_score_forward", "temperature", lambda t: t.repeat(2), "temperature must have shape (K,) = [2], got [4]"),

@@ -166,7 +166,7 @@ def conv_plus_unchecked(
     hood = Neighborhood.of(window, dilation, causal, border)
     mixer = backends.resolve(backend, spatial, x.device, hood)
     layout = channels_last_format(x)
-    if layout is not None:  # compute on a contiguous copy; output and input gradient keep x's layout
+    if layout is not None and not mixer.any_layout:  # compute on a contiguous copy; y and x's gradient keep its layout
         x = _ContiguousKeepingGradLayout.apply(x, layout)
     v = values(x, heads, value_weight, value_bias)
     # without W_o the bias lands on z, and the mixing step adds it in the same pass

@@ -43,6 +43,8 @@ class Backend:
         the wrong device), or None when it can. Computed once per process where it is costly.
     needs_window: True if it runs a finite window only (not window=None); every backend runs every causal
         and border option.
+    any_layout: True if it reads its tensors in whatever memory layout they come and returns z in v's, so that
+        a channels-last input needs no contiguous copy; the others get contiguous tensors.
 
     Every backend runs under torch.compile and torch.export: the fused kernels are ``torch.library`` custom
     ops, which the graphs keep as single nodes (see ``select`` for what 'auto' picks under export).
@@ -53,6 +55,7 @@ class Backend:
     direct_mix: MixFn | None = None
     unavailable_reason: Callable[[torch.device], str | None] = _runs_anywhere
     needs_window: bool = False
+    any_layout: bool = False
 
 
 BACKENDS: dict[str, Backend] = {
@@ -67,6 +70,7 @@ BACKENDS: dict[str, Backend] = {
             direct_mix=cpu.direct_mix,
             unavailable_reason=cpu.unavailable_reason,
             needs_window=True,
+            any_layout=True,
         ),
         Backend("triton", triton.mix, unavailable_reason=triton.unavailable_reason, needs_window=True),
         Backend("gathered", gathered.mix, needs_window=True),

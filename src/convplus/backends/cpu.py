@@ -7,7 +7,9 @@ compiler on first use instead (``torch.utils.cpp_extension``, cached afterwards)
 (``direct_mix``) the pass computes the unit keys and the queries itself from the input features, so they are
 never written to memory; backward recomputes them in one pass.
 
-It computes what the 'local' backend computes. The kernel's entry points are ``torch.library`` custom ops
+It computes what the 'local' backend computes. It reads its inputs in whatever memory layout they come and writes
+its outputs in that of the input they match, so a channels-last network (timm's ConvNeXt) runs it without a layout
+copy. The kernel's entry points are ``torch.library`` custom ops
 (``convplus::window_mix``, ...), with fake implementations and a registered backward, so ``torch.compile`` and
 ``torch.export`` keep them in their graphs. float32 and float64 run as given; bfloat16 and float16 (autocast's
 inputs) are computed in float32 and returned in their dtype; other dtypes run the 'local' PyTorch loop. A
@@ -94,26 +96,29 @@ to whole vectors, which the fake implementations must know."""
 
 
 def _probs_shape(v: torch.Tensor, width: int, save_probs: bool) -> tuple:
-    """The shape of the probabilities the forward pass keeps, (BK * T * H, W, X rounded up to whole vectors), or
-    (0, W, ...) when it keeps none; v (BK, D, T, H, X), ``width`` the number W of window offsets."""
+    """The shape of the probabilities the forward pass keeps, (B * K * T * H, W, X rounded up to whole vectors),
+    or (0, W, ...) when it keeps none; v (B, K, D, T, H, X), ``width`` the number W of window offsets."""
     lanes = VECTOR_BYTES // v.element_size()
-    rows = v.shape[0] * v.shape[2] * v.shape[3] if save_probs else 0
-    return rows, width, (v.shape[4] + lanes - 1) // lanes * lanes
+    rows = v.shape[0] * v.shape[1] * v.shape[3] * v.shape[4] if save_probs else 0
+    return rows, width, (v.shape[5] + lanes - 1) // lanes * lanes
 
 
 def _bias_grad(grad_out: torch.Tensor, bias_shape: torch.Size) -> torch.Tensor | None:
-    """The gradient of a bias of shape ``bias_shape`` (K, D) (None if it is empty) from grad_out (BK, D, T, H, X)."""
+    """The gradient of a bias of shape ``bias_shape`` (K, D) (None if it is empty) from grad_out
+    (B, K, D, T, H, X)."""
     if not math.prod(bias_shape):
         return None
-    return grad_out.reshape(-1, *bias_shape, grad_out[0, 0].numel()).sum(dim=(0, 3))
+    return grad_out.sum(dim=(0, 3, 4, 5))
 
 
 # The kernel's entry points as torch.library custom ops: torch.compile and torch.export keep each one as a single
 # node (output shapes from the fake implementations) and differentiate it with the registered backward, which
 # calls the backward ops. Eager calls take the same path. Layouts as in the C++ sources: q, k, features
-# (BK, Dq, T, H, X), v (BK, D, T, H, X), gain (K,), kernel (K, D, P) or empty, tap_index (W,), offsets (W, 3),
-# bounds (T + H + X, 2), bias (K, D) or empty, pos (K, Dq, N) or empty, temperature (K,); all contiguous, one
-# float dtype (float32 or float64), int64 for the index tensors.
+# (B, K, Dq, T, H, X), v and grad_out (B, K, D, T, H, X), of any strides (z and dv are made like v, dq and dk like q
+# and k: torch.empty_like, in the fake implementations too); gain (K,), kernel (K, D, P) or empty, tap_index (W,),
+# offsets (W, 3), bounds (T + H + X, 2), bias (K, D) or empty, pos (K, Dq, N) or empty, temperature (K,),
+# contiguous; one float dtype (float32 or float64), int64 for the index tensors. direct_score's tensors
+# (B, K, Dq, N) are contiguous.
 
 
 @torch.library.custom_op("convplus::window_mix", mutates_args=())
@@ -242,8 +247,7 @@ def _window_setup(ctx, score_inputs, window_inputs, output) -> None:
 
 
 def _window_grads(ctx, grad_out, q, k, v, gain, kernel, tap_index, offsets, probs) -> tuple:
-    """(dq, dk, dv, dgain, dkernel or None, dbias or None) of a window op from grad_out (BK, D, T, H, X)."""
-    grad_out = grad_out.contiguous()
+    """(dq, dk, dv, dgain, dkernel or None, dbias or None) of a window op from grad_out (B, K, D, T, H, X)."""
     dq, dk, dv, dgain, dkernel = window_mix_backward(q, k, v, gain, kernel, tap_index, probs, grad_out, offsets)
     return dq, dk, dv, dgain, dkernel if kernel.numel() else None, _bias_grad(grad_out, ctx.bias_shape)
 
@@ -263,17 +267,19 @@ def _direct_window_mix_setup(ctx, inputs, output) -> None:
 
 
 def _direct_window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
-    """Recomputes q and k from the features in one pass, then runs the window's backward and the score's."""
+    """Recomputes q and k from the features in one pass, then runs the window's backward and the score's; the
+    features' gradient comes back in their layout."""
     features, pos, temperature, *window = ctx.saved_tensors
-    flat = features.view(-1, temperature.shape[0], features.shape[1], math.prod(features.shape[2:]))  # (B, K, Dq, N)
+    flat = features.reshape(*features.shape[:3], -1).contiguous()  # (B, K, Dq, N)
     q, k, inverse_norm = direct_score_features(flat, pos, temperature)
     dq, dk, dv, dgain, dkernel, dbias = _window_grads(ctx, grad_out, q.view_as(features), k.view_as(features), *window)
     with_pos = pos.numel() > 0
     dx, dpos, dtemperature = direct_score_backward(
         dq.view_as(flat), dk.view_as(flat), k, inverse_norm, temperature, with_pos
     )
+    dx = dx.view_as(features)
     return (
-        dx.view_as(features),
+        dx if dx.stride() == features.stride() else torch.empty_like(features).copy_(dx),
         dpos if with_pos else None,
         dtemperature,
         dv,
@@ -309,8 +315,9 @@ direct_window_mix.register_autograd(_direct_window_mix_grads, setup_context=_dir
 
 
 def _as_3d(t: torch.Tensor, geometry: FusedWindow) -> torch.Tensor:
-    """(B, K, C, *S) with 1 <= len(S) <= 3 -> contiguous (B*K, C, T, H, X), (T, H, X) = ``geometry.grid``."""
-    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], *geometry.grid).contiguous()
+    """(B, K, C, *S) with 1 <= len(S) <= 3 -> (B, K, C, T, H, X), (T, H, X) = ``geometry.grid``: a view in t's
+    layout (size-1 dims added)."""
+    return t.view(*t.shape[:3], *geometry.grid)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -390,7 +397,7 @@ def direct_mix(
         return mix(q, k, v, kernel, gain, hood, bias)
     dtype = compute_dtype(x, v)
     arguments, geometry = _kernel_arguments(v.to(dtype), kernel, gain, hood, bias)
-    features = _as_3d(x.to(dtype).reshape(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]), geometry)
+    features = _as_3d(x.to(dtype).view(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]), geometry)
     flat_pos = x.new_zeros(0, dtype=dtype) if pos is None else pos.to(dtype).reshape(heads, x.shape[1] // heads, -1)
     keeps_probs = _keeps_probs(x, pos, temperature, v, kernel, gain, bias)
     z, _ = direct_window_mix(features, flat_pos.contiguous(), temperature.to(dtype), *arguments, keeps_probs)

@@ -21,22 +21,23 @@ class ArgumentChecks {
     TORCH_CHECK(ok, function_, ": ", message...);
   }
 
-  // name: a contiguous CPU tensor of dtype float32 or float64, the dtype every other floating argument must have.
-  void floating(const char* name, const at::Tensor& t) const {
+  // name: a CPU tensor of dtype float32 or float64, the dtype every other floating argument must have; contiguous
+  // unless any_strides.
+  void floating(const char* name, const at::Tensor& t, bool any_strides = false) const {
     on_cpu(name, t);
     const auto dtype = t.scalar_type();
     require(dtype == at::kFloat || dtype == at::kDouble, name, " must have dtype float32 or float64, got ",
             dtype_name(t));
-    contiguous(name, t);
+    if (!any_strides) contiguous(name, t);
   }
 
-  // name: a contiguous CPU tensor of the dtype of the tensor reference (named reference_name).
-  void like(const char* name, const at::Tensor& t, const char* reference_name,
-            const at::Tensor& reference) const {
+  // name: a CPU tensor of the dtype of the tensor reference (named reference_name); contiguous unless any_strides.
+  void like(const char* name, const at::Tensor& t, const char* reference_name, const at::Tensor& reference,
+            bool any_strides = false) const {
     on_cpu(name, t);
     require(t.scalar_type() == reference.scalar_type(), name, " must have dtype ", dtype_name(reference),
             " (that of ", reference_name, "), got ", dtype_name(t));
-    contiguous(name, t);
+    if (!any_strides) contiguous(name, t);
   }
 
   // name: a contiguous CPU int64 tensor.

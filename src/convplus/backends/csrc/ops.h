@@ -13,7 +13,7 @@ namespace convplus {
 std::vector<at::Tensor> window_mix_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
                                               at::Tensor kernel, at::Tensor tap_index, at::Tensor offsets,
                                               at::Tensor bounds, at::Tensor bias, bool save_probs);
-// The same with the 'direct' score computed in the pass from features (BK, Dq, T, H, X), pos and temperature.
+// The same with the 'direct' score computed in the pass from features (B, K, Dq, T, H, X), pos and temperature.
 std::vector<at::Tensor> direct_window_mix_forward(at::Tensor features, at::Tensor pos,
                                                      at::Tensor temperature, at::Tensor v, at::Tensor gain,
                                                      at::Tensor kernel, at::Tensor tap_index,

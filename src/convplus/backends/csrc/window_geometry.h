@@ -23,11 +23,11 @@ struct Geometry {
   int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
   int64_t center_row = -1;       // the row offset (0, 0): the query's own row
 
-  // offsets (W, 3) int64, W >= 1, including the query's own row (0, 0, x): the entry points check them.
-  Geometry(const at::Tensor& q, const at::Tensor& v, const at::Tensor& offsets, int64_t heads,
-           int64_t width)
-      : BK(q.size(0)), K(heads), Dq(q.size(1)), D(v.size(1)), T(q.size(2)), H(q.size(3)), X(q.size(4)),
-        N(T * H * X), W(offsets.size(0)), halo(0) {
+  // q (B, K, Dq, T, H, X), v (B, K, D, T, H, X); offsets (W, 3) int64, W >= 1, including the query's own row
+  // (0, 0, x): the entry points check them. width: the lanes of a vector.
+  Geometry(const at::Tensor& q, const at::Tensor& v, const at::Tensor& offsets, int64_t width)
+      : BK(q.size(0) * q.size(1)), K(q.size(1)), Dq(q.size(2)), D(v.size(2)), T(q.size(3)), H(q.size(4)),
+        X(q.size(5)), N(T * H * X), W(offsets.size(0)), halo(0) {
     const auto off = offsets.accessor<int64_t, 2>();
     for (int64_t w = 0; w < W; ++w) {
       halo = std::max(halo, std::abs(off[w][2]));

@@ -8,8 +8,9 @@
 // With the 'direct' score the keys and queries are computed in the same pass from the features f instead of read:
 // k = unit(f + pos) over each head's channels (as direct_score.cpp computes it), q = tau_h * k.
 //
-// Layout: q, k (B*K, Dq, T, H, X), v (B*K, D, T, H, X), contiguous, channels first; 1-d and 2-d grids are padded
-// to 3 spatial dims with size 1. gain (K,); kernel (K, D, P) flattened, or empty for no convolution term, and
+// Layout: q, k (B, K, Dq, T, H, X), v (B, K, D, T, H, X), of any strides (channels-first or channels-last: the
+// outputs take the layout of the input they match, z and dv that of v, dq and dk those of q and k); 1-d and 2-d
+// grids are padded to 3 spatial dims with size 1. gain (K,); kernel (K, D, P) flattened, or empty for no convolution term, and
 // tap_index (W,): the kernel entry at each window offset (-1: none), giving the taps r (K, D, W);
 // offsets (W, 3) int64, row-major over (t, y, x), every offset some query's window uses; bounds (T + H + X, 2)
 // int64, each query's own window among them (window_geometry.h, forward only: backward reads the saved
@@ -53,22 +54,22 @@ const T* live_taps(const T* taps, int64_t h, const std::vector<int64_t>& live, i
   return out;
 }
 
-// Where the scores come from: q and k (BK, Dq, T, H, X), or, with the 'direct' score (features non-null), the
-// features f (BK, Dq, T, H, X), pos (K, Dq, T, H, X) or null and temperature (K,).
+// Where the scores come from: q and k (B, K, Dq, T, H, X), or, with the 'direct' score (features non-null), the
+// features f (B, K, Dq, T, H, X), pos (K, Dq, T, H, X) contiguous or null and temperature (K,).
 template <typename T>
 struct ScoreInputs {
-  const T* q;
-  const T* k;
-  const T* features;
+  Rows<const T> q;
+  Rows<const T> k;
+  Rows<const T> features;
   const T* pos;
   const T* temperature;
 };
 
 template <typename T>
-void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, const T* taps, const T* bias,
-                    const Geometry& g, const WindowBounds& window, T* out, T* probs) {
+void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T* gain, const T* taps,
+                    const T* bias, const Geometry& g, const WindowBounds& window, const Rows<T>& out, T* probs) {
   const int64_t rows_total = g.BK * g.T * g.H;
-  const bool direct = score.features != nullptr;
+  const bool direct = score.features.data != nullptr;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr);
     RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos), vc(v, g.D, g);
@@ -108,19 +109,18 @@ void forward_kernel(const ScoreInputs<T>& score, const T* v, const T* gain, cons
         }
       window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), M, g.D, g.Xr,
                     zb.data(), shifted);
-      for (int64_t d = 0; d < g.D; ++d) {
-        T* dst = out + ((bk * g.D + d) * g.T + t) * g.H * g.X + y * g.X;
-        const T b = bias ? bias[h * g.D + d] : T(0);
-        for (int64_t x = 0; x < g.X; ++x) dst[x] = zb[d * g.Xr + x] + b;
-      }
+      if (bias)
+        for (int64_t d = 0; d < g.D; ++d)
+          for (int64_t x = 0; x < g.X; ++x) zb[d * g.Xr + x] += bias[h * g.D + d];
+      scatter_rows(zb.data(), g.D, g, bk, t, y, out);
     }
   });
 }
 
 template <typename T>
-void backward_kernel(const T* q, const T* k, const T* v, const T* gain, const T* taps, const T* probs,
-                     const T* gout, const Geometry& g, T* gscore, T* gq, T* gk, T* gv, double* ggain,
-                     double* gtaps) {
+void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<const T>& v, const T* gain,
+                     const T* taps, const T* probs, const Rows<const T>& gout, const Geometry& g, T* gscore,
+                     const Rows<T>& gq, const Rows<T>& gk, const Rows<T>& gv, double* ggain, double* gtaps) {
   const int64_t rows_total = g.BK * g.T * g.H;
   std::mutex reduce;
   // pass 1, per query row i: dP[w] = <gout[:, i], v[:, i + o_w]> (and dr[d, w] = sum_i gout[d, i] v[d, i + o_w]),
@@ -232,23 +232,21 @@ at::Tensor taps_at_offsets(const at::Tensor& kernel, const at::Tensor& tap_index
   return padded.index_select(2, index).contiguous().view({kernel.size(0), kernel.size(1), W});
 }
 
-// The checks shared by the windowed-mix entry points: v (BK, D, T, H, X) fixes the dtype and the sizes; query
-// (q or features, named query_name) (BK, Dq, T, H, X); gain (K,) with K dividing BK; offsets (W, 3) inside the
-// grid, including the query's own row; kernel (K, D, P) with tap_index (W,) of entries in [-1, P), or both empty.
+// The checks shared by the windowed-mix entry points: v (B, K, D, T, H, X) of any strides fixes the dtype and the
+// sizes; query (q or features, named query_name) (B, K, Dq, T, H, X) of any strides; gain (K,); offsets (W, 3)
+// inside the grid, including the query's own row; kernel (K, D, P) with tap_index (W,) of entries in [-1, P), or
+// both empty.
 void check_window(const ArgumentChecks& check, const char* query_name, const at::Tensor& query,
                   const at::Tensor& v, const at::Tensor& gain, const at::Tensor& kernel,
                   const at::Tensor& tap_index, const at::Tensor& offsets) {
-  check.floating("v", v);
-  check.rank("v", v, 5, "(BK, D, T, H, X)");
-  const int64_t BK = v.size(0), D = v.size(1), T = v.size(2), H = v.size(3), X = v.size(4);
-  check.like(query_name, query, "v", v);
-  check.rank(query_name, query, 5, "(BK, Dq, T, H, X)");
-  check.shape(query_name, query, {BK, query.size(1), T, H, X}, "(BK, Dq, T, H, X)");
+  check.floating("v", v, true);
+  check.rank("v", v, 6, "(B, K, D, T, H, X)");
+  const int64_t B = v.size(0), K = v.size(1), D = v.size(2), T = v.size(3), H = v.size(4), X = v.size(5);
+  check.like(query_name, query, "v", v, true);
+  check.rank(query_name, query, 6, "(B, K, Dq, T, H, X)");
+  check.shape(query_name, query, {B, K, query.size(2), T, H, X}, "(B, K, Dq, T, H, X)");
   check.like("gain", gain, "v", v);
-  check.rank("gain", gain, 1, "(K,)");
-  const int64_t K = gain.size(0);
-  check.require(K >= 1 && BK % K == 0, "gain must have shape (K,) with K >= 1 dividing BK = ", BK, ", got ",
-                gain.sizes());
+  check.shape("gain", gain, {K}, "(K,)");
   check.index("offsets", offsets);
   check.rank("offsets", offsets, 2, "(W, 3)");
   const int64_t W = offsets.size(0);
@@ -282,7 +280,7 @@ void check_window(const ArgumentChecks& check, const char* query_name, const at:
 // bounds (T + H + X, 2) int64: per coordinate c of a dim of size S, a window lo <= 0 <= hi inside the grid.
 void check_bounds(const ArgumentChecks& check, const at::Tensor& bounds, const at::Tensor& v) {
   check.index("bounds", bounds);
-  const int64_t extent[3] = {v.size(2), v.size(3), v.size(4)};
+  const int64_t extent[3] = {v.size(3), v.size(4), v.size(5)};
   check.shape("bounds", bounds, {extent[0] + extent[1] + extent[2], 2}, "(T + H + X, 2)");
   const auto b = bounds.accessor<int64_t, 2>();
   int64_t row = 0;
@@ -297,7 +295,7 @@ void check_bounds(const ArgumentChecks& check, const at::Tensor& bounds, const a
 void check_bias(const ArgumentChecks& check, const at::Tensor& bias, const at::Tensor& v,
                 const at::Tensor& gain) {
   check.like("bias", bias, "v", v);
-  if (bias.numel()) check.shape("bias", bias, {gain.size(0), v.size(1)}, "(K, D)");
+  if (bias.numel()) check.shape("bias", bias, {v.size(1), v.size(2)}, "(K, D)");
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& features,
@@ -305,17 +303,18 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                    const at::Tensor& gain, const at::Tensor& kernel,
                                    const at::Tensor& tap_index, const at::Tensor& offsets,
                                    const at::Tensor& bounds, const at::Tensor& bias, bool save_probs) {
-  const at::Tensor& shape = features.dim() == 5 ? features : q;
-  const Geometry g(shape, v, offsets, gain.size(0), kVectorBytes / v.element_size());
+  const at::Tensor& shape = features.dim() == 6 ? features : q;
+  const Geometry g(shape, v, offsets, kVectorBytes / v.element_size());
   const WindowBounds window(bounds, g);
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto out = at::empty_like(v);
   auto probs = at::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "convplus_window_mix_forward", [&] {
     auto data = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    const ScoreInputs<scalar_t> score{data(q), data(k), data(features), data(pos), data(temperature)};
-    forward_kernel<scalar_t>(score, v.data_ptr<scalar_t>(), gain.data_ptr<scalar_t>(), data(taps), data(bias), g,
-                             window, out.data_ptr<scalar_t>(), save_probs ? probs.data_ptr<scalar_t>() : nullptr);
+    auto rows = [](const at::Tensor& t) { return t.dim() == 6 ? Rows<const scalar_t>(t) : Rows<const scalar_t>(); };
+    const ScoreInputs<scalar_t> score{rows(q), rows(k), rows(features), data(pos), data(temperature)};
+    forward_kernel<scalar_t>(score, Rows<const scalar_t>(v), gain.data_ptr<scalar_t>(), data(taps), data(bias), g,
+                             window, Rows<scalar_t>(out), save_probs ? probs.data_ptr<scalar_t>() : nullptr);
   });
   return {out, probs};
 }
@@ -327,8 +326,8 @@ std::vector<at::Tensor> window_mix_forward(at::Tensor q, at::Tensor k, at::Tenso
                                               at::Tensor bounds, at::Tensor bias, bool save_probs) {
   const ArgumentChecks check("window_mix_forward");
   check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
-  check.like("k", k, "v", v);
-  check.shape("k", k, q.sizes().vec(), "(BK, Dq, T, H, X)");
+  check.like("k", k, "v", v, true);
+  check.shape("k", k, q.sizes().vec(), "(B, K, Dq, T, H, X)");
   check_bounds(check, bounds, v);
   check_bias(check, bias, v, gain);
   const auto none = v.new_empty({0});
@@ -342,7 +341,7 @@ std::vector<at::Tensor> direct_window_mix_forward(at::Tensor features, at::Tenso
                                                      bool save_probs) {
   const ArgumentChecks check("direct_window_mix_forward");
   check_window(check, "features", features, v, gain, kernel, tap_index, offsets);
-  const int64_t K = gain.size(0), Dq = features.size(1), N = v.size(2) * v.size(3) * v.size(4);
+  const int64_t K = v.size(1), Dq = features.size(2), N = v.size(3) * v.size(4) * v.size(5);
   check.like("pos", pos, "v", v);
   if (pos.numel()) check.shape("pos", pos, {K, Dq, N}, "(K, Dq, N)");
   check.like("temperature", temperature, "v", v);
@@ -359,11 +358,11 @@ std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tens
                                                at::Tensor gout, at::Tensor offsets) {
   const ArgumentChecks check("window_mix_backward");
   check_window(check, "q", q, v, gain, kernel, tap_index, offsets);
-  check.like("k", k, "v", v);
-  check.shape("k", k, q.sizes().vec(), "(BK, Dq, T, H, X)");
-  check.like("gout", gout, "v", v);
-  check.shape("gout", gout, v.sizes().vec(), "(BK, D, T, H, X)");
-  const Geometry g(q, v, offsets, gain.size(0), kVectorBytes / q.element_size());
+  check.like("k", k, "v", v, true);
+  check.shape("k", k, q.sizes().vec(), "(B, K, Dq, T, H, X)");
+  check.like("gout", gout, "v", v, true);
+  check.shape("gout", gout, v.sizes().vec(), "(B, K, D, T, H, X)");
+  const Geometry g(q, v, offsets, kVectorBytes / q.element_size());
   check.like("probs", probs, "v", v);
   check.shape("probs", probs, {g.BK * g.T * g.H, g.W, g.Xr}, "(BK*T*H, W, Xr)");
   auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
@@ -372,11 +371,12 @@ std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tens
   auto acc = q.options().dtype(at::kDouble);
   auto ggain = at::zeros({g.K}, acc), gtaps = at::zeros({taps.numel() ? g.K * g.D * g.W : 0}, acc);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_window_mix_backward", [&] {
-    backward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                              gain.data_ptr<scalar_t>(), taps.numel() ? taps.data_ptr<scalar_t>() : nullptr,
-                              probs.data_ptr<scalar_t>(), gout.data_ptr<scalar_t>(), g, gscore.data_ptr<scalar_t>(),
-                              gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
-                              ggain.data_ptr<double>(), gtaps.data_ptr<double>());
+    using In = Rows<const scalar_t>;
+    using Out = Rows<scalar_t>;
+    backward_kernel<scalar_t>(In(q), In(k), In(v), gain.data_ptr<scalar_t>(),
+                              taps.numel() ? taps.data_ptr<scalar_t>() : nullptr, probs.data_ptr<scalar_t>(), In(gout),
+                              g, gscore.data_ptr<scalar_t>(), Out(gq), Out(gk), Out(gv), ggain.data_ptr<double>(),
+                              gtaps.data_ptr<double>());
   });
   auto gkernel = at::zeros_like(kernel, acc);
   if (kernel.numel()) {  // each tap's gradient back to its kernel entry
