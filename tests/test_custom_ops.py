@@ -57,7 +57,7 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(("dtype", "convolution", "hood"), CASES[:2])
 def test_window_ops_pass_opcheck_on_channels_last_inputs(dtype, convolution, hood):
-    """The fake implementations make z and the gradients in the layout the kernel makes them (that of v, q, k)."""
+    """The fake implementations make each output in the layout the kernel makes it (that of v, q, k, x)."""
     (q, k, features, pos, temperature), (v, *rest) = _window_inputs(dtype, convolution, hood, grad=True)
     q, k, features, v = (_channels_last(t) for t in (q, k, features, v))
     torch.library.opcheck(torch.ops.convplus.window_mix, (q, k, v, *rest, True))
@@ -67,6 +67,12 @@ def test_window_ops_pass_opcheck_on_channels_last_inputs(dtype, convolution, hoo
     inputs = (q.detach(), k.detach(), v.detach(), gain.detach(), kernel.detach(), tap_index, probs)
     grad_out = _channels_last(torch.randn_like(v))
     torch.library.opcheck(torch.ops.convplus.window_mix_backward, (*inputs, grad_out.detach(), offsets))
+    x = features.flatten(3)  # (B, K, Dq, N), channels innermost
+    torch.library.opcheck(torch.ops.convplus.direct_score, (x, pos, temperature))
+    dq, dk, inverse_norm = cpu.direct_score_features(x.detach(), pos.detach(), temperature.detach())
+    torch.library.opcheck(
+        torch.ops.convplus.direct_score_backward, (dq, dk, dk.clone(), inverse_norm, temperature.detach(), True)
+    )
 
 
 @pytest.mark.parametrize(("dtype", "convolution", "hood"), CASES)

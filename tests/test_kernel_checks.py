@@ -43,15 +43,23 @@ SIGNATURES = {
     "direct_score_backward": ("gq", "gk", "k", "inverse_norm", "temperature", "with_pos"),
 }
 FLAGS = ("save_probs", "with_pos")
-ANY_STRIDES = {"window_mix_forward": ("q", "k", "v"), "window_mix_backward": ("q", "k", "v", "gout")}
-ANY_STRIDES["direct_window_mix_forward"] = ("features", "v")
+ANY_STRIDES = {
+    "window_mix_forward": ("q", "k", "v"),
+    "direct_window_mix_forward": ("features", "v"),
+    "window_mix_backward": ("q", "k", "v", "gout"),
+    "direct_score_forward": ("x",),
+    "direct_score_backward": ("gq", "gk", "k"),
+}
 """The arguments each entry point reads in any layout (channels-last, broadcast): the others must be contiguous."""
 MATCHING_OUTPUT = {
     "window_mix_forward": {"v": 0},
     "direct_window_mix_forward": {"v": 0},
     "window_mix_backward": {"q": 0, "k": 1, "v": 2},
+    "direct_score_forward": {"x": 0},
+    "direct_score_backward": {"k": 0},
 }
-"""entry -> strided argument -> the index of the output made in its layout (z like v; dq, dk, dv like q, k, v)."""
+"""entry -> strided argument -> the index of an output made in its layout (z like v; dq, dk, dv like q, k, v; q and
+k like x; dx like k)."""
 
 
 def _call(entry: str, arguments: dict) -> list[torch.Tensor]:
@@ -168,12 +176,12 @@ def test_tensor_arguments_outside_the_strided_ones_must_be_contiguous(entry, nam
 
 @pytest.mark.parametrize(("entry", "name"), [(entry, name) for entry, names in ANY_STRIDES.items() for name in names])
 def test_strided_arguments_give_what_their_contiguous_copies_give(entry, name):
-    """q, k, features, v and gout are read in any layout: a non-contiguous one (every other entry of a wider
-    tensor) or channels-last (channels innermost) gives the outputs of its contiguous copy, and z and the
-    gradients are made in the layout of the input they match."""
+    """The tensors of the activations (q, k, features, v, gout; x and the score gradients) are read in any layout:
+    a non-contiguous one (every other entry of a wider tensor) or channels-last (channels innermost) gives the
+    outputs of its contiguous copy, and outputs are made in the layout of the input they match."""
     arguments = VALID[entry](torch.float64, True)
     expected = _call(entry, arguments)
-    channels_last = arguments[name].permute(0, 1, 3, 4, 5, 2).contiguous().permute(0, 1, 5, 2, 3, 4)
+    channels_last = arguments[name].movedim(2, -1).contiguous().movedim(-1, 2)
     for layout in (_strided(arguments[name]), channels_last):
         outputs = _call(entry, {**arguments, name: layout})
         for got, want in zip(outputs, expected, strict=True):

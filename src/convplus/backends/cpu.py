@@ -117,8 +117,8 @@ def _bias_grad(grad_out: torch.Tensor, bias_shape: torch.Size) -> torch.Tensor |
 # (B, K, Dq, T, H, X), v and grad_out (B, K, D, T, H, X), of any strides (z and dv are made like v, dq and dk like q
 # and k: torch.empty_like, in the fake implementations too); gain (K,), kernel (K, D, P) or empty, tap_index (W,),
 # offsets (W, 3), bounds (T + H + X, 2), bias (K, D) or empty, pos (K, Dq, N) or empty, temperature (K,),
-# contiguous; one float dtype (float32 or float64), int64 for the index tensors. direct_score's tensors
-# (B, K, Dq, N) are contiguous.
+# contiguous; one float dtype (float32 or float64), int64 for the index tensors. direct_score's x, q, k and their
+# gradients (B, K, Dq, N) are of any strides too (q, k and dx made like x and k), pos and inverse_norm contiguous.
 
 
 @torch.library.custom_op("convplus::window_mix", mutates_args=())
@@ -270,16 +270,15 @@ def _direct_window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
     """Recomputes q and k from the features in one pass, then runs the window's backward and the score's; the
     features' gradient comes back in their layout."""
     features, pos, temperature, *window = ctx.saved_tensors
-    flat = features.reshape(*features.shape[:3], -1).contiguous()  # (B, K, Dq, N)
+    flat = features.flatten(3)  # (B, K, Dq, N), in the features' layout
     q, k, inverse_norm = direct_score_features(flat, pos, temperature)
     dq, dk, dv, dgain, dkernel, dbias = _window_grads(ctx, grad_out, q.view_as(features), k.view_as(features), *window)
     with_pos = pos.numel() > 0
     dx, dpos, dtemperature = direct_score_backward(
         dq.view_as(flat), dk.view_as(flat), k, inverse_norm, temperature, with_pos
     )
-    dx = dx.view_as(features)
     return (
-        dx if dx.stride() == features.stride() else torch.empty_like(features).copy_(dx),
+        dx.view_as(features),
         dpos if with_pos else None,
         dtemperature,
         dv,

@@ -9,49 +9,21 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "direct_score.h"
 #include "simd.h"
+#include "strided.h"
 #include "window_geometry.h"
 
 namespace convplus::detail {
 namespace {  // internal linkage, see simd.h
 
-// A (B, K, C, T, H, X) tensor of any strides (channels-first, channels-last, broadcast), addressed by rows: row
-// (t, y) of channel c of slice bk = b * K + k starts at at(bk, c, t, y) and its columns lie x apart. T const for
-// a tensor that is only read; data null for an absent tensor.
-template <typename T>
-struct Rows {
-  T* data = nullptr;
-  int64_t K = 1, batch = 0, head = 0, channel = 0, t = 0, y = 0, x = 0;
-
-  Rows() = default;
-  explicit Rows(const at::Tensor& tensor)
-      : data(tensor.numel() ? tensor.data_ptr<std::remove_const_t<T>>() : nullptr), K(tensor.size(1)),
-        batch(tensor.stride(0)), head(tensor.stride(1)), channel(tensor.stride(2)), t(tensor.stride(3)),
-        y(tensor.stride(4)), x(tensor.stride(5)) {}
-
-  T* at(int64_t bk, int64_t c, int64_t tt, int64_t yy) const {
-    return data + bk / K * batch + bk % K * head + c * channel + tt * t + yy * y;
-  }
-};
-
 // Copies row (t, y) of src's slice bk into buf (C, Xp) at column lead; the caller zeroes buf once, so the columns
-// outside stay zero. Rows of contiguous columns are copied whole, channels-last rows transposed, others entry by
-// entry.
+// outside stay zero.
 template <typename T>
 void gather_row(const Rows<const T>& src, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* buf) {
-  const T* row = src.at(bk, 0, t, y);
-  if (src.x == 1) {
-    for (int64_t c = 0; c < C; ++c) std::memcpy(buf + c * g.Xp + g.lead, row + c * src.channel, g.X * sizeof(T));
-  } else if (src.channel == 1) {
-    transpose(row, src.x, buf + g.lead, g.Xp, g.X, C);
-  } else {
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t x = 0; x < g.X; ++x) buf[c * g.Xp + g.lead + x] = row[x * src.x + c * src.channel];
-  }
+  copy_block_in(src.at(bk, 0, t, y), src.channel, src.x, C, g.X, buf + g.lead, g.Xp);
 }
 
 // In place on the row (t, y) of slice bk that gather_row copied into buf (C, Xp): the 'direct' score's keys
@@ -121,15 +93,7 @@ class RowCache {
 // Copies the C rows of buf (C, Xr) to row (t, y) of dst's slice bk.
 template <typename T>
 void scatter_rows(const T* buf, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, const Rows<T>& dst) {
-  T* row = dst.at(bk, 0, t, y);
-  if (dst.x == 1) {
-    for (int64_t c = 0; c < C; ++c) std::memcpy(row + c * dst.channel, buf + c * g.Xr, g.X * sizeof(T));
-  } else if (dst.channel == 1) {
-    transpose(buf, g.Xr, row, dst.x, C, g.X);
-  } else {
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t x = 0; x < g.X; ++x) row[x * dst.x + c * dst.channel] = buf[c * g.Xr + x];
-  }
+  copy_block_out(buf, g.Xr, C, g.X, dst.at(bk, 0, t, y), dst.channel, dst.x);
 }
 
 }  // namespace

@@ -9,12 +9,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #endif
 
 namespace convplus::detail {
-// The kernel's headers keep their code in an anonymous namespace: only window_mix.cpp includes them, and with
+// The kernel's headers keep their code in an anonymous namespace: each .cpp file gets its own copy, and with
 // internal linkage GCC inlines these hot helpers into the passes as it does a .cpp file's own static functions
 // (external linkage changes its inlining decisions and so the generated code).
 namespace {
@@ -121,47 +121,6 @@ inline V exp_vec(V x) {
   for (int i = E::degree - 1; i >= 0; --i) poly = poly * r + c[i];
   const V scale = (V)((n + bias) << mantissa);
   return x < E::lo ? V{} : poly * scale;
-}
-
-#if defined(__AVX2__)
-// The 8x8 block of floats at src (rows stride apart) transposed into dst (rows dst_stride apart).
-inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t dst_stride) {
-  __m256 r[8], u[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * stride);
-  for (int i = 0; i < 8; i += 2) {
-    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
-}
-#endif
-
-// dst[j * dst_stride + i] = src[i * stride + j] for i < rows, j < cols: a block of rows of contiguous entries
-// transposed (a channels-last row of a tensor to channel rows, and back), 8x8 blocks of floats at a time where
-// AVX2 is there.
-template <typename T>
-void transpose(const T* src, int64_t stride, T* dst, int64_t dst_stride, int64_t rows, int64_t cols) {
-  int64_t i0 = 0, j0 = 0;
-#if defined(__AVX2__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (i0 = 0; i0 + 8 <= rows; i0 += 8)
-      for (j0 = 0; j0 + 8 <= cols; j0 += 8)
-        transpose_8x8(src + i0 * stride + j0, stride, dst + j0 * dst_stride + i0, dst_stride);
-    for (int64_t i = 0; i < i0; ++i)  // the columns right of the blocks
-      for (int64_t j = j0; j < cols; ++j) dst[j * dst_stride + i] = src[i * stride + j];
-  }
-#endif
-  for (int64_t i = i0; i < rows; ++i)  // the rows below the blocks (all rows without them)
-    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * stride + j];
 }
 
 }  // namespace

@@ -1,0 +1,108 @@
+// Tensors of any strides (channels-first, channels-last, broadcast) as the CPU kernels read and write them: by
+// blocks of (channels, positions), copied in and out of contiguous buffers, transposed where the channels are
+// innermost.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace convplus::detail {
+namespace {  // internal linkage, see simd.h
+
+// A (B, K, C, T, H, X) tensor of any strides (channels-first, channels-last, broadcast), addressed by rows: row
+// (t, y) of channel c of slice bk = b * K + k starts at at(bk, c, t, y) and its columns lie x apart. T const for
+// a tensor that is only read; data null for an absent tensor.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  int64_t K = 1, batch = 0, head = 0, channel = 0, t = 0, y = 0, x = 0;
+
+  Rows() = default;
+  explicit Rows(const at::Tensor& tensor)
+      : data(tensor.numel() ? tensor.data_ptr<std::remove_const_t<T>>() : nullptr), K(tensor.size(1)),
+        batch(tensor.stride(0)), head(tensor.stride(1)), channel(tensor.stride(2)), t(tensor.stride(3)),
+        y(tensor.stride(4)), x(tensor.stride(5)) {}
+
+  T* at(int64_t bk, int64_t c, int64_t tt, int64_t yy) const {
+    return data + bk / K * batch + bk % K * head + c * channel + tt * t + yy * y;
+  }
+};
+
+#if defined(__AVX2__)
+// The 8x8 block of floats at src (rows stride apart) transposed into dst (rows dst_stride apart).
+inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t dst_stride) {
+  __m256 r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * stride);
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+// dst[j * dst_stride + i] = src[i * stride + j] for i < rows, j < cols: a block of rows of contiguous entries
+// transposed (a channels-last row of a tensor to channel rows, and back), 8x8 blocks of floats at a time where
+// AVX2 is there.
+template <typename T>
+void transpose(const T* src, int64_t stride, T* dst, int64_t dst_stride, int64_t rows, int64_t cols) {
+  int64_t i0 = 0, j0 = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (i0 = 0; i0 + 8 <= rows; i0 += 8)
+      for (j0 = 0; j0 + 8 <= cols; j0 += 8)
+        transpose_8x8(src + i0 * stride + j0, stride, dst + j0 * dst_stride + i0, dst_stride);
+    for (int64_t i = 0; i < i0; ++i)  // the columns right of the blocks
+      for (int64_t j = j0; j < cols; ++j) dst[j * dst_stride + i] = src[i * stride + j];
+  }
+#endif
+  for (int64_t i = i0; i < rows; ++i)  // the rows below the blocks (all rows without them)
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * stride + j];
+}
+
+// dst (C, len), rows dst_stride apart: dst[c][i] = src[c * channel + i * column]. Whole rows are copied where the
+// positions are contiguous, blocks transposed where the channels are, entry by entry otherwise.
+template <typename T>
+void copy_block_in(const T* src, int64_t channel, int64_t column, int64_t C, int64_t len, T* dst, int64_t dst_stride) {
+  if (column == 1) {
+    for (int64_t c = 0; c < C; ++c) std::memcpy(dst + c * dst_stride, src + c * channel, len * sizeof(T));
+  } else if (channel == 1) {
+    transpose(src, column, dst, dst_stride, len, C);
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < len; ++i) dst[c * dst_stride + i] = src[c * channel + i * column];
+  }
+}
+
+// The converse: dst[c * channel + i * column] = src[c][i] for src (C, len), rows src_stride apart.
+template <typename T>
+void copy_block_out(const T* src, int64_t src_stride, int64_t C, int64_t len, T* dst, int64_t channel,
+                    int64_t column) {
+  if (column == 1) {
+    for (int64_t c = 0; c < C; ++c) std::memcpy(dst + c * channel, src + c * src_stride, len * sizeof(T));
+  } else if (channel == 1) {
+    transpose(src, src_stride, dst, column, C, len);
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < len; ++i) dst[c * channel + i * column] = src[c * src_stride + i];
+  }
+}
+
+}  // namespace
+}  // namespace convplus::detail
