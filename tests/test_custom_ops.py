@@ -71,7 +71,8 @@ def test_window_ops_pass_opcheck_on_channels_last_inputs(dtype, convolution, hoo
     torch.library.opcheck(torch.ops.convplus.direct_score, (x, pos, temperature))
     dq, dk, inverse_norm = cpu.direct_score_features(x.detach(), pos.detach(), temperature.detach())
     torch.library.opcheck(
-        torch.ops.convplus.direct_score_backward, (dq, dk, dk.clone(), inverse_norm, temperature.detach(), True)
+        torch.ops.convplus.direct_score_backward,
+        (dq, dk, dk.clone(), inverse_norm, temperature.detach(), x.detach(), True),
     )
 
 
@@ -90,7 +91,7 @@ def test_backward_ops_and_inference_forward_pass_opcheck(dtype, convolution, hoo
     dq, dk, inverse_norm = cpu.direct_score_features(x, pos, temperature)
     for with_pos in (False, True):
         torch.library.opcheck(
-            torch.ops.convplus.direct_score_backward, (dq, dk, dk.clone(), inverse_norm, temperature, with_pos)
+            torch.ops.convplus.direct_score_backward, (dq, dk, dk.clone(), inverse_norm, temperature, x, with_pos)
         )
 
 

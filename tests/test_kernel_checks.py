@@ -40,7 +40,7 @@ SIGNATURES = {
     ),
     "window_mix_backward": ("q", "k", "v", "gain", "kernel", "tap_index", "probs", "gout", "offsets"),
     "direct_score_forward": ("x", "pos", "temperature"),
-    "direct_score_backward": ("gq", "gk", "k", "inverse_norm", "temperature", "with_pos"),
+    "direct_score_backward": ("gq", "gk", "k", "inverse_norm", "temperature", "x", "with_pos"),
 }
 FLAGS = ("save_probs", "with_pos")
 ANY_STRIDES = {
@@ -48,18 +48,18 @@ ANY_STRIDES = {
     "direct_window_mix_forward": ("features", "v"),
     "window_mix_backward": ("q", "k", "v", "gout"),
     "direct_score_forward": ("x",),
-    "direct_score_backward": ("gq", "gk", "k"),
+    "direct_score_backward": ("x",),
 }
 """The arguments each entry point reads in any layout (channels-last, broadcast): the others must be contiguous."""
 MATCHING_OUTPUT = {
     "window_mix_forward": {"v": 0},
     "direct_window_mix_forward": {"v": 0},
     "window_mix_backward": {"q": 0, "k": 1, "v": 2},
-    "direct_score_forward": {"x": 0},
-    "direct_score_backward": {"k": 0},
+    "direct_score_forward": {},
+    "direct_score_backward": {"x": 0},
 }
-"""entry -> strided argument -> the index of an output made in its layout (z like v; dq, dk, dv like q, k, v; q and
-k like x; dx like k)."""
+"""entry -> strided argument -> the index of an output made in its layout (z like v; dq, dk, dv like q, k, v; dx
+like x)."""
 
 
 def _call(entry: str, arguments: dict) -> list[torch.Tensor]:
@@ -119,6 +119,7 @@ def _direct_score_backward(dtype: torch.dtype, optional: bool) -> dict:
         "k": k,
         "inverse_norm": inverse_norm,
         "temperature": arguments["temperature"],
+        "x": arguments["x"],
         "with_pos": optional,
     }
 
@@ -269,6 +270,7 @@ SHAPE_CASES = [
     ("direct_score_backward", "gk", lambda t: t[:1], "gk must have shape (B, K, D, N) = [2, 2, 3, 30], got [1,"),
     ("direct_score_backward", "inverse_norm", lambda t: t[0], "inverse_norm must have shape (B, K, N) = [2, 2, 30]"),
     ("direct_score_backward", "temperature", lambda t: t[:1], "temperature must have shape (K,) = [2], got [1]"),
+    ("direct_score_backward", "x", lambda t: t[:, :1], "x must have shape (B, K, D, N) = [2, 2, 3, 30], got [2, 1,"),
 ]
 
 

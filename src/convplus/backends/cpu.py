@@ -117,8 +117,8 @@ def _bias_grad(grad_out: torch.Tensor, bias_shape: torch.Size) -> torch.Tensor |
 # (B, K, Dq, T, H, X), v and grad_out (B, K, D, T, H, X), of any strides (z and dv are made like v, dq and dk like q
 # and k: torch.empty_like, in the fake implementations too); gain (K,), kernel (K, D, P) or empty, tap_index (W,),
 # offsets (W, 3), bounds (T + H + X, 2), bias (K, D) or empty, pos (K, Dq, N) or empty, temperature (K,),
-# contiguous; one float dtype (float32 or float64), int64 for the index tensors. direct_score's x, q, k and their
-# gradients (B, K, Dq, N) are of any strides too (q, k and dx made like x and k), pos and inverse_norm contiguous.
+# contiguous; one float dtype (float32 or float64), int64 for the index tensors. direct_score's x (B, K, Dq, N) is
+# of any strides too, and dx is made like it; q, k, their gradients, pos and inverse_norm are contiguous.
 
 
 @torch.library.custom_op("convplus::window_mix", mutates_args=())
@@ -185,8 +185,8 @@ def window_mix_backward(
 def direct_score_features(
     x: torch.Tensor, pos: torch.Tensor, temperature: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q = temperature * k, k = unit(x + pos) per head, each (B, K, Dq, N), and the inverse norms (B, K, N),
-    from x (B, K, Dq, N)."""
+    """q = temperature * k, k = unit(x + pos) per head, each (B, K, Dq, N) contiguous, and the inverse norms
+    (B, K, N), from x (B, K, Dq, N) of any strides."""
     q, k, inverse_norm = extension().direct_score_forward(x, pos, temperature)
     return q, k, inverse_norm
 
@@ -198,10 +198,14 @@ def direct_score_backward(
     k: torch.Tensor,
     inverse_norm: torch.Tensor,
     temperature: torch.Tensor,
+    x: torch.Tensor,
     with_pos: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of x, pos ((0, Dq, N) when not ``with_pos``) and temperature from those of q and k."""
-    dx, dpos, dtemperature = extension().direct_score_backward(grad_q, grad_k, k, inverse_norm, temperature, with_pos)
+    """The gradients of x (made in x's layout; x's values are not read), pos ((0, Dq, N) when not ``with_pos``)
+    and temperature from those of q and k."""
+    dx, dpos, dtemperature = extension().direct_score_backward(
+        grad_q, grad_k, k, inverse_norm, temperature, x, with_pos
+    )
     return dx, dpos, dtemperature
 
 
@@ -228,12 +232,12 @@ def _(q, k, v, gain, kernel, tap_index, probs, grad_out, offsets):
 
 @direct_score_features.register_fake
 def _(x, pos, temperature):
-    return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[:2] + x.shape[3:])
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:2] + x.shape[3:])
 
 
 @direct_score_backward.register_fake
-def _(grad_q, grad_k, k, inverse_norm, temperature, with_pos):
-    return torch.empty_like(k), k.new_empty(k.shape[1] if with_pos else 0, *k.shape[2:]), torch.empty_like(temperature)
+def _(grad_q, grad_k, k, inverse_norm, temperature, x, with_pos):
+    return torch.empty_like(x), k.new_empty(k.shape[1] if with_pos else 0, *k.shape[2:]), torch.empty_like(temperature)
 
 
 def _window_setup(ctx, score_inputs, window_inputs, output) -> None:
@@ -275,7 +279,7 @@ def _direct_window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
     dq, dk, dv, dgain, dkernel, dbias = _window_grads(ctx, grad_out, q.view_as(features), k.view_as(features), *window)
     with_pos = pos.numel() > 0
     dx, dpos, dtemperature = direct_score_backward(
-        dq.view_as(flat), dk.view_as(flat), k, inverse_norm, temperature, with_pos
+        dq.view_as(flat), dk.view_as(flat), k, inverse_norm, temperature, flat, with_pos
     )
     return (
         dx.view_as(features),
@@ -293,17 +297,17 @@ def _direct_window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
 
 
 def _direct_score_setup(ctx, inputs, output) -> None:
-    _, pos, temperature = inputs
+    x, pos, temperature = inputs
     _, k, inverse_norm = output
     ctx.mark_non_differentiable(inverse_norm)
-    ctx.save_for_backward(k, inverse_norm, temperature)
+    ctx.save_for_backward(x, k, inverse_norm, temperature)
     ctx.with_pos = pos.numel() > 0
 
 
 def _direct_score_grads(ctx, grad_q, grad_k, _grad_inverse_norm) -> tuple:
-    k, inverse_norm, temperature = ctx.saved_tensors
+    x, k, inverse_norm, temperature = ctx.saved_tensors
     dx, dpos, dtemperature = direct_score_backward(
-        grad_q.contiguous(), grad_k.contiguous(), k, inverse_norm, temperature, ctx.with_pos
+        grad_q.contiguous(), grad_k.contiguous(), k, inverse_norm, temperature, x, ctx.with_pos
     )
     return dx, dpos if ctx.with_pos else None, dtemperature
 

@@ -23,9 +23,11 @@ std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tens
                                                at::Tensor kernel, at::Tensor tap_index, at::Tensor probs,
                                                at::Tensor gout, at::Tensor offsets);
 
-// 'direct' score features (direct_score.cpp): (q, k, inverse_norm) and (dx, dpos, dtemperature).
+// 'direct' score features (direct_score.cpp): (q, k, inverse_norm) and (dx, dpos, dtemperature), dx made like x
+// (only its layout is read).
 std::vector<at::Tensor> direct_score_forward(at::Tensor x, at::Tensor pos, at::Tensor temperature);
 std::vector<at::Tensor> direct_score_backward(at::Tensor gq, at::Tensor gk, at::Tensor k,
-                                                 at::Tensor inverse_norm, at::Tensor temperature, bool with_pos);
+                                                 at::Tensor inverse_norm, at::Tensor temperature, at::Tensor x,
+                                                 bool with_pos);
 
 }  // namespace convplus
