@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 
@@ -297,8 +298,10 @@ def test_a_failed_kernel_build_is_tried_once_per_process(monkeypatch):
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs, channels_last):
-    """Also on channels-last input (channels innermost, 1-d included), which the kernel reads without a copy;
-    in 2-d and 3-d the output and the input's gradient keep that layout."""
+    """Against 'local' run in float64 (float32 is held to float32's accuracy on sums of thousands of terms, some
+    cancelling, not to another float32 rounding of them). Also on channels-last input (channels innermost, 1-d
+    included), which the kernel reads without a copy; in 2-d and 3-d the output and the input's gradient keep
+    that layout."""
     kwargs = dict(kwargs)
     channels = kwargs.pop("channels", 8)
     module = MODULES[n](channels, heads=2, dtype=dtype, **kwargs)
@@ -308,14 +311,13 @@ def test_cpu_kernel_matches_local_on_wide_rows(dtype, n, grid, kwargs, channels_
     x = torch.randn(2, channels, *grid, dtype=dtype)
     if channels_last:
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    results = {}
-    for backend in ("local", "cpu"):
-        module.backend = backend
-        results[backend] = forward_backward(module, x)
-    (y_local, g_local), (y_cpu, g_cpu) = results["local"], results["cpu"]
+    module.backend = "cpu"
+    y_cpu, g_cpu = forward_backward(module, x)
+    module.backend = "local"
+    y_local, g_local = forward_backward(module.double(), x.double())
     if channels_last and n > 1:  # a 1-d (B, C, L) tensor has no channels-last memory format to keep
         assert y_cpu.stride() == x.stride() and g_cpu["x"].stride() == x.stride()
-    limit = 1e-4 if dtype == torch.float32 else 1e-11  # sums of thousands of terms, some cancelling
+    limit = 1e-4 if dtype == torch.float32 else 1e-11
     assert rel_err(y_cpu, y_local) < limit
     for name in g_local:
         assert rel_err(g_cpu[name], g_local[name]) < limit, name
@@ -350,6 +352,29 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
         results.append([z.detach(), *[t.grad for t in inputs]])
     for inside_value, value in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(inside_value, value, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize(("score", "scale"), [("direct", 100.0), ("direct", 64.0), ("qk", 60.0)])
+def test_cpu_kernel_softmax_does_not_overflow_on_large_scores(score, scale):
+    """float32 scores past e^x's range (88): the 'direct' score at the module's temperature cap (100) and at
+    64, the largest |tau| for which the kernel skips subtracting the scores' max; 'qk' scores, which have no
+    bound, scaled up. Output and gradients stay finite and equal reference's."""
+    layer = MODULES[2](8, heads=2, kernel_size=3, window=3, score=score)
+    with torch.no_grad():
+        if score == "direct":
+            layer.log_temperature.fill_(math.log(scale))
+        else:
+            layer.query_weight.mul_(scale)
+    x = torch.randn(2, 8, 6, 9)
+    results = {}
+    for backend in ("reference", "cpu"):
+        layer.backend = backend
+        results[backend] = forward_backward(layer, x)
+    (y_ref, g_ref), (y_cpu, g_cpu) = results["reference"], results["cpu"]
+    assert torch.isfinite(y_cpu).all() and rel_err(y_cpu, y_ref) < 1e-4
+    for name, grad in g_ref.items():
+        assert torch.isfinite(g_cpu[name]).all() and rel_err(g_cpu[name], grad) < 1e-3, name
 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")

@@ -96,17 +96,22 @@ void row_dots(const T* a, const T* b, int64_t r, int64_t C, const Geometry& g, T
 }
 
 // The weighted sum over the window, for a block of cb channels at the n vectors of x from 0:
-// out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] (taps null: no
-// convolution term). Each load of a weight serves all cb channels.
-template <typename T, int n, int cb, bool with_taps>
+// out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] (taps null: no
+// convolution term; scale null: 1). Each load of a weight serves all cb channels.
+template <typename T, int n, int cb, bool with_taps, bool with_scale>
 inline void sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
-                     int64_t M, int64_t Xr, T* out) {
+                     const T* scale, int64_t M, int64_t Xr, T* out) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
-  V acc[cb][n] = {};
+  V acc[cb][n] = {}, sv[n];
+  if constexpr (with_scale)
+    for (int j = 0; j < n; ++j) sv[j] = load<V>(scale + j * L);
   for (int64_t m = 0; m < M; ++m) {
     V wv[n];
-    for (int j = 0; j < n; ++j) wv[j] = load<V>(weight[m] + j * L);
+    for (int j = 0; j < n; ++j) {
+      wv[j] = load<V>(weight[m] + j * L);
+      if constexpr (with_scale) wv[j] *= sv[j];
+    }
     const T* vm = value[m] + offset;
     for (int c = 0; c < cb; ++c) {
       if constexpr (with_taps) {
@@ -121,58 +126,63 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
     for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
 }
 
-// out (C, Xr): out[c][x] = sum_{m < M} (weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] for all C
-// channels and x = 0 .. Xr (taps (C, M), or null: no convolution term). shifted: scratch of at least M pointers.
+// out (C, Xr): out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] for
+// all C channels and x = 0 .. Xr (taps (C, M), or null: no convolution term; scale (Xr,), or null: 1). shifted:
+// scratch of at least M pointers.
 template <typename T>
-void window_sum(const T* const* weight, const T* const* value, int64_t stride, const T* taps, int64_t M, int64_t C,
-                int64_t Xr, T* out, std::vector<const T*>& shifted) {
+void window_sum(const T* const* weight, const T* const* value, int64_t stride, const T* taps, const T* scale,
+                int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
   over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
     for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
     for (int64_t c0 = 0; c0 < C; c0 += kSumChannels)
       with_constant<kSumChannels>(std::min<int64_t>(kSumChannels, C - c0), [&](auto cb) {
         constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
         T* dst = out + c0 * Xr + x;
-        if (taps)
-          sum_tile<T, tile, block, true>(shifted.data(), value, c0 * stride + x, stride, taps + c0 * M, M, Xr, dst);
+        const T* t = taps ? taps + c0 * M : nullptr;
+        const T* sx = scale ? scale + x : nullptr;
+        const int64_t at = c0 * stride + x;
+        if (taps && scale)
+          sum_tile<T, tile, block, true, true>(shifted.data(), value, at, stride, t, sx, M, Xr, dst);
+        else if (taps)
+          sum_tile<T, tile, block, true, false>(shifted.data(), value, at, stride, t, sx, M, Xr, dst);
+        else if (scale)
+          sum_tile<T, tile, block, false, true>(shifted.data(), value, at, stride, t, sx, M, Xr, dst);
         else
-          sum_tile<T, tile, block, false>(shifted.data(), value, c0 * stride + x, stride, nullptr, M, Xr, dst);
+          sum_tile<T, tile, block, false, false>(shifted.data(), value, at, stride, t, sx, M, Xr, dst);
       });
   });
 }
 
-// In place, for each column x of p (W, Xr) of scores: p[w, x] = scale * P[w, x], P = softmax over w of the scores
-// (0 for the columns from X on); with probs non-null, also probs[w, x] = P[w, x].
+// In place, for each column x of p (W, Xr) of scores s: p[w, x] = exp(s[w, x] - m[x]) and inverse[x] = 1 / sum_w
+// p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w. m is max_w s[., x], or 0 with
+// bounded (the caller knows |s| <= 64: no exponential overflows or falls below the normal range).
 template <typename T>
-void softmax(T* p, int64_t W, int64_t X, int64_t Xr, T scale, T* probs) {
+void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, bool bounded, T* inverse) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
   over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0) {
     constexpr int n = decltype(tile)::value;
-    V top[n], sum[n] = {};
-    for (int j = 0; j < n; ++j) top[j] = load<V>(p + x0 + j * L);
-    for (int64_t w = 1; w < W; ++w)
-      for (int j = 0; j < n; ++j) {
-        const V s = load<V>(p + w * Xr + x0 + j * L);
-        top[j] = s > top[j] ? s : top[j];
-      }
+    V top[n] = {}, sum[n] = {};
+    if (!bounded) {
+      for (int j = 0; j < n; ++j) top[j] = load<V>(p + x0 + j * L);
+      for (int64_t w = 1; w < W; ++w)
+        for (int j = 0; j < n; ++j) {
+          const V s = load<V>(p + w * Xr + x0 + j * L);
+          top[j] = s > top[j] ? s : top[j];
+        }
+    }
     for (int64_t w = 0; w < W; ++w)
       for (int j = 0; j < n; ++j) {
         const V e = exp_vec<V, T>(load<V>(p + w * Xr + x0 + j * L) - top[j]);
         store(p + w * Xr + x0 + j * L, e);
         sum[j] += e;
       }
-    V inverse[n];
     for (int j = 0; j < n; ++j) {
-      inverse[j] = T(1) / sum[j];
+      V inv = T(1) / sum[j];
       for (int64_t i = 0; i < L; ++i)
-        if (x0 + j * L + i >= X) inverse[j][i] = 0;
+        if (x0 + j * L + i >= X) inv[i] = 0;
+      store(inverse + x0 + j * L, inv);
     }
-    for (int64_t w = 0; w < W; ++w)
-      for (int j = 0; j < n; ++j) {
-        const V prob = load<V>(p + w * Xr + x0 + j * L) * inverse[j];
-        if (probs) store(probs + w * Xr + x0 + j * L, prob);
-        store(p + w * Xr + x0 + j * L, prob * scale);
-      }
   });
 }
 

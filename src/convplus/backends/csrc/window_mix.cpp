@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -71,7 +72,7 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
   const int64_t rows_total = g.BK * g.T * g.H;
   const bool direct = score.features.data != nullptr;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr);
+    Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), scale(g.Xr);
     RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
     std::vector<T> tap(g.D * g.W);
@@ -97,9 +98,16 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
       }
       for (int64_t w = 0; w < g.W; ++w)
         for (const int64_t x : window.blocked_x[w]) p[w * g.Xr + x] = neg_inf;
-      // p[w] = g * P[w], and P[w] kept for backward
-      softmax(p.data(), g.W, g.X, g.Xr, gain[h], probs ? probs + index * g.W * g.Xr : nullptr);
-      // z[d] = sum_w (g * P[w] + r[d, w]) * v[d, i + o_w] + b[d] over the offsets whose values lie in the grid
+      // p[w] = P[w] / inverse: the 'direct' score's |s| <= |tau| needs no max subtracted while |tau| <= 64
+      const bool bounded = direct && std::abs(score.temperature[h]) <= T(64);
+      softmax_numerators(p.data(), g.W, g.X, g.Xr, bounded, scale.data());
+      if (probs) {  // P[w], kept for backward
+        T* kept = probs + index * g.W * g.Xr;
+        for (int64_t w = 0; w < g.W; ++w)
+          for (int64_t x = 0; x < g.Xr; ++x) kept[w * g.Xr + x] = p[w * g.Xr + x] * scale[x];
+      }
+      for (int64_t x = 0; x < g.Xr; ++x) scale[x] *= gain[h];
+      // z[d] = sum_w (g inverse p[w] + r[d, w]) * v[d, i + o_w] + b[d] over the offsets whose values lie in the grid
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w)
         if (vc.valid(g.row[w])) {
@@ -107,8 +115,8 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
           value[M] = vc.row(g.row[w]) + g.lead + g.ox[w];
           live[M++] = w;
         }
-      window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), M, g.D, g.Xr,
-                    zb.data(), shifted);
+      window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), scale.data(), M,
+                    g.D, g.Xr, zb.data(), shifted);
       if (bias)
         for (int64_t d = 0; d < g.D; ++d)
           for (int64_t x = 0; x < g.X; ++x) zb[d * g.Xr + x] += bias[h * g.D + d];
@@ -178,7 +186,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       const T gh = gain[h];
       for (int64_t w = 0; w < g.W; ++w)
         for (int64_t x = 0; x < g.Xr; ++x) s[w * g.Xr + x] = gh * p[w * g.Xr + x] * (dp[w * g.Xr + x] - dot[x]);
-      window_sum<T>(weight.data(), value.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
+      window_sum<T>(weight.data(), value.data(), g.Xp, nullptr, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gq);
     }
     flush_taps();
@@ -215,10 +223,10 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
         gb_rows[M] = gc.row(g.row[w]) + shift;
         live[M++] = w;
       }
-      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
+      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, nullptr, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gk);
-      window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), M, g.D, g.Xr,
-                    zb.data(), shifted);
+      window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), nullptr, M, g.D,
+                    g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.D, g, bk, t, y, gv);
     }
   });
