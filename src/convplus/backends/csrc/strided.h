@@ -55,24 +55,39 @@ inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t 
     _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
 }
+
+
+// The 8x4 block of floats at src (rows stride apart) transposed into dst (rows dst_stride apart).
+inline void transpose_8x4(const float* src, int64_t stride, float* dst, int64_t dst_stride) {
+  __m128 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_ps(src + i * stride);
+  _MM_TRANSPOSE4_PS(r[0], r[1], r[2], r[3]);
+  _MM_TRANSPOSE4_PS(r[4], r[5], r[6], r[7]);
+  for (int j = 0; j < 4; ++j) {
+    _mm_storeu_ps(dst + j * dst_stride, r[j]);
+    _mm_storeu_ps(dst + j * dst_stride + 4, r[4 + j]);
+  }
+}
 #endif
 
 // dst[j * dst_stride + i] = src[i * stride + j] for i < rows, j < cols: a block of rows of contiguous entries
-// transposed (a channels-last row of a tensor to channel rows, and back), 8x8 blocks of floats at a time where
-// AVX2 is there.
+// transposed (a channels-last row of a tensor to channel rows, and back); for floats where AVX2 is there, 8 rows
+// at a time in 8x8 and 8x4 blocks.
 template <typename T>
 void transpose(const T* src, int64_t stride, T* dst, int64_t dst_stride, int64_t rows, int64_t cols) {
-  int64_t i0 = 0, j0 = 0;
+  int64_t i0 = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
-    for (i0 = 0; i0 + 8 <= rows; i0 += 8)
-      for (j0 = 0; j0 + 8 <= cols; j0 += 8)
-        transpose_8x8(src + i0 * stride + j0, stride, dst + j0 * dst_stride + i0, dst_stride);
-    for (int64_t i = 0; i < i0; ++i)  // the columns right of the blocks
-      for (int64_t j = j0; j < cols; ++j) dst[j * dst_stride + i] = src[i * stride + j];
+    for (; i0 + 8 <= rows; i0 += 8) {
+      int64_t j = 0;
+      for (; j + 8 <= cols; j += 8) transpose_8x8(src + i0 * stride + j, stride, dst + j * dst_stride + i0, dst_stride);
+      for (; j + 4 <= cols; j += 4) transpose_8x4(src + i0 * stride + j, stride, dst + j * dst_stride + i0, dst_stride);
+      for (; j < cols; ++j)
+        for (int64_t i = i0; i < i0 + 8; ++i) dst[j * dst_stride + i] = src[i * stride + j];
+    }
   }
 #endif
-  for (int64_t i = i0; i < rows; ++i)  // the rows below the blocks (all rows without them)
+  for (int64_t i = i0; i < rows; ++i)  // the rows left (all rows without AVX2)
     for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * stride + j];
 }
 
