@@ -50,7 +50,7 @@ template <typename T>
 Block<const T> read_block(const Rows<const T>& src, int64_t bk, int64_t n0, int64_t len, int64_t D, T* buf) {
   const T* start = src.at(bk, 0, 0, 0) + n0 * src.x;
   if (src.x == 1) return {start, src.channel};
-  detail::copy_block_in(start, src.channel, src.x, D, len, buf, kBlock);
+  detail::copy_block(start, src.channel, src.x, buf, kBlock, int64_t{1}, D, len);
   return {buf, kBlock};
 }
 
@@ -62,7 +62,9 @@ Block<T> block_of(const Rows<T>& dst, int64_t bk, int64_t n0, T* buf) {
 }
 template <typename T>
 void write_back(const Block<T>& block, const Rows<T>& dst, int64_t bk, int64_t n0, int64_t len, int64_t D) {
-  if (dst.x != 1) detail::copy_block_out(block.data, kBlock, D, len, dst.at(bk, 0, 0, 0) + n0 * dst.x, dst.channel, dst.x);
+  if (dst.x != 1)
+    detail::copy_block(static_cast<const T*>(block.data), kBlock, int64_t{1}, dst.at(bk, 0, 0, 0) + n0 * dst.x,
+                       dst.channel, dst.x, D, len);
 }
 
 // q and k contiguous (B, K, D, N).

@@ -23,7 +23,7 @@ namespace {  // internal linkage, see simd.h
 // outside stay zero.
 template <typename T>
 void gather_row(const Rows<const T>& src, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* buf) {
-  copy_block_in(src.at(bk, 0, t, y), src.channel, src.x, C, g.X, buf + g.lead, g.Xp);
+  copy_block(src.at(bk, 0, t, y), src.channel, src.x, buf + g.lead, g.Xp, int64_t{1}, C, g.X);
 }
 
 // In place on the row (t, y) of slice bk that gather_row copied into buf (C, Xp): the 'direct' score's keys
@@ -93,7 +93,7 @@ class RowCache {
 // Copies the C rows of buf (C, Xr) to row (t, y) of dst's slice bk.
 template <typename T>
 void scatter_rows(const T* buf, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, const Rows<T>& dst) {
-  copy_block_out(buf, g.Xr, C, g.X, dst.at(bk, 0, t, y), dst.channel, dst.x);
+  copy_block(static_cast<const T*>(buf), g.Xr, int64_t{1}, dst.at(bk, 0, t, y), dst.channel, dst.x, C, g.X);
 }
 
 }  // namespace

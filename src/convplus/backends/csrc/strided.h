@@ -91,31 +91,21 @@ void transpose(const T* src, int64_t stride, T* dst, int64_t dst_stride, int64_t
     for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * stride + j];
 }
 
-// dst (C, len), rows dst_stride apart: dst[c][i] = src[c * channel + i * column]. Whole rows are copied where the
-// positions are contiguous, blocks transposed where the channels are, entry by entry otherwise.
+// A (C, len) block from one layout to another: dst[c * dst_channel + i * dst_column] = src[c * channel + i * column],
+// one side with contiguous positions (column 1: a channel-first buffer). Whole rows are copied where both sides'
+// positions are contiguous, blocks transposed where one side's channels are, entry by entry otherwise.
 template <typename T>
-void copy_block_in(const T* src, int64_t channel, int64_t column, int64_t C, int64_t len, T* dst, int64_t dst_stride) {
-  if (column == 1) {
-    for (int64_t c = 0; c < C; ++c) std::memcpy(dst + c * dst_stride, src + c * channel, len * sizeof(T));
-  } else if (channel == 1) {
-    transpose(src, column, dst, dst_stride, len, C);
+void copy_block(const T* src, int64_t channel, int64_t column, T* dst, int64_t dst_channel, int64_t dst_column,
+                int64_t C, int64_t len) {
+  if (column == 1 && dst_column == 1) {
+    for (int64_t c = 0; c < C; ++c) std::memcpy(dst + c * dst_channel, src + c * channel, len * sizeof(T));
+  } else if (channel == 1 && dst_column == 1) {
+    transpose(src, column, dst, dst_channel, len, C);
+  } else if (column == 1 && dst_channel == 1) {
+    transpose(src, channel, dst, dst_column, C, len);
   } else {
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < len; ++i) dst[c * dst_stride + i] = src[c * channel + i * column];
-  }
-}
-
-// The converse: dst[c * channel + i * column] = src[c][i] for src (C, len), rows src_stride apart.
-template <typename T>
-void copy_block_out(const T* src, int64_t src_stride, int64_t C, int64_t len, T* dst, int64_t channel,
-                    int64_t column) {
-  if (column == 1) {
-    for (int64_t c = 0; c < C; ++c) std::memcpy(dst + c * channel, src + c * src_stride, len * sizeof(T));
-  } else if (channel == 1) {
-    transpose(src, src_stride, dst, column, C, len);
-  } else {
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < len; ++i) dst[c * channel + i * column] = src[c * src_stride + i];
+      for (int64_t i = 0; i < len; ++i) dst[c * dst_channel + i * dst_column] = src[c * channel + i * column];
   }
 }
 
