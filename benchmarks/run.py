@@ -274,20 +274,27 @@ def model_table(batch: int, side: int, pairs: int, results: dict) -> list[str]:
 
 
 def scaling(sides: list[int], repeats: int, path: Path, results: dict) -> list[str]:
-    """Forward time and forward+backward peak memory vs positions for dwconv, Conv+ local (C++ kernel) and Conv+
-    global (SDPA), 1x16 channels, channels-last; a two-panel PNG."""
+    """Forward time (median of ``repeats`` calls, three times as many for the two windowed layers) and
+    forward+backward peak memory vs positions for dwconv, Conv+ local (C++ kernel) and Conv+ global (SDPA), 1x16
+    channels, channels-last; a two-panel PNG."""
     names = ("dwconv 7x7", "Conv+ local (window 7)", "Conv+ global")
     times: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
     memory: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+    runs = {}
     for side in sides:
         dw, conv_plus = depthwise_and_convplus(1, 16, side, BASELINE_LAYOUT)
         glob = ConvPlus2d(16, kernel_size=7, window=None, heads=4, proj=False)
         x = torch.randn(1, 16, side, side).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        runs = {names[0]: dw, names[1]: conv_plus}
+        runs[side] = {names[0]: dw, names[1]: conv_plus}
         if side <= 128:  # global attention's N x N work grows quadratically
-            runs[names[2]] = lambda g=glob, x=x: g(x)
-        for name, fn in runs.items():
-            times[name].append((side * side, _no_grad(fn, repeats)))
+            runs[side][names[2]] = lambda g=glob, x=x: g(x)
+    # every time first: the memory runs (global attention's peak reaches GBs) leave the system reclaiming memory
+    # for a while, which slowed the next time measured
+    for side, by_name in runs.items():
+        for name, fn in by_name.items():  # the windowed layers' times are short and noisy: three times the repeats
+            times[name].append((side * side, _no_grad(fn, repeats if name == names[2] else 3 * repeats)))
+    for side, by_name in runs.items():
+        for name, fn in by_name.items():
             memory[name].append((side * side, peak_bytes(fn, True)))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, curves, scale, label in (
@@ -327,7 +334,8 @@ def scaling(sides: list[int], repeats: int, path: Path, results: dict) -> list[s
     memory_fits = ", ".join(f"{name} p = {p:.2f}" for name, p in memory_exponents.items())
     rows += [
         "",
-        "Time: forward, median of the repeats. Memory: the peak PyTorch's allocator held during one forward+backward.",
+        f"Time: forward, median of {3 * repeats} calls ({repeats} for global attention), all timed before any "
+        "memory is measured. Memory: the peak PyTorch's allocator held during one forward+backward.",
         f"Fitted time ~ N^p from the second size on: {fits}. Fitted peak memory ~ N^p: {memory_fits}.",
     ]
     return rows
