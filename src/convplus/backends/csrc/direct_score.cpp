@@ -168,7 +168,8 @@ std::vector<at::Tensor> direct_score_forward(at::Tensor x, at::Tensor pos, at::T
   if (pos.numel()) check.shape("pos", pos, {K, D, N}, "(K, D, N)");
   check.like("temperature", temperature, "x", x);
   check.shape("temperature", temperature, {K}, "(K,)");
-  auto q = at::empty({B, K, D, N}, x.options()), k = at::empty_like(q), inverse_norm = at::empty({B, K, N}, x.options());
+  auto q = at::empty({B, K, D, N}, x.options()), k = at::empty_like(q);
+  auto inverse_norm = at::empty({B, K, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convplus_direct_score_forward", [&] {
     forward_kernel<scalar_t>(rows<const scalar_t>(x), pos.numel() ? pos.data_ptr<scalar_t>() : nullptr,
                              temperature.data_ptr<scalar_t>(), B, K, D, N, q.data_ptr<scalar_t>(),

@@ -1,6 +1,6 @@
 // The window of the CPU mixing kernel on one grid: sizes, the offsets, the distinct (t, y) row offsets they use,
-// each query's own window among them, and the padded row layout (a zero halo of max|o_x| widened to whole vectors on each side of X rounded up to
-// whole vectors).
+// each query's own window among them, and the padded row layout (X rounded up to whole vectors, with a zero halo
+// of max|o_x| widened to whole vectors on each side).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -10,8 +10,9 @@
 //
 // Layout: q, k (B, K, Dq, T, H, X), v (B, K, D, T, H, X), of any strides (channels-first or channels-last: the
 // outputs take the layout of the input they match, z and dv that of v, dq and dk those of q and k); 1-d and 2-d
-// grids are padded to 3 spatial dims with size 1. gain (K,); kernel (K, D, P) flattened, or empty for no convolution term, and
-// tap_index (W,): the kernel entry at each window offset (-1: none), giving the taps r (K, D, W);
+// grids are padded to 3 spatial dims with size 1. gain (K,); kernel (K, D, P) flattened, or empty for no
+// convolution term, and tap_index (W,): the kernel entry at each window offset (-1: none), giving the taps r
+// (K, D, W);
 // offsets (W, 3) int64, row-major over (t, y, x), every offset some query's window uses; bounds (T + H + X, 2)
 // int64, each query's own window among them (window_geometry.h, forward only: backward reads the saved
 // probabilities, zero outside the window); bias (K, D) or empty, added to z. Head of slice bk is bk % K.
