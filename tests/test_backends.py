@@ -355,6 +355,30 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("score", ["direct", "qk"])
+@pytest.mark.parametrize(
+    ("grid", "kwargs"),
+    [((13, 20), {}), ((3, 5, 12), {}), ((9, 21), {"dilation": 2}), ((9, 11), {"border": "shift"}), ((40,), {})],
+)
+def test_cpu_kernel_output_does_not_depend_on_the_thread_count(score, grid, kwargs):
+    """Bit for bit, with 1 and 3 threads: a thread's first rows compute the 'direct' score's mirrored offsets
+    themselves, later rows read them back from the rows that computed s(j, i), and the two must agree exactly.
+    3 threads split the rows inside a slice."""
+    layer = MODULES[len(grid)](8, heads=2, kernel_size=5, score=score, backend="cpu", **kwargs)
+    x = torch.randn(1, 8, *grid)
+    outputs = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                outputs.append(layer(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
 @pytest.mark.parametrize(("score", "scale"), [("direct", 100.0), ("direct", 64.0), ("qk", 60.0)])
 def test_cpu_kernel_softmax_does_not_overflow_on_large_scores(score, scale):
     """float32 scores past e^x's range (88): the 'direct' score at the module's temperature cap (100) and at

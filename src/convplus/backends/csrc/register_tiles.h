@@ -62,13 +62,12 @@ inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T
     for (int j = 0; j < n; ++j) store(out[o] + j * L, acc[o][j]);
 }
 
-// Dot products over C channels of the query-side row a (C, Xp) with key row b shifted by each offset of the
-// window that reads b: out[w][x] = sum_c a[c, x] * b[c, x + o_w] for x = 0 .. Xr and every w with row[w] = r
-// (a and b point at column lead). With sums ((W, C) vectors): sums[w][c] += the same products, summed over x
-// lane-wise.
+// Dot products over C channels of the query-side row a (C, Xp) with key row b shifted by the offsets ws of the
+// window, which all read b: out[w][x] = sum_c a[c, x] * b[c, x + o_w] for x = 0 .. Xr and every w in ws (a and b
+// point at column lead). With sums ((W, C) vectors): sums[w][c] += the same products, summed over x lane-wise.
 template <typename T, bool with_sums>
-void row_dots(const T* a, const T* b, int64_t r, int64_t C, const Geometry& g, T* out, typename Simd<T>::vec* sums) {
-  const std::vector<int64_t>& ws = g.by_row[r];
+void row_dots(const T* a, const T* b, const std::vector<int64_t>& ws, int64_t C, const Geometry& g, T* out,
+              typename Simd<T>::vec* sums) {
   for (size_t first = 0; first < ws.size(); first += kDotGroup) {
     const int64_t count = std::min<int64_t>(kDotGroup, static_cast<int64_t>(ws.size()) - first);
     std::array<const T*, kDotGroup> bs;
@@ -153,17 +152,25 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, c
   });
 }
 
-// In place, for each column x of p (W, Xr) of scores s: p[w, x] = exp(s[w, x] - m[x]) and inverse[x] = 1 / sum_w
-// p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w. m is max_w s[., x], or 0 with
-// bounded (the caller knows |s| <= 64: no exponential overflows or falls below the normal range).
+// In place on a row of Xr values, a whole number of vectors: row[x] = exp(scale * row[x]).
 template <typename T>
-void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, bool bounded, T* inverse) {
+void scaled_exp(T* row, T scale, int64_t Xr) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t L = Simd<T>::width;
+  for (int64_t x = 0; x < Xr; x += L) store(row + x, exp_vec<V, T>(load<V>(row + x) * scale));
+}
+
+// In place, for each column x of p (W, Xr): scores s become p[w, x] = exp(s[w, x] - max_w s[., x]), or, with
+// exponentiated, p already holds numerators exp(s) (of scores that cannot overflow); inverse[x] = 1 / sum_w
+// p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w.
+template <typename T>
+void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, bool exponentiated, T* inverse) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
   over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0) {
     constexpr int n = decltype(tile)::value;
-    V top[n] = {}, sum[n] = {};
-    if (!bounded) {
+    V top[n], sum[n] = {};
+    if (!exponentiated) {
       for (int j = 0; j < n; ++j) top[j] = load<V>(p + x0 + j * L);
       for (int64_t w = 1; w < W; ++w)
         for (int j = 0; j < n; ++j) {
@@ -173,8 +180,11 @@ void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, bool bounded, T*
     }
     for (int64_t w = 0; w < W; ++w)
       for (int j = 0; j < n; ++j) {
-        const V e = exp_vec<V, T>(load<V>(p + w * Xr + x0 + j * L) - top[j]);
-        store(p + w * Xr + x0 + j * L, e);
+        V e = load<V>(p + w * Xr + x0 + j * L);
+        if (!exponentiated) {
+          e = exp_vec<V, T>(e - top[j]);
+          store(p + w * Xr + x0 + j * L, e);
+        }
         sum[j] += e;
       }
     for (int j = 0; j < n; ++j) {

@@ -20,6 +20,11 @@ struct Geometry {
   std::vector<int64_t> ox, row;  // per offset: x offset, index of its (t, y) row offset
   std::vector<int64_t> rt, ry;   // distinct (t, y) row offsets
   std::vector<std::vector<int64_t>> by_row;  // per distinct row offset: the offsets w that use it
+  // For a symmetric score (s(i, j) = s(j, i)): per offset, the index of -o_w or -1; per distinct row offset, the
+  // offsets w computed at each query ('own': o_w >= 0 in row-major order, or without a mirror) and those read
+  // back from the query i + o_w, which computed s(i + o_w, i) at its own offset -o_w ('mirrored').
+  std::vector<int64_t> mirror;
+  std::vector<std::vector<int64_t>> own_by_row, mirrored_by_row;
   int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
   int64_t center_row = -1;       // the row offset (0, 0): the query's own row
 
@@ -44,6 +49,16 @@ struct Geometry {
     }
     for (int64_t r = 0; r < rows(); ++r)
       if (rt[r] == 0 && ry[r] == 0) center_row = r;
+    own_by_row.resize(rows());
+    mirrored_by_row.resize(rows());
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t o[3] = {off[w][0], off[w][1], off[w][2]};
+      int64_t m = 0;
+      while (m < W && !(off[m][0] == -o[0] && off[m][1] == -o[1] && off[m][2] == -o[2])) ++m;
+      mirror.push_back(m < W ? m : -1);
+      const bool negative = o[0] < 0 || (o[0] == 0 && (o[1] < 0 || (o[1] == 0 && o[2] < 0)));
+      (negative && m < W ? mirrored_by_row : own_by_row)[row[w]].push_back(w);
+    }
     span_t = *std::max_element(rt.begin(), rt.end()) - *std::min_element(rt.begin(), rt.end()) + 1;
     span_y = *std::max_element(ry.begin(), ry.end()) - *std::min_element(ry.begin(), ry.end()) + 1;
     lead = (halo + width - 1) / width * width;

@@ -6,7 +6,8 @@
 // (offsets o_w whose key leaves the query's window are excluded from the softmax; the convolution term sees every
 // in-grid key, and zeros outside the grid).
 // With the 'direct' score the keys and queries are computed in the same pass from the features f instead of read:
-// k = unit(f + pos) over each head's channels (as direct_score.cpp computes it), q = tau_h * k.
+// k = unit(f + pos) over each head's channels (as direct_score.cpp computes it), s(i, j) = tau_h <k_i, k_j>. That
+// score is symmetric: the forward computes it once for most pairs (i, j) and (j, i) (MirrorCache).
 //
 // Layout: q, k (B, K, Dq, T, H, X), v (B, K, D, T, H, X), of any strides (channels-first or channels-last: the
 // outputs take the layout of the input they match, z and dv that of v, dq and dk those of q and k); 1-d and 2-d
@@ -67,14 +68,41 @@ struct ScoreInputs {
   const T* temperature;
 };
 
+// The scores that the query rows a thread has computed at their own offsets, kept for the next query rows
+// to read back (the 'direct' score is symmetric, s(i, j) = s(j, i)): the last span_y rows, each (W, Xp) with its
+// values at column lead (zero around them, so that shifted reads stay finite), and which row each slot holds.
+template <typename T>
+class MirrorCache {
+ public:
+  MirrorCache(const Geometry& g, bool enabled)
+      : g_(g), data_(enabled ? g.span_y * g.W * g.Xp : 0, T(0)), tag_(enabled ? g.span_y : 0, -1) {}
+
+  // The slot for query row index ((bk * T + t) * H + y), at column lead of its offset 0.
+  T* store(int64_t index) {
+    tag_[index % g_.span_y] = index;
+    return slot(index);
+  }
+  // Row index's slot as store left it, or null if another row has taken it since (or no row stored it).
+  const T* find(int64_t index) const { return tag_[index % g_.span_y] == index ? slot(index) : nullptr; }
+
+ private:
+  T* slot(int64_t index) const {
+    return const_cast<T*>(data_.data()) + index % g_.span_y * g_.W * g_.Xp + g_.lead;
+  }
+  const Geometry& g_;
+  Buffer<T> data_;
+  std::vector<int64_t> tag_;
+};
+
 template <typename T>
 void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T* gain, const T* taps,
                     const T* bias, const Geometry& g, const WindowBounds& window, const Rows<T>& out, T* probs) {
   const int64_t rows_total = g.BK * g.T * g.H;
   const bool direct = score.features.data != nullptr;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    Buffer<T> qb(g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), scale(g.Xr);
+    Buffer<T> qb(direct ? 0 : g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), scale(g.Xr);
     RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos), vc(v, g.D, g);
+    MirrorCache<T> computed(g, direct);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
     std::vector<T> tap(g.D * g.W);
     std::vector<int64_t> live(g.W);
@@ -83,25 +111,54 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       kc.gather(bk, t, y, 1);
       vc.gather(bk, t, y, 1);
-      if (direct) {  // q = tau * k of the query's own row
-        const T* own = kc.row(g.center_row);
-        for (int64_t i = 0; i < g.Dq * g.Xp; ++i) qb[i] = score.temperature[h] * own[i];
-      } else {
-        gather_row(score.q, g.Dq, g, bk, t, y, qb.data());
-      }
-      // scores, -inf where the key leaves the query's window (the grid, or a shifted window)
-      for (int64_t r = 0; r < g.rows(); ++r) {
-        if (kc.valid(r) && window.row_in_window(g, t, y, r)) {
-          row_dots<T, false>(qb.data() + g.lead, kc.row(r) + g.lead, r, g.Dq, g, p.data(), nullptr);
-          continue;
+      if (!direct) gather_row(score.q, g.Dq, g, bk, t, y, qb.data());
+      const T* query = direct ? kc.row(g.center_row) : qb.data();
+      // p[w] = <query, k[:, i + o_w]>, times tau for the 'direct' score (s = tau <k_i, k_j>), whose |s| <= |tau|
+      // cannot overflow an exponential while |tau| <= 64: then p[w] = exp(s) at once, with no max subtracted.
+      const T tau = direct ? score.temperature[h] : T(1);
+      const bool bounded = direct && std::abs(tau) <= T(64);
+      const auto scores = [&](int64_t r, const std::vector<int64_t>& ws) {
+        row_dots<T, false>(query + g.lead, kc.row(r) + g.lead, ws, g.Dq, g, p.data(), nullptr);
+        if (!direct) return;
+        for (const int64_t w : ws) {
+          T* row = p.data() + w * g.Xr;
+          if (bounded)
+            scaled_exp(row, tau, g.Xr);
+          else
+            for (int64_t x = 0; x < g.Xr; ++x) row[x] *= tau;
         }
-        for (const int64_t w : g.by_row[r]) std::fill(p.data() + w * g.Xr, p.data() + (w + 1) * g.Xr, neg_inf);
+      };
+      // Each query computes its own offsets, the 'direct' score's at every key row in the grid for the queries
+      // that read them back; those read back the mirrored offsets from the query i + o_w where this thread
+      // computed it, and compute them where not (the same dot products, in the same order: the same values).
+      const auto& own = direct ? g.own_by_row : g.by_row;
+      for (int64_t r = 0; r < g.rows(); ++r)
+        if (kc.valid(r) && !own[r].empty() && (direct || window.row_in_window(g, t, y, r))) scores(r, own[r]);
+      if (direct) {
+        T* kept = computed.store(index);
+        for (int64_t r = 0; r < g.rows(); ++r)
+          if (kc.valid(r))
+            for (const int64_t w : own[r])
+              std::memcpy(kept + w * g.Xp, p.data() + w * g.Xr, g.Xr * sizeof(T));
+        for (int64_t r = 0; r < g.rows(); ++r) {
+          if (g.mirrored_by_row[r].empty() || !kc.valid(r) || !window.row_in_window(g, t, y, r)) continue;
+          const T* source = computed.find(index + g.rt[r] * g.H + g.ry[r]);
+          if (!source) {
+            scores(r, g.mirrored_by_row[r]);
+            continue;
+          }
+          for (const int64_t w : g.mirrored_by_row[r])
+            std::memcpy(p.data() + w * g.Xr, source + g.mirror[w] * g.Xp + g.ox[w], g.Xr * sizeof(T));
+        }
       }
+      // masked where the key leaves the query's window (the grid, or a shifted window)
+      const T masked = bounded ? T(0) : neg_inf;
+      for (int64_t r = 0; r < g.rows(); ++r)
+        if (!kc.valid(r) || !window.row_in_window(g, t, y, r))
+          for (const int64_t w : g.by_row[r]) std::fill(p.data() + w * g.Xr, p.data() + (w + 1) * g.Xr, masked);
       for (int64_t w = 0; w < g.W; ++w)
-        for (const int64_t x : window.blocked_x[w]) p[w * g.Xr + x] = neg_inf;
-      // p[w] = P[w] / inverse: the 'direct' score's |s| <= |tau| needs no max subtracted while |tau| <= 64
-      const bool bounded = direct && std::abs(score.temperature[h]) <= T(64);
-      softmax_numerators(p.data(), g.W, g.X, g.Xr, bounded, scale.data());
+        for (const int64_t x : window.blocked_x[w]) p[w * g.Xr + x] = masked;
+      softmax_numerators(p.data(), g.W, g.X, g.Xr, bounded, scale.data());  // p[w] = P[w] / scale
       if (probs) {  // P[w], kept for backward
         T* kept = probs + index * g.W * g.Xr;
         for (int64_t w = 0; w < g.W; ++w)
@@ -166,9 +223,9 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       for (int64_t r = 0; r < g.rows(); ++r) {
         if (vc.valid(r)) {
           if (taps)
-            row_dots<T, true>(gb.data() + g.lead, vc.row(r) + g.lead, r, g.D, g, dp.data(), lane_taps.data());
+            row_dots<T, true>(gb.data() + g.lead, vc.row(r) + g.lead, g.by_row[r], g.D, g, dp.data(), lane_taps.data());
           else
-            row_dots<T, false>(gb.data() + g.lead, vc.row(r) + g.lead, r, g.D, g, dp.data(), nullptr);
+            row_dots<T, false>(gb.data() + g.lead, vc.row(r) + g.lead, g.by_row[r], g.D, g, dp.data(), nullptr);
           continue;
         }
         for (const int64_t w : g.by_row[r]) std::fill(dp.data() + w * g.Xr, dp.data() + (w + 1) * g.Xr, T(0));
