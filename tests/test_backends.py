@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from convplus import backends, functional
 from convplus.neighborhood import Neighborhood
@@ -399,6 +400,31 @@ def test_cpu_kernel_softmax_does_not_overflow_on_large_scores(score, scale):
     assert torch.isfinite(y_cpu).all() and rel_err(y_cpu, y_ref) < 1e-4
     for name, grad in g_ref.items():
         assert torch.isfinite(g_cpu[name]).all() and rel_err(g_cpu[name], grad) < 1e-3, name
+
+
+class _RecordingOps(TorchDispatchMode):
+    """Records the name of every op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("score", ["direct", "qk"])
+def test_cpu_kernel_backward_fills_no_zero_gradient_for_the_probabilities(score):
+    """The kept probabilities are an output without a gradient; autograd must not fill one with zeros for the
+    backward (it is as large as the scores: W values per position and head)."""
+    layer = MODULES[2](8, heads=2, kernel_size=5, score=score, backend="cpu")
+    y = layer(torch.randn(2, 8, 9, 11, requires_grad=True))
+    with _RecordingOps() as recorded:
+        y.sum().backward()
+    assert any(name.startswith("convplus::") for name in recorded.names)
+    assert not [name for name in recorded.names if "zero" in name or "fill" in name]
 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")

@@ -246,6 +246,7 @@ def _window_setup(ctx, score_inputs, window_inputs, output) -> None:
     v, gain, kernel, tap_index, offsets, _, bias, _ = window_inputs
     probs = output[1]
     ctx.mark_non_differentiable(probs)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the probabilities (as large as the scores)
     ctx.save_for_backward(*score_inputs, v, gain, kernel, tap_index, offsets, probs)
     ctx.bias_shape = bias.shape
 
@@ -261,6 +262,8 @@ def _window_mix_setup(ctx, inputs, output) -> None:
 
 
 def _window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
+    if grad_out is None:  # no gradient reached the output (none is filled in: see _window_setup)
+        return (None,) * 10
     q, k, *window = ctx.saved_tensors
     dq, dk, dv, dgain, dkernel, dbias = _window_grads(ctx, grad_out, q, k, *window)
     return dq, dk, dv, dgain, dkernel, None, None, None, dbias, None
@@ -273,6 +276,8 @@ def _direct_window_mix_setup(ctx, inputs, output) -> None:
 def _direct_window_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
     """Recomputes q and k from the features in one pass, then runs the window's backward and the score's; the
     features' gradient comes back in their layout."""
+    if grad_out is None:  # no gradient reached the output (none is filled in: see _window_setup)
+        return (None,) * 11
     features, pos, temperature, *window = ctx.saved_tensors
     flat = features.flatten(3)  # (B, K, Dq, N), in the features' layout
     q, k, inverse_norm = direct_score_features(flat, pos, temperature)
