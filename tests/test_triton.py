@@ -69,6 +69,18 @@ from convplus import ConvPlus2d
 from convplus.backends.fused_window import fused_window
 from convplus.backends.triton_kernels import window_mix
 from convplus.neighborhood import Neighborhood
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class Recording(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
 
 torch.manual_seed(0)
 grid = (4, 5)
@@ -82,6 +94,10 @@ for taps in (None, torch.randn(2, 2, geometry.offsets.shape[0])):  # (K, D, W) t
     plain = [None if t is None else t.detach() for t in inputs]
     saved = (attn.detach(), lse.detach(), torch.randn_like(out))
     torch.library.opcheck(torch.ops.convplus.triton_window_mix_backward, (*plain, *where, *saved))
+    recorded = Recording()
+    with recorded:  # attn and lse have no gradient: none is filled with zeros for the backward
+        out.sum().backward()
+    assert not [name for name in recorded.names if "zero" in name or "fill" in name], recorded.names
 for score in ("direct", "qk"):
     torch._dynamo.reset()
     module = ConvPlus2d(8, kernel_size=3, window=3, heads=2, score=score, backend="triton")

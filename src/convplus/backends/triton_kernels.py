@@ -305,11 +305,14 @@ def _setup(ctx, inputs, output) -> None:
     q, k, v, gain, taps, offsets, bounds, grid = inputs
     _, attn, lse = output
     ctx.mark_non_differentiable(attn, lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for attn (as large as v) and lse
     ctx.save_for_backward(q, k, v, gain, taps, offsets, bounds, attn, lse)
     ctx.grid = grid
 
 
 def _grads(ctx, grad_out, _grad_attn, _grad_lse) -> tuple:
+    if grad_out is None:  # no gradient reached the output (none is filled in: see _setup)
+        return (None,) * 8
     q, k, v, gain, taps, offsets, bounds, attn, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v, grad_gain, grad_taps = window_mix_backward(
         q, k, v, gain, taps, offsets, bounds, ctx.grid, attn, lse, grad_out
