@@ -361,22 +361,27 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
     ("grid", "kwargs"),
     [((13, 20), {}), ((3, 5, 12), {}), ((9, 21), {"dilation": 2}), ((9, 11), {"border": "shift"}), ((40,), {})],
 )
-def test_cpu_kernel_output_does_not_depend_on_the_thread_count(score, grid, kwargs):
-    """Bit for bit, with 1 and 3 threads: a thread's first rows compute the 'direct' score's mirrored offsets
-    themselves, later rows read them back from the rows that computed s(j, i), and the two must agree exactly.
-    3 threads split the rows inside a slice."""
+def test_cpu_kernel_does_not_depend_on_the_thread_count(score, grid, kwargs):
+    """With 1 and 3 threads. The forward bit for bit: a thread's first rows compute the 'direct' score's mirrored
+    offsets themselves, later rows read them back from the rows that computed s(j, i), and the two must agree
+    exactly (3 threads split the rows inside a slice). The backward: 1 thread runs both passes slice by slice
+    (8 slices), 3 threads each pass over all rows (fewer than 4 slices a thread); the input's gradient bit for bit,
+    the parameters' (sums over threads' partial sums, in another order) to rounding."""
     layer = MODULES[len(grid)](8, heads=2, kernel_size=5, score=score, backend="cpu", **kwargs)
-    x = torch.randn(1, 8, *grid)
-    outputs = []
+    x = torch.randn(4, 8, *grid)
+    results = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 3):
             torch.set_num_threads(count)
-            with torch.no_grad():
-                outputs.append(layer(x))
+            results.append(forward_backward(layer, x))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(outputs[0], outputs[1])
+    (y_one, grads_one), (y_three, grads_three) = results
+    assert torch.equal(y_one, y_three)
+    assert torch.equal(grads_one["x"], grads_three["x"])
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_three[name], grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")

@@ -183,6 +183,8 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
   });
 }
 
+constexpr int64_t kSlicesPerThread = 4;  // the fewest (B, K) slices per thread that the backward splits by slice
+
 template <typename T>
 void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<const T>& v, const T* gain,
                      const T* taps, const T* probs, const Rows<const T>& gout, const Geometry& g, T* gscore,
@@ -191,7 +193,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   std::mutex reduce;
   // pass 1, per query row i: dP[w] = <gout[:, i], v[:, i + o_w]> (and dr[d, w] = sum_i gout[d, i] v[d, i + o_w]),
   // dgain += sum_w P dP, dS = g P (dP - sum_w P dP), dq[:, i] = sum_w dS[w] k[:, i + o_w].
-  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
+  const auto pass1 = [&](int64_t begin, int64_t end) {
     Buffer<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), zb(g.Dq * g.Xr);
     RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
@@ -251,10 +253,10 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
     std::lock_guard<std::mutex> lock(reduce);
     for (int64_t i = 0; i < g.K; ++i) ggain[i] += local_gain[i];
     for (size_t i = 0; i < local_taps.size(); ++i) gtaps[i] += local_taps[i];
-  });
+  };
   // pass 2, per key row j, gathering from the query rows i = j - o_w (no write conflicts):
   // dk[:, j] = sum_w dS[i, w] q[:, i], dv[d, j] = sum_w (g P[i, w] + r[d, w]) gout[d, i].
-  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
+  const auto pass2 = [&](int64_t begin, int64_t end) {
     RowCache<T> qc(q, g.Dq, g), gc(gout, g.D, g);
     Buffer<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), zb(std::max(g.D, g.Dq) * g.Xr), tap(g.D * g.W);
     std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W), shifted(g.W);
@@ -287,7 +289,21 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
                     g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.D, g, bk, t, y, gv);
     }
-  });
+  };
+  // Both passes slice by slice where there are enough slices for the threads: pass 2 then reads a slice's dS and
+  // P while they are still in cache. Otherwise each pass over all rows, split between the threads.
+  const int64_t slice_rows = g.T * g.H;
+  if (g.BK >= kSlicesPerThread * at::get_num_threads()) {
+    at::parallel_for(0, g.BK, 1, [&](int64_t first, int64_t last) {
+      for (int64_t bk = first; bk < last; ++bk) {
+        pass1(bk * slice_rows, (bk + 1) * slice_rows);
+        pass2(bk * slice_rows, (bk + 1) * slice_rows);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, rows_total, 1, pass1);
+  at::parallel_for(0, rows_total, 1, pass2);
 }
 
 // taps (K, D, W): the kernel's value at each window offset, 0 where tap_index is -1. kernel (K, D, P).
