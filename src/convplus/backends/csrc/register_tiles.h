@@ -94,12 +94,20 @@ void row_dots(const T* a, const T* b, const std::vector<int64_t>& ws, int64_t C,
   }
 }
 
+// The convolution term's taps in a weighted sum over M window offsets: data[c * stride + m] for channel c and
+// offset m < M; data null: no convolution term.
+template <typename T>
+struct TapMatrix {
+  const T* data = nullptr;
+  int64_t stride = 0;
+};
+
 // The weighted sum over the window, for a block of cb channels at the n vectors of x from 0:
-// out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] (taps null: no
-// convolution term; scale null: 1). Each load of a weight serves all cb channels.
+// out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[c * tap_stride + m]) * value[m][c * stride + x] (taps
+// null: no convolution term; scale null: 1). Each load of a weight serves all cb channels.
 template <typename T, int n, int cb, bool with_taps, bool with_scale>
 inline void sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
-                     const T* scale, int64_t M, int64_t Xr, T* out) {
+                     int64_t tap_stride, const T* scale, int64_t M, int64_t Xr, T* out) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
   V acc[cb][n] = {}, sv[n];
@@ -114,7 +122,7 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
     const T* vm = value[m] + offset;
     for (int c = 0; c < cb; ++c) {
       if constexpr (with_taps) {
-        const T tap = taps[c * M + m];
+        const T tap = taps[c * tap_stride + m];
         for (int j = 0; j < n; ++j) acc[c][j] += (wv[j] + tap) * load<V>(vm + c * stride + j * L);
       } else {
         for (int j = 0; j < n; ++j) acc[c][j] += wv[j] * load<V>(vm + c * stride + j * L);
@@ -125,11 +133,11 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
     for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
 }
 
-// out (C, Xr): out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[c * M + m]) * value[m][c * stride + x] for
-// all C channels and x = 0 .. Xr (taps (C, M), or null: no convolution term; scale (Xr,), or null: 1). shifted:
-// scratch of at least M pointers.
+// out (C, Xr): out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + r[c, m]) * value[m][c * stride + x] for all C
+// channels and x = 0 .. Xr (r: the taps, or none; scale (Xr,), or null: 1). shifted: scratch of at least M
+// pointers.
 template <typename T>
-void window_sum(const T* const* weight, const T* const* value, int64_t stride, const T* taps, const T* scale,
+void window_sum(const T* const* weight, const T* const* value, int64_t stride, TapMatrix<T> taps, const T* scale,
                 int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
   over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
     for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
@@ -137,17 +145,18 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, c
       with_constant<kSumChannels>(std::min<int64_t>(kSumChannels, C - c0), [&](auto cb) {
         constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
         T* dst = out + c0 * Xr + x;
-        const T* t = taps ? taps + c0 * M : nullptr;
+        const T* t = taps.data ? taps.data + c0 * taps.stride : nullptr;
+        const int64_t ts = taps.stride;
         const T* sx = scale ? scale + x : nullptr;
         const int64_t at = c0 * stride + x;
-        if (taps && scale)
-          sum_tile<T, tile, block, true, true>(shifted.data(), value, at, stride, t, sx, M, Xr, dst);
-        else if (taps)
-          sum_tile<T, tile, block, true, false>(shifted.data(), value, at, stride, t, sx, M, Xr, dst);
+        if (t && scale)
+          sum_tile<T, tile, block, true, true>(shifted.data(), value, at, stride, t, ts, sx, M, Xr, dst);
+        else if (t)
+          sum_tile<T, tile, block, true, false>(shifted.data(), value, at, stride, t, ts, sx, M, Xr, dst);
         else if (scale)
-          sum_tile<T, tile, block, false, true>(shifted.data(), value, at, stride, t, sx, M, Xr, dst);
+          sum_tile<T, tile, block, false, true>(shifted.data(), value, at, stride, t, ts, sx, M, Xr, dst);
         else
-          sum_tile<T, tile, block, false, false>(shifted.data(), value, at, stride, t, sx, M, Xr, dst);
+          sum_tile<T, tile, block, false, false>(shifted.data(), value, at, stride, t, ts, sx, M, Xr, dst);
       });
   });
 }

@@ -45,16 +45,16 @@ namespace {
 
 using namespace detail;
 
-// The taps of head h at the M live offsets live[m], as a (D, M) matrix: taps' own when every offset is live, else
-// copied into out; null without a convolution term.
+// The taps of head h at the M live offsets live[m] (increasing), as a (D, M) matrix: a view of taps where the
+// live offsets are consecutive, else copied into out; none without a convolution term.
 template <typename T>
-const T* live_taps(const T* taps, int64_t h, const std::vector<int64_t>& live, int64_t M, const Geometry& g,
-                   T* out) {
-  if (!taps) return nullptr;
-  if (M == g.W) return taps + h * g.D * g.W;
+TapMatrix<T> live_taps(const T* taps, int64_t h, const std::vector<int64_t>& live, int64_t M, const Geometry& g,
+                       T* out) {
+  if (!taps || !M) return {};
+  if (live[M - 1] - live[0] == M - 1) return {taps + h * g.D * g.W + live[0], g.W};
   for (int64_t d = 0; d < g.D; ++d)
     for (int64_t m = 0; m < M; ++m) out[d * M + m] = taps[(h * g.D + d) * g.W + live[m]];
-  return out;
+  return {out, M};
 }
 
 // Where the scores come from: q and k (B, K, Dq, T, H, X), or, with the 'direct' score (features non-null), the
@@ -246,7 +246,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       const T gh = gain[h];
       for (int64_t w = 0; w < g.W; ++w)
         for (int64_t x = 0; x < g.Xr; ++x) s[w * g.Xr + x] = gh * p[w * g.Xr + x] * (dp[w * g.Xr + x] - dot[x]);
-      window_sum<T>(weight.data(), value.data(), g.Xp, nullptr, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
+      window_sum<T>(weight.data(), value.data(), g.Xp, {}, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gq);
     }
     flush_taps();
@@ -283,7 +283,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
         gb_rows[M] = gc.row(g.row[w]) + shift;
         live[M++] = w;
       }
-      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, nullptr, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
+      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, {}, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gk);
       window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), nullptr, M, g.D,
                     g.Xr, zb.data(), shifted);
