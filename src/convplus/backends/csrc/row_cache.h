@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -28,22 +27,26 @@ void gather_row(const Rows<const T>& src, int64_t C, const Geometry& g, int64_t 
 
 // In place on the row (t, y) of slice bk that gather_row copied into buf (C, Xp): the 'direct' score's keys
 // k = x^ / max(||x^||, 1e-12) over the C channels at every column, x^ = x + pos (pos (K, C, T, H, X), or null),
-// in the order of operations of direct_score.cpp. norm: scratch of X values.
+// in the order of operations of direct_score.cpp. By whole vectors: the columns from X on are zero and stay zero.
 template <typename T>
-void unit_row(T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y, T* norm) {
-  std::fill(norm, norm + g.X, T(0));
-  for (int64_t c = 0; c < C; ++c) {
-    T* __restrict__ row = buf + c * g.Xp + g.lead;
-    if (pos) {
+void unit_row(T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t L = Simd<T>::width;
+  T* rows = buf + g.lead;
+  if (pos)
+    for (int64_t c = 0; c < C; ++c) {
       const T* __restrict__ pr = pos + ((bk % g.K * C + c) * g.T + t) * g.H * g.X + y * g.X;
+      T* __restrict__ row = rows + c * g.Xp;
       for (int64_t x = 0; x < g.X; ++x) row[x] += pr[x];
     }
-    for (int64_t x = 0; x < g.X; ++x) norm[x] += row[x] * row[x];
-  }
-  for (int64_t x = 0; x < g.X; ++x) norm[x] = T(1) / std::sqrt(std::max(norm[x], T(kMinSquaredNorm)));
-  for (int64_t c = 0; c < C; ++c) {
-    T* __restrict__ row = buf + c * g.Xp + g.lead;
-    for (int64_t x = 0; x < g.X; ++x) row[x] *= norm[x];
+  for (int64_t x = 0; x < g.Xr; x += L) {
+    V norm{};
+    for (int64_t c = 0; c < C; ++c) {
+      const V r = load<V>(rows + c * g.Xp + x);
+      norm += r * r;
+    }
+    const V inverse = T(1) / sqrt_vec<V, T>(norm < T(kMinSquaredNorm) ? V{} + T(kMinSquaredNorm) : norm);
+    for (int64_t c = 0; c < C; ++c) store(rows + c * g.Xp + x, load<V>(rows + c * g.Xp + x) * inverse);
   }
 }
 
@@ -56,7 +59,7 @@ class RowCache {
  public:
   RowCache(const Rows<const T>& src, int64_t C, const Geometry& g, bool unit = false, const T* pos = nullptr)
       : src_(src), pos_(pos), unit_(unit), C_(C), g_(g), data_(g.span_t * g.span_y * C * g.Xp, T(0)),
-        norm_(unit ? g.X : 0), tag_(g.span_t * g.span_y, -1), rows_(g.rows()), valid_(g.rows()) {}
+        tag_(g.span_t * g.span_y, -1), rows_(g.rows()), valid_(g.rows()) {}
 
   // Points rows()[r] at row (t + sign * rt[r], y + sign * ry[r]) of slice bk for every r with valid()[r].
   void gather(int64_t bk, int64_t t, int64_t y, int64_t sign) {
@@ -68,7 +71,7 @@ class RowCache {
       T* buf = data_.data() + slot * C_ * g_.Xp;
       if (tag_[slot] != id) {
         gather_row(src_, C_, g_, bk, tt, yy, buf);
-        if (unit_) unit_row(buf, pos_, C_, g_, bk, tt, yy, norm_.data());
+        if (unit_) unit_row(buf, pos_, C_, g_, bk, tt, yy);
         tag_[slot] = id;
       }
       rows_[r] = buf;
@@ -84,7 +87,6 @@ class RowCache {
   int64_t C_;
   const Geometry& g_;
   Buffer<T> data_;
-  std::vector<T> norm_;
   std::vector<int64_t> tag_;
   std::vector<const T*> rows_;
   std::vector<char> valid_;

@@ -3,13 +3,14 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <new>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512VL__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -57,6 +58,17 @@ inline V load(const T* p) {
 template <typename V, typename T>
 inline void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
+}
+
+// The square root of each lane (correctly rounded, as std::sqrt).
+template <typename V, typename T>
+inline V sqrt_vec(V v) {
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 4) return (V)_mm256_sqrt_ps((__m256)v);
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 8) return (V)_mm256_sqrt_pd((__m256d)v);
+#endif
+  for (int64_t j = 0; j < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++j) v[j] = std::sqrt(v[j]);
+  return v;
 }
 
 template <typename V, typename T>
