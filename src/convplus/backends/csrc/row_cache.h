@@ -61,8 +61,9 @@ class RowCache {
       : src_(src), pos_(pos), unit_(unit), C_(C), g_(g), data_(g.span_t * g.span_y * C * g.Xp, T(0)),
         tag_(g.span_t * g.span_y, -1), rows_(g.rows()), valid_(g.rows()) {}
 
-  // Points rows()[r] at row (t + sign * rt[r], y + sign * ry[r]) of slice bk for every r with valid()[r].
-  void gather(int64_t bk, int64_t t, int64_t y, int64_t sign) {
+  // Points rows()[r] at row (t + sign * rt[r], y + sign * ry[r]) of slice bk for every r with valid()[r]. A row
+  // that copy_of (a cache of the same tensor and C, without unit) holds is copied from it, not read again.
+  void gather(int64_t bk, int64_t t, int64_t y, int64_t sign, const RowCache* copy_of = nullptr) {
     for (int64_t r = 0; r < g_.rows(); ++r) {
       const int64_t tt = t + sign * g_.rt[r], yy = y + sign * g_.ry[r];
       valid_[r] = g_.row_in_grid(tt, yy);
@@ -70,7 +71,10 @@ class RowCache {
       const int64_t slot = tt % g_.span_t * g_.span_y + yy % g_.span_y, id = (bk * g_.T + tt) * g_.H + yy;
       T* buf = data_.data() + slot * C_ * g_.Xp;
       if (tag_[slot] != id) {
-        gather_row(src_, C_, g_, bk, tt, yy, buf);
+        if (copy_of && copy_of->tag_[slot] == id)
+          std::memcpy(buf, copy_of->data_.data() + slot * C_ * g_.Xp, C_ * g_.Xp * sizeof(T));
+        else
+          gather_row(src_, C_, g_, bk, tt, yy, buf);
         if (unit_) unit_row(buf, pos_, C_, g_, bk, tt, yy);
         tag_[slot] = id;
       }

@@ -30,6 +30,11 @@ struct Rows {
         batch(tensor.stride(0)), head(tensor.stride(1)), channel(tensor.stride(2)), t(tensor.stride(3)),
         y(tensor.stride(4)), x(tensor.stride(5)) {}
 
+  bool same_as(const Rows& other) const {
+    return data == other.data && K == other.K && batch == other.batch && head == other.head &&
+           channel == other.channel && t == other.t && y == other.y && x == other.x;
+  }
+
   T* at(int64_t bk, int64_t c, int64_t tt, int64_t yy) const {
     return data + bk / K * batch + bk % K * head + c * channel + tt * t + yy * y;
   }

@@ -107,10 +107,12 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
     std::vector<T> tap(g.D * g.W);
     std::vector<int64_t> live(g.W);
     const T neg_inf = -std::numeric_limits<T>::infinity();
+    // the 'direct' score's features are often the values themselves (proj=False): their rows are read once
+    const bool shared = direct && g.Dq == g.D && score.features.same_as(v);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
-      kc.gather(bk, t, y, 1);
       vc.gather(bk, t, y, 1);
+      kc.gather(bk, t, y, 1, shared ? &vc : nullptr);
       if (!direct) gather_row(score.q, g.Dq, g, bk, t, y, qb.data());
       const T* query = direct ? kc.row(g.center_row) : qb.data();
       // p[w] = <query, k[:, i + o_w]>, times tau for the 'direct' score (s = tau <k_i, k_j>), whose |s| <= |tau|
