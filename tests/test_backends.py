@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 import warnings
 
 import pytest
@@ -461,3 +462,30 @@ def test_cpu_kernel_keeps_probabilities_only_when_a_gradient_can_follow(monkeypa
         assert kept == [(score, False), (score, True)]
         torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
         kept.clear()
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("score", ["direct", "qk"])
+def test_cpu_kernel_phase_clock_times_every_phase_of_both_passes(score):
+    """Inside the block every phase of the forward and backward passes gets time (the keys' phase only with the
+    'direct' score, which computes them in the pass), no more than the threads can have spent; the results are
+    those of an untimed call; a new block starts from zero and the clock stops with its block."""
+    from convplus.backends import cpu
+
+    layer = MODULES[2](8, heads=2, kernel_size=5, score=score, backend="cpu")
+    x = torch.randn(2, 8, 9, 11)
+    untimed = forward_backward(layer, x)
+    start = time.perf_counter()
+    with cpu.phase_clock() as phases:
+        timed = forward_backward(layer, x)
+    elapsed = time.perf_counter() - start
+    assert torch.equal(timed[0], untimed[0])
+    assert all(torch.equal(timed[1][name], grad) for name, grad in untimed[1].items())
+    expected = {name for name in phases if score == "direct" or not name.startswith("forward: keys")}
+    assert {name for name, seconds in phases.items() if seconds > 0} == expected
+    assert sum(phases.values()) <= elapsed * torch.get_num_threads()
+    forward_backward(layer, x)  # after the block: not counted
+    assert dict(cpu.extension().phase_times()) == phases
+    with cpu.phase_clock() as empty:
+        pass
+    assert set(empty.values()) == {0.0}

@@ -18,10 +18,12 @@ convolution kernel that reaches past the attention window runs as a separate dep
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import math
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -78,6 +80,29 @@ def extension() -> ModuleType:
     if isinstance(loaded, str):
         raise RuntimeError(loaded)
     return loaded
+
+
+@contextlib.contextmanager
+def phase_clock() -> Iterator[dict[str, float]]:
+    """Times the mixing kernel's phases over the block: the fused kernel is one operator to a profiler, this says
+    where its time goes (scores, softmax, aggregation and convolution term, layout copies, each backward product).
+
+    Yields a dict, filled when the block ends, of seconds per phase, summed over the threads. Each thread reads a
+    steady clock at every phase boundary of a query row, which adds a little to every phase; outside the block the
+    boundaries cost nothing measurable. Not reentrant: one block at a time per process.
+
+        with phase_clock() as phases:
+            layer(x).sum().backward()
+        print(max(phases, key=phases.get))
+    """
+    kernels = extension()
+    phases: dict[str, float] = {}
+    kernels.set_phase_clock(True)
+    try:
+        yield phases
+    finally:
+        kernels.set_phase_clock(False)
+        phases.update(kernels.phase_times())
 
 
 @torch.compiler.assume_constant_result

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "phase_clock.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_mix_forward", &convplus::window_mix_forward, "Conv+ windowed mix, forward: (z, probs)");
@@ -12,4 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("direct_score_forward", &convplus::direct_score_forward, "'direct' score features: (q, k, inverse_norm)");
   m.def("direct_score_backward", &convplus::direct_score_backward,
         "'direct' score features, backward: (dx, dpos, dtemperature)");
+  m.def("set_phase_clock", &convplus::set_phase_clock,
+        "Starts (clearing the totals) or stops the mixing kernel's per-phase clock");
+  m.def("phase_times", &convplus::phase_times,
+        "(phase, seconds summed over threads) per phase of the mixing kernel since the clock was started");
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "direct_score.h"
+#include "phase_clock.h"
 #include "simd.h"
 #include "strided.h"
 #include "window_geometry.h"
@@ -53,12 +54,14 @@ void unit_row(T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, in
 // The rows around a query (or key) row, copied into padded (C, Xp) buffers and kept while later rows still use
 // them: consecutive rows share all but one of their neighbor rows, so each source row is copied about once.
 // Direct-mapped on (t mod span_t, y mod span_y): the rows one query needs never share a slot. With ``unit``,
-// each row is turned into the 'direct' score's keys as it is copied (unit_row, with pos or null).
+// each row is turned into the 'direct' score's keys as it is copied (unit_row, with pos or null), timed apart
+// from the copy on clock where one is given.
 template <typename T>
 class RowCache {
  public:
-  RowCache(const Rows<const T>& src, int64_t C, const Geometry& g, bool unit = false, const T* pos = nullptr)
-      : src_(src), pos_(pos), unit_(unit), C_(C), g_(g), data_(g.span_t * g.span_y * C * g.Xp, T(0)),
+  RowCache(const Rows<const T>& src, int64_t C, const Geometry& g, bool unit = false, const T* pos = nullptr,
+           PhaseClock* clock = nullptr)
+      : src_(src), pos_(pos), unit_(unit), C_(C), g_(g), clock_(clock), data_(g.span_t * g.span_y * C * g.Xp, T(0)),
         tag_(g.span_t * g.span_y, -1), rows_(g.rows()), valid_(g.rows()) {}
 
   // Points rows()[r] at row (t + sign * rt[r], y + sign * ry[r]) of slice bk for every r with valid()[r]. A row
@@ -75,7 +78,11 @@ class RowCache {
           std::memcpy(buf, copy_of->data_.data() + slot * C_ * g_.Xp, C_ * g_.Xp * sizeof(T));
         else
           gather_row(src_, C_, g_, bk, tt, yy, buf);
-        if (unit_) unit_row(buf, pos_, C_, g_, bk, tt, yy);
+        if (unit_) {
+          if (clock_) clock_->lap(Phase::kForwardRowsIn);
+          unit_row(buf, pos_, C_, g_, bk, tt, yy);
+          if (clock_) clock_->lap(Phase::kForwardKeys);
+        }
         tag_[slot] = id;
       }
       rows_[r] = buf;
@@ -90,6 +97,7 @@ class RowCache {
   bool unit_;
   int64_t C_;
   const Geometry& g_;
+  PhaseClock* clock_;
   Buffer<T> data_;
   std::vector<int64_t> tag_;
   std::vector<const T*> rows_;

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "phase_clock.h"
 #include "register_tiles.h"
 #include "row_cache.h"
 #include "simd.h"
@@ -100,8 +101,9 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
   const int64_t rows_total = g.BK * g.T * g.H;
   const bool direct = score.features.data != nullptr;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
+    PhaseClock clock;
     Buffer<T> qb(direct ? 0 : g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), scale(g.Xr);
-    RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos), vc(v, g.D, g);
+    RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos, &clock), vc(v, g.D, g);
     MirrorCache<T> computed(g, direct);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
     std::vector<T> tap(g.D * g.W);
@@ -114,6 +116,7 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
       vc.gather(bk, t, y, 1);
       kc.gather(bk, t, y, 1, shared ? &vc : nullptr);
       if (!direct) gather_row(score.q, g.Dq, g, bk, t, y, qb.data());
+      clock.lap(Phase::kForwardRowsIn);
       const T* query = direct ? kc.row(g.center_row) : qb.data();
       // p[w] = <query, k[:, i + o_w]>, times tau for the 'direct' score (s = tau <k_i, k_j>), whose |s| <= |tau|
       // cannot overflow an exponential while |tau| <= 64: then p[w] = exp(s) at once, with no max subtracted.
@@ -153,6 +156,7 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
             std::memcpy(p.data() + w * g.Xr, source + g.mirror[w] * g.Xp + g.ox[w], g.Xr * sizeof(T));
         }
       }
+      clock.lap(Phase::kForwardScores);
       // masked where the key leaves the query's window (the grid, or a shifted window)
       const T masked = bounded ? T(0) : neg_inf;
       for (int64_t r = 0; r < g.rows(); ++r)
@@ -167,6 +171,7 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
           for (int64_t x = 0; x < g.Xr; ++x) kept[w * g.Xr + x] = p[w * g.Xr + x] * scale[x];
       }
       for (int64_t x = 0; x < g.Xr; ++x) scale[x] *= gain[h];
+      clock.lap(Phase::kForwardSoftmax);
       // z[d] = sum_w (g inverse p[w] + r[d, w]) * v[d, i + o_w] + b[d] over the offsets whose values lie in the grid
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w)
@@ -177,10 +182,12 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
         }
       window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), scale.data(), M,
                     g.D, g.Xr, zb.data(), shifted);
+      clock.lap(Phase::kForwardMix);
       if (bias)
         for (int64_t d = 0; d < g.D; ++d)
           for (int64_t x = 0; x < g.X; ++x) zb[d * g.Xr + x] += bias[h * g.D + d];
       scatter_rows(zb.data(), g.D, g, bk, t, y, out);
+      clock.lap(Phase::kForwardRowsOut);
     }
   });
 }
@@ -204,6 +211,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
     using V = typename Simd<T>::vec;
     std::vector<V, VectorAligned<V>> lane_taps(taps ? g.W * g.D : 0, V{});
     int64_t lane_bk = -1;
+    PhaseClock clock;
     const auto flush_taps = [&] {
       if (lane_bk < 0) return;
       double* dst = local_taps.data() + head(g, lane_bk) * g.D * g.W;
@@ -224,6 +232,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       vc.gather(bk, t, y, 1);
       const T* p = probs + index * g.W * g.Xr;
       T* s = gscore + index * g.W * g.Xr;
+      clock.lap(Phase::kBackwardRowsIn);
       for (int64_t r = 0; r < g.rows(); ++r) {
         if (vc.valid(r)) {
           if (taps)
@@ -234,6 +243,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
         }
         for (const int64_t w : g.by_row[r]) std::fill(dp.data() + w * g.Xr, dp.data() + (w + 1) * g.Xr, T(0));
       }
+      clock.lap(Phase::kBackwardProbabilityGrads);
       std::fill(dot.begin(), dot.end(), T(0));
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w) {
@@ -248,10 +258,14 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       const T gh = gain[h];
       for (int64_t w = 0; w < g.W; ++w)
         for (int64_t x = 0; x < g.Xr; ++x) s[w * g.Xr + x] = gh * p[w * g.Xr + x] * (dp[w * g.Xr + x] - dot[x]);
+      clock.lap(Phase::kBackwardSoftmax);
       window_sum<T>(weight.data(), value.data(), g.Xp, {}, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
+      clock.lap(Phase::kBackwardQueryGrads);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gq);
+      clock.lap(Phase::kBackwardRowsOut);
     }
     flush_taps();
+    clock.lap(Phase::kBackwardProbabilityGrads);
     std::lock_guard<std::mutex> lock(reduce);
     for (int64_t i = 0; i < g.K; ++i) ggain[i] += local_gain[i];
     for (size_t i = 0; i < local_taps.size(); ++i) gtaps[i] += local_taps[i];
@@ -263,6 +277,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
     Buffer<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), zb(std::max(g.D, g.Dq) * g.Xr), tap(g.D * g.W);
     std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W), shifted(g.W);
     std::vector<int64_t> live(g.W);
+    PhaseClock clock;
     for (int64_t index = begin; index < end; ++index) {
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       qc.gather(bk, t, y, -1);
@@ -285,11 +300,16 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
         gb_rows[M] = gc.row(g.row[w]) + shift;
         live[M++] = w;
       }
+      clock.lap(Phase::kBackwardRowsIn);
       window_sum<T>(sw.data(), qb_rows.data(), g.Xp, {}, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
+      clock.lap(Phase::kBackwardKeyGrads);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gk);
+      clock.lap(Phase::kBackwardRowsOut);
       window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), nullptr, M, g.D,
                     g.Xr, zb.data(), shifted);
+      clock.lap(Phase::kBackwardValueGrads);
       scatter_rows(zb.data(), g.D, g, bk, t, y, gv);
+      clock.lap(Phase::kBackwardRowsOut);
     }
   };
   // Both passes slice by slice where there are enough slices for the threads: pass 2 then reads a slice's dS and
