@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -40,11 +41,19 @@ struct Rows {
   }
 };
 
+// Which side of a transpose has room past its entries: the partial blocks at the end of a row of positions are
+// then moved whole (8 wide) there instead of entry by entry. kDestination: each destination row can take its
+// columns up to a whole block (zeros are written past the end); kSource: each source row can be read up to a whole
+// block (what lies past the end is read and dropped); kNone: neither.
+enum class Room { kNone, kDestination, kSource };
+
 #if defined(__AVX2__)
-// The 8x8 block of floats at src (rows stride apart) transposed into dst (rows dst_stride apart).
-inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t dst_stride) {
+// The block of src_rows <= 8 rows of 8 floats at src (rows stride apart; the missing rows read as zeros)
+// transposed, of which the first dst_rows <= 8 rows are stored at dst (rows dst_stride apart).
+inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t dst_stride, int64_t src_rows,
+                          int64_t dst_rows) {
   __m256 r[8], u[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * stride);
+  for (int i = 0; i < 8; ++i) r[i] = i < src_rows ? _mm256_loadu_ps(src + i * stride) : _mm256_setzero_ps();
   for (int i = 0; i < 8; i += 2) {
     u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -56,16 +65,16 @@ inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t 
     r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    if (i < dst_rows) _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    if (i + 4 < dst_rows) _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
 }
 
-
-// The 8x4 block of floats at src (rows stride apart) transposed into dst (rows dst_stride apart).
-inline void transpose_8x4(const float* src, int64_t stride, float* dst, int64_t dst_stride) {
+// The block of src_rows <= 8 rows of 4 floats at src (the missing rows read as zeros) transposed into the 4 rows
+// of 8 at dst.
+inline void transpose_8x4(const float* src, int64_t stride, float* dst, int64_t dst_stride, int64_t src_rows) {
   __m128 r[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_ps(src + i * stride);
+  for (int i = 0; i < 8; ++i) r[i] = i < src_rows ? _mm_loadu_ps(src + i * stride) : _mm_setzero_ps();
   _MM_TRANSPOSE4_PS(r[0], r[1], r[2], r[3]);
   _MM_TRANSPOSE4_PS(r[4], r[5], r[6], r[7]);
   for (int j = 0; j < 4; ++j) {
@@ -77,19 +86,29 @@ inline void transpose_8x4(const float* src, int64_t stride, float* dst, int64_t 
 
 // dst[j * dst_stride + i] = src[i * stride + j] for i < rows, j < cols: a block of rows of contiguous entries
 // transposed (a channels-last row of a tensor to channel rows, and back); for floats where AVX2 is there, 8 rows
-// at a time in 8x8 and 8x4 blocks.
+// at a time in 8x8 and 8x4 blocks, the last partial block of rows (Room::kDestination) or of columns
+// (Room::kSource) too where that side has room.
 template <typename T>
-void transpose(const T* src, int64_t stride, T* dst, int64_t dst_stride, int64_t rows, int64_t cols) {
+void transpose(const T* src, int64_t stride, T* dst, int64_t dst_stride, int64_t rows, int64_t cols, Room room) {
   int64_t i0 = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
-    for (; i0 + 8 <= rows; i0 += 8) {
+    const int64_t vector_rows = room == Room::kDestination ? rows : rows - rows % 8;
+    for (; i0 < vector_rows; i0 += 8) {
+      const int64_t n = std::min<int64_t>(8, rows - i0);
+      const float* from = src + i0 * stride;
+      float* to = dst + i0;
       int64_t j = 0;
-      for (; j + 8 <= cols; j += 8) transpose_8x8(src + i0 * stride + j, stride, dst + j * dst_stride + i0, dst_stride);
-      for (; j + 4 <= cols; j += 4) transpose_8x4(src + i0 * stride + j, stride, dst + j * dst_stride + i0, dst_stride);
+      for (; j + 8 <= cols; j += 8) transpose_8x8(from + j, stride, to + j * dst_stride, dst_stride, n, 8);
+      if (room == Room::kSource && j < cols) {
+        transpose_8x8(from + j, stride, to + j * dst_stride, dst_stride, n, cols - j);
+        j = cols;
+      }
+      for (; j + 4 <= cols; j += 4) transpose_8x4(from + j, stride, to + j * dst_stride, dst_stride, n);
       for (; j < cols; ++j)
-        for (int64_t i = i0; i < i0 + 8; ++i) dst[j * dst_stride + i] = src[i * stride + j];
+        for (int64_t i = 0; i < n; ++i) to[j * dst_stride + i] = from[i * stride + j];
     }
+    i0 = std::min(i0, rows);
   }
 #endif
   for (int64_t i = i0; i < rows; ++i)  // the rows left (all rows without AVX2)
@@ -97,17 +116,18 @@ void transpose(const T* src, int64_t stride, T* dst, int64_t dst_stride, int64_t
 }
 
 // A (C, len) block from one layout to another: dst[c * dst_channel + i * dst_column] = src[c * channel + i * column],
-// one side with contiguous positions (column 1: a channel-first buffer). Whole rows are copied where both sides'
-// positions are contiguous, blocks transposed where one side's channels are, entry by entry otherwise.
+// one side with contiguous positions (column 1: a channel-first buffer), whose rows have room for len rounded up
+// to a whole 8 positions (the transposes read, and write zeros, past len there). Whole rows are copied where both
+// sides' positions are contiguous, blocks transposed where one side's channels are, entry by entry otherwise.
 template <typename T>
 void copy_block(const T* src, int64_t channel, int64_t column, T* dst, int64_t dst_channel, int64_t dst_column,
                 int64_t C, int64_t len) {
   if (column == 1 && dst_column == 1) {
     for (int64_t c = 0; c < C; ++c) std::memcpy(dst + c * dst_channel, src + c * channel, len * sizeof(T));
   } else if (channel == 1 && dst_column == 1) {
-    transpose(src, column, dst, dst_channel, len, C);
+    transpose(src, column, dst, dst_channel, len, C, Room::kDestination);
   } else if (column == 1 && dst_channel == 1) {
-    transpose(src, channel, dst, dst_column, C, len);
+    transpose(src, channel, dst, dst_column, C, len, Room::kSource);
   } else {
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < len; ++i) dst[c * dst_channel + i * dst_column] = src[c * channel + i * column];
