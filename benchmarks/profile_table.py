@@ -138,12 +138,12 @@ def profile_section(mixer_batch: int, batch: int) -> list[str]:
         "Self CPU time of the profiler's events, averaged over 3 calls after a warm-up, grouped by part; parts under "
         "0.5% are left out. The fused kernel is one event per pass; its time is split between the phases in "
         "proportion to their time on the kernel's own phase clock (`convplus.backends.cpu.phase_clock`, summed "
-        "over threads, over 3 more calls). 'Rows in' and 'rows out' are the kernel's layout copies: it reads its "
-        "channels-last inputs and writes its outputs and gradients as they are, transposing rows in its per-thread "
-        "buffers, so a separate 'layout and dtype copies' part appears only where a tensor in another layout or "
-        "dtype reaches it. In the forward the aggregation and the convolution term are one product (weights "
-        "g P + r), not two. In forward+backward the forward keeps the probabilities for backward, which its "
-        "softmax phase writes.",
+        "over threads, over 3 more calls). 'Rows in' and 'rows out' are the kernel's own layout work: it reads its "
+        "channels-last inputs and writes its outputs and gradients as they are, transposing rows into and out of "
+        "its per-thread row buffers, so a separate 'layout and dtype copies' part appears only where a tensor in "
+        "another layout or dtype reaches it. In the forward the aggregation and the convolution term are one "
+        "product (weights g P + r), not two. In forward+backward the forward keeps the probabilities for "
+        "backward, which its softmax phase writes.",
     ]
     return rows
 

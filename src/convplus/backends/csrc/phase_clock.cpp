@@ -9,19 +9,19 @@ namespace {
 constexpr size_t kPhases = static_cast<size_t>(Phase::kCount);
 
 const std::array<const char*, kPhases> kPhaseNames = {
-    "forward: rows in (layout copies)",
+    "forward: rows in (copied into the row buffers)",
     "forward: keys ('direct' score: positional encoding, unit norm)",
     "forward: scores (dot products, exponentials)",
     "forward: softmax (masking, sums, kept probabilities)",
     "forward: aggregation and convolution term (one product)",
-    "forward: rows out (bias, layout copies)",
-    "backward: rows in (layout copies, saved dS and P)",
+    "forward: rows out (bias, copied out of the row buffers)",
+    "backward: rows in (copied into the row buffers, saved dS and P)",
     "backward: dP dot products and tap gradients",
     "backward: softmax backward (dS, gain gradient)",
     "backward: dq product",
     "backward: dk product",
     "backward: dv and convolution term product",
-    "backward: rows out (layout copies)",
+    "backward: rows out (copied out of the row buffers)",
 };
 
 std::atomic<bool> clock_on{false};

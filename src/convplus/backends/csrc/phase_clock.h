@@ -1,4 +1,4 @@
-// Where the mixing kernel's time goes, by phase (scores, softmax, aggregation, layout copies, ...), for the speed
+// Where the mixing kernel's time goes, by phase (scores, softmax, aggregation, row copies, ...), for the speed
 // suite's profile table: the fused kernel is one operator to a profiler. Off unless switched on; then each thread
 // reads a steady clock at every phase boundary of a query row and adds its per-phase durations to process-wide
 // totals when its share of a pass ends. Off, a boundary costs one test of a flag.
@@ -15,19 +15,19 @@ namespace convplus {
 
 // The phases, in the order the passes run them.
 enum class Phase : int {
-  kForwardRowsIn,     // copying the rows a query row needs into the padded buffers (layout copies)
+  kForwardRowsIn,     // copying the rows a query row needs into the padded row buffers (transposing channels-last rows)
   kForwardKeys,       // the 'direct' score's keys: positional encoding added, unit norm
   kForwardScores,     // score dot products and their exponentials, mirrored scores copied back
   kForwardSoftmax,    // masking, the softmax's sums and reciprocals, probabilities kept for backward
   kForwardMix,        // aggregation and convolution term: one product with weights g P + r
-  kForwardRowsOut,    // bias, copying the output rows out (layout copies)
+  kForwardRowsOut,    // bias, copying the output rows out of the row buffers
   kBackwardRowsIn,    // copying rows (and, per key row, the saved dS and P) into the padded buffers
   kBackwardProbabilityGrads,  // dP dot products and the taps' gradients
   kBackwardSoftmax,   // dS = g P (dP - sum P dP) and the gain's gradient
   kBackwardQueryGrads,        // dq = sum_w dS k
   kBackwardKeyGrads,          // dk = sum_w dS q
   kBackwardValueGrads,        // dv = sum_w (g P + r) gout
-  kBackwardRowsOut,   // copying the gradient rows out (layout copies)
+  kBackwardRowsOut,   // copying the gradient rows out of the row buffers
   kCount
 };
 
