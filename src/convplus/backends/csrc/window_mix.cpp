@@ -328,12 +328,34 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   at::parallel_for(0, rows_total, 1, pass2);
 }
 
-// taps (K, D, W): the kernel's value at each window offset, 0 where tap_index is -1. kernel (K, D, P).
-at::Tensor taps_at_offsets(const at::Tensor& kernel, const at::Tensor& tap_index) {
-  const int64_t W = tap_index.size(0);
-  auto padded = at::cat({kernel, kernel.new_zeros({kernel.size(0), kernel.size(1), 1})}, 2);
-  auto index = at::where(tap_index < 0, kernel.size(2), tap_index);
-  return padded.index_select(2, index).contiguous().view({kernel.size(0), kernel.size(1), W});
+// taps (K, D, W): the kernel's value at each window offset, 0 where tap_index is -1; empty without a kernel.
+// kernel (K, D, P).
+template <typename T>
+Buffer<T> taps_at_offsets(const at::Tensor& kernel, const at::Tensor& tap_index) {
+  if (!kernel.numel()) return {};
+  const at::Tensor entries = kernel.contiguous();
+  const int64_t rows = entries.size(0) * entries.size(1), P = entries.size(2), W = tap_index.size(0);
+  const T* src = entries.data_ptr<T>();
+  const int64_t* index = tap_index.data_ptr<int64_t>();
+  Buffer<T> taps(rows * W);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t w = 0; w < W; ++w) taps[r * W + w] = index[w] < 0 ? T(0) : src[r * P + index[w]];
+  return taps;
+}
+
+// The kernel's gradient (K, D, P), of its dtype: each tap's gradient gtaps (K, D, W) summed, in double, into its
+// kernel entry (none where tap_index is -1).
+at::Tensor kernel_gradient(const at::Tensor& kernel, const at::Tensor& tap_index, const at::Tensor& gtaps) {
+  auto gkernel = at::zeros(kernel.sizes(), kernel.options().dtype(at::kDouble));
+  if (!kernel.numel()) return gkernel.to(kernel.scalar_type());
+  const int64_t rows = kernel.size(0) * kernel.size(1), P = kernel.size(2), W = tap_index.size(0);
+  const int64_t* index = tap_index.data_ptr<int64_t>();
+  const double* src = gtaps.data_ptr<double>();
+  double* dst = gkernel.data_ptr<double>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t w = 0; w < W; ++w)
+      if (index[w] >= 0) dst[r * P + index[w]] += src[r * W + w];
+  return gkernel.to(kernel.scalar_type());
 }
 
 // The checks shared by the windowed-mix entry points: v (B, K, D, T, H, X) of any strides fixes the dtype and the
@@ -410,15 +432,16 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const at::Tensor& shape = features.dim() == 6 ? features : q;
   const Geometry g(shape, v, offsets, kVectorBytes / v.element_size());
   const WindowBounds window(bounds, g);
-  auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto out = at::empty_like(v);
   auto probs = at::empty({save_probs ? g.BK * g.T * g.H : 0, g.W, g.Xr}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "convplus_window_mix_forward", [&] {
     auto data = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
     auto rows = [](const at::Tensor& t) { return t.dim() == 6 ? Rows<const scalar_t>(t) : Rows<const scalar_t>(); };
     const ScoreInputs<scalar_t> score{rows(q), rows(k), rows(features), data(pos), data(temperature)};
-    forward_kernel<scalar_t>(score, Rows<const scalar_t>(v), gain.data_ptr<scalar_t>(), data(taps), data(bias), g,
-                             window, Rows<scalar_t>(out), save_probs ? probs.data_ptr<scalar_t>() : nullptr);
+    const Buffer<scalar_t> taps = taps_at_offsets<scalar_t>(kernel, tap_index);
+    forward_kernel<scalar_t>(score, Rows<const scalar_t>(v), gain.data_ptr<scalar_t>(),
+                             taps.empty() ? nullptr : taps.data(), data(bias), g, window, Rows<scalar_t>(out),
+                             save_probs ? probs.data_ptr<scalar_t>() : nullptr);
   });
   return {out, probs};
 }
@@ -469,26 +492,19 @@ std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tens
   const Geometry g(q, v, offsets, kVectorBytes / q.element_size());
   check.like("probs", probs, "v", v);
   check.shape("probs", probs, {g.BK * g.T * g.H, g.W, g.Xr}, "(BK*T*H, W, Xr)");
-  auto taps = kernel.numel() ? taps_at_offsets(kernel, tap_index) : kernel;
   auto gscore = at::empty_like(probs);
   auto gq = at::empty_like(q), gk = at::empty_like(k), gv = at::empty_like(v);
   auto acc = q.options().dtype(at::kDouble);
-  auto ggain = at::zeros({g.K}, acc), gtaps = at::zeros({taps.numel() ? g.K * g.D * g.W : 0}, acc);
+  auto ggain = at::zeros({g.K}, acc), gtaps = at::zeros({kernel.numel() ? g.K * g.D * g.W : 0}, acc);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "convplus_window_mix_backward", [&] {
     using In = Rows<const scalar_t>;
     using Out = Rows<scalar_t>;
-    backward_kernel<scalar_t>(In(q), In(k), In(v), gain.data_ptr<scalar_t>(),
-                              taps.numel() ? taps.data_ptr<scalar_t>() : nullptr, probs.data_ptr<scalar_t>(), In(gout),
-                              g, gscore.data_ptr<scalar_t>(), Out(gq), Out(gk), Out(gv), ggain.data_ptr<double>(),
-                              gtaps.data_ptr<double>());
+    const Buffer<scalar_t> taps = taps_at_offsets<scalar_t>(kernel, tap_index);
+    backward_kernel<scalar_t>(In(q), In(k), In(v), gain.data_ptr<scalar_t>(), taps.empty() ? nullptr : taps.data(),
+                              probs.data_ptr<scalar_t>(), In(gout), g, gscore.data_ptr<scalar_t>(), Out(gq), Out(gk),
+                              Out(gv), ggain.data_ptr<double>(), gtaps.data_ptr<double>());
   });
-  auto gkernel = at::zeros_like(kernel, acc);
-  if (kernel.numel()) {  // each tap's gradient back to its kernel entry
-    auto index = tap_index.clamp_min(0).view({1, 1, g.W}).expand({g.K, g.D, g.W});
-    auto grad = gtaps.view({g.K, g.D, g.W}) * (tap_index >= 0).to(at::kDouble);
-    gkernel.scatter_add_(2, index, grad);
-  }
-  return {gq, gk, gv, ggain.to(q.scalar_type()), gkernel.to(q.scalar_type())};
+  return {gq, gk, gv, ggain.to(q.scalar_type()), kernel_gradient(kernel, tap_index, gtaps)};
 }
 
 }  // namespace convplus
