@@ -85,7 +85,7 @@ def extension() -> ModuleType:
 @contextlib.contextmanager
 def phase_clock() -> Iterator[dict[str, float]]:
     """Times the mixing kernel's phases over the block: the fused kernel is one operator to a profiler, this says
-    where its time goes (scores, softmax, aggregation and convolution term, layout copies, each backward product).
+    where its time goes (scores, softmax, aggregation and convolution term, row copies, each backward product).
 
     Yields a dict, filled when the block ends, of seconds per phase, summed over the threads. Each thread reads a
     steady clock at every phase boundary of a query row, which adds a little to every phase; outside the block the
