@@ -296,6 +296,7 @@ def test_a_failed_kernel_build_is_tried_once_per_process(monkeypatch):
         (1, (70,), {"kernel_size": 5, "window": 11}),  # 11 offsets on one key row: more than one group of 8
         (2, (5, 20), {"kernel_size": 3, "window": 3, "channels": 24}),  # 12 channels a head: 8 + 4 per block
         (2, (11, 19), {"kernel_size": 5, "window": 5, "channels": 32}),  # channels-last rows in 8x8 blocks + rest
+        (2, (9, 14), {"kernel_size": 5, "window": 5, "border": "shift"}),  # windows not symmetric at the borders
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])

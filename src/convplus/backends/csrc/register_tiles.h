@@ -63,11 +63,12 @@ inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T
 }
 
 // Dot products over C channels of the query-side row a (C, Xp) with key row b shifted by the offsets ws of the
-// window, which all read b: out[w][x] = sum_c a[c, x] * b[c, x + o_w] for x = 0 .. Xr and every w in ws (a and b
-// point at column lead). With sums ((W, C) vectors): sums[w][c] += the same products, summed over x lane-wise.
+// window, which all read b: out[w * out_stride + x] = sum_c a[c, x] * b[c, x + o_w] for x = 0 .. Xr and every w in
+// ws (a and b point at column lead). With sums ((W, C) vectors): sums[w][c] += the same products, summed over x
+// lane-wise.
 template <typename T, bool with_sums>
 void row_dots(const T* a, const T* b, const std::vector<int64_t>& ws, int64_t C, const Geometry& g, T* out,
-              typename Simd<T>::vec* sums) {
+              int64_t out_stride, typename Simd<T>::vec* sums) {
   for (size_t first = 0; first < ws.size(); first += kDotGroup) {
     const int64_t count = std::min<int64_t>(kDotGroup, static_cast<int64_t>(ws.size()) - first);
     std::array<const T*, kDotGroup> bs;
@@ -76,7 +77,7 @@ void row_dots(const T* a, const T* b, const std::vector<int64_t>& ws, int64_t C,
     for (int64_t o = 0; o < count; ++o) {
       const int64_t w = ws[first + o];
       bs[o] = b + g.ox[w];
-      outs[o] = out + w * g.Xr;
+      outs[o] = out + w * out_stride;
       ss[o] = sums ? sums + w * C : nullptr;
     }
     with_constant<kDotGroup>(count, [&](auto m) {
@@ -169,30 +170,30 @@ void scaled_exp(T* row, T scale, int64_t Xr) {
   for (int64_t x = 0; x < Xr; x += L) store(row + x, exp_vec<V, T>(load<V>(row + x) * scale));
 }
 
-// In place, for each column x of p (W, Xr): scores s become p[w, x] = exp(s[w, x] - max_w s[., x]), or, with
-// exponentiated, p already holds numerators exp(s) (of scores that cannot overflow); inverse[x] = 1 / sum_w
-// p[w, x] (0 for the columns from X on), so that p * inverse is the softmax over w.
+// For each column x of the W rows p[w] (Xr values each): scores s become p[w][x] = exp(s[w][x] - max_w s[.][x]),
+// in place, or, with exponentiated, p already holds numerators exp(s) (of scores that cannot overflow) and is only
+// read; inverse[x] = 1 / sum_w p[w][x] (0 for the columns from X on), so that p * inverse is the softmax over w.
 template <typename T>
-void softmax_numerators(T* p, int64_t W, int64_t X, int64_t Xr, bool exponentiated, T* inverse) {
+void softmax_numerators(T* const* p, int64_t W, int64_t X, int64_t Xr, bool exponentiated, T* inverse) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
   over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0) {
     constexpr int n = decltype(tile)::value;
     V top[n], sum[n] = {};
     if (!exponentiated) {
-      for (int j = 0; j < n; ++j) top[j] = load<V>(p + x0 + j * L);
+      for (int j = 0; j < n; ++j) top[j] = load<V>(p[0] + x0 + j * L);
       for (int64_t w = 1; w < W; ++w)
         for (int j = 0; j < n; ++j) {
-          const V s = load<V>(p + w * Xr + x0 + j * L);
+          const V s = load<V>(p[w] + x0 + j * L);
           top[j] = s > top[j] ? s : top[j];
         }
     }
     for (int64_t w = 0; w < W; ++w)
       for (int j = 0; j < n; ++j) {
-        V e = load<V>(p + w * Xr + x0 + j * L);
+        V e = load<V>(p[w] + x0 + j * L);
         if (!exponentiated) {
           e = exp_vec<V, T>(e - top[j]);
-          store(p + w * Xr + x0 + j * L, e);
+          store(p[w] + x0 + j * L, e);
         }
         sum[j] += e;
       }

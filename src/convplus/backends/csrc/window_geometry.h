@@ -76,6 +76,7 @@ struct Geometry {
 struct WindowBounds {
   std::vector<int64_t> lo, hi;                  // T + H + X entries
   std::vector<std::vector<int64_t>> blocked_x;  // per offset w: the columns x whose window leaves out o_x[w]
+  bool symmetric = true;  // in every dim, key c + o is in the window of query c exactly when c is in that of c + o
 
   WindowBounds(const at::Tensor& bounds, const Geometry& g) : blocked_x(g.W) {
     const auto b = bounds.accessor<int64_t, 2>();
@@ -86,6 +87,16 @@ struct WindowBounds {
     for (int64_t w = 0; w < g.W; ++w)
       for (int64_t x = 0; x < g.X; ++x)
         if (g.ox[w] < lo[g.T + g.H + x] || g.ox[w] > hi[g.T + g.H + x]) blocked_x[w].push_back(x);
+    const int64_t extent[3] = {g.T, g.H, g.X};
+    const std::vector<int64_t>* used[3] = {&g.rt, &g.ry, &g.ox};  // the offsets' values in each dim
+    for (int64_t d = 0, first = 0; d < 3; first += extent[d], ++d)
+      for (int64_t c = 0; c < extent[d]; ++c)
+        for (const int64_t o : *used[d]) {
+          const int64_t j = c + o;
+          const bool there = lo[first + c] <= o && o <= hi[first + c];
+          const bool back = j >= 0 && j < extent[d] && lo[first + j] <= -o && -o <= hi[first + j];
+          symmetric = symmetric && there == back;
+        }
   }
 
   // Whether the row offset r lies in the window of query row (t, y).

@@ -84,12 +84,10 @@ class MirrorCache {
     return slot(index);
   }
   // Row index's slot as store left it, or null if another row has taken it since (or no row stored it).
-  const T* find(int64_t index) const { return tag_[index % g_.span_y] == index ? slot(index) : nullptr; }
+  T* find(int64_t index) { return tag_[index % g_.span_y] == index ? slot(index) : nullptr; }
 
  private:
-  T* slot(int64_t index) const {
-    return const_cast<T*>(data_.data()) + index % g_.span_y * g_.W * g_.Xp + g_.lead;
-  }
+  T* slot(int64_t index) { return data_.data() + index % g_.span_y * g_.W * g_.Xp + g_.lead; }
   const Geometry& g_;
   Buffer<T> data_;
   std::vector<int64_t> tag_;
@@ -106,6 +104,8 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
     RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos, &clock), vc(v, g.D, g);
     MirrorCache<T> computed(g, direct);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
+    std::vector<T*> numerator(g.W);  // each offset's scores, then numerators: a row of p or of a MirrorCache slot
+    Buffer<T> zeros(g.Xr, T(0));  // the row of a masked key row, for the numerators read in place
     std::vector<T> tap(g.D * g.W);
     std::vector<int64_t> live(g.W);
     const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -122,15 +122,26 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
       // cannot overflow an exponential while |tau| <= 64: then p[w] = exp(s) at once, with no max subtracted.
       const T tau = direct ? score.temperature[h] : T(1);
       const bool bounded = direct && std::abs(tau) <= T(64);
-      const auto scores = [&](int64_t r, const std::vector<int64_t>& ws) {
-        row_dots<T, false>(query + g.lead, kc.row(r) + g.lead, ws, g.Dq, g, p.data(), nullptr);
-        if (!direct) return;
+      // With bounded 'direct' scores and a symmetric window the numerators are final as computed: the query's
+      // own offsets go straight into its MirrorCache slot (masked there: zero outside its window and from column
+      // X on) and the mirrored ones are read in place from earlier queries' slots, not copied into p.
+      const bool in_place = bounded && window.symmetric;
+      T* kept = direct ? computed.store(index) : nullptr;
+      for (int64_t w = 0; w < g.W; ++w) numerator[w] = p.data() + w * g.Xr;
+      const auto scores = [&](int64_t r, const std::vector<int64_t>& ws, bool into_slot) {
+        T* out = into_slot ? kept : p.data();
+        const int64_t stride = into_slot ? g.Xp : g.Xr;
+        row_dots<T, false>(query + g.lead, kc.row(r) + g.lead, ws, g.Dq, g, out, stride, nullptr);
         for (const int64_t w : ws) {
-          T* row = p.data() + w * g.Xr;
+          T* row = numerator[w] = out + w * stride;
+          if (!direct) continue;
           if (bounded)
             scaled_exp(row, tau, g.Xr);
           else
             for (int64_t x = 0; x < g.Xr; ++x) row[x] *= tau;
+          if (!into_slot) continue;
+          for (const int64_t x : window.blocked_x[w]) row[x] = T(0);
+          std::fill(row + g.X, row + g.Xr, T(0));
         }
       };
       // Each query computes its own offsets, the 'direct' score's at every key row in the grid for the queries
@@ -138,37 +149,50 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
       // computed it, and compute them where not (the same dot products, in the same order: the same values).
       const auto& own = direct ? g.own_by_row : g.by_row;
       for (int64_t r = 0; r < g.rows(); ++r)
-        if (kc.valid(r) && !own[r].empty() && (direct || window.row_in_window(g, t, y, r))) scores(r, own[r]);
+        if (kc.valid(r) && !own[r].empty() && (direct || window.row_in_window(g, t, y, r)))
+          scores(r, own[r], in_place);
       if (direct) {
-        T* kept = computed.store(index);
-        for (int64_t r = 0; r < g.rows(); ++r)
-          if (kc.valid(r))
-            for (const int64_t w : own[r])
-              std::memcpy(kept + w * g.Xp, p.data() + w * g.Xr, g.Xr * sizeof(T));
+        if (!in_place)
+          for (int64_t r = 0; r < g.rows(); ++r)
+            if (kc.valid(r))
+              for (const int64_t w : own[r]) std::memcpy(kept + w * g.Xp, numerator[w], g.Xr * sizeof(T));
         for (int64_t r = 0; r < g.rows(); ++r) {
           if (g.mirrored_by_row[r].empty() || !kc.valid(r) || !window.row_in_window(g, t, y, r)) continue;
-          const T* source = computed.find(index + g.rt[r] * g.H + g.ry[r]);
+          T* source = computed.find(index + g.rt[r] * g.H + g.ry[r]);
           if (!source) {
-            scores(r, g.mirrored_by_row[r]);
+            scores(r, g.mirrored_by_row[r], false);
             continue;
           }
-          for (const int64_t w : g.mirrored_by_row[r])
-            std::memcpy(p.data() + w * g.Xr, source + g.mirror[w] * g.Xp + g.ox[w], g.Xr * sizeof(T));
+          for (const int64_t w : g.mirrored_by_row[r]) {
+            T* mirrored = source + g.mirror[w] * g.Xp + g.ox[w];
+            if (in_place)
+              numerator[w] = mirrored;
+            else
+              std::memcpy(numerator[w], mirrored, g.Xr * sizeof(T));
+          }
         }
       }
       clock.lap(Phase::kForwardScores);
-      // masked where the key leaves the query's window (the grid, or a shifted window)
+      // masked where the key leaves the query's window (the grid, or a shifted window): whole rows read as the
+      // masked value, the blocked columns of the rows in p are set to it
       const T masked = bounded ? T(0) : neg_inf;
       for (int64_t r = 0; r < g.rows(); ++r)
         if (!kc.valid(r) || !window.row_in_window(g, t, y, r))
-          for (const int64_t w : g.by_row[r]) std::fill(p.data() + w * g.Xr, p.data() + (w + 1) * g.Xr, masked);
+          for (const int64_t w : g.by_row[r]) {
+            if (in_place) {
+              numerator[w] = zeros.data();
+              continue;
+            }
+            std::fill(numerator[w], numerator[w] + g.Xr, masked);
+          }
       for (int64_t w = 0; w < g.W; ++w)
-        for (const int64_t x : window.blocked_x[w]) p[w * g.Xr + x] = masked;
-      softmax_numerators(p.data(), g.W, g.X, g.Xr, bounded, scale.data());  // p[w] = P[w] / scale
+        if (numerator[w] == p.data() + w * g.Xr)
+          for (const int64_t x : window.blocked_x[w]) numerator[w][x] = masked;
+      softmax_numerators(numerator.data(), g.W, g.X, g.Xr, bounded, scale.data());  // P[w] = numerator[w] * scale
       if (probs) {  // P[w], kept for backward
-        T* kept = probs + index * g.W * g.Xr;
+        T* dst = probs + index * g.W * g.Xr;
         for (int64_t w = 0; w < g.W; ++w)
-          for (int64_t x = 0; x < g.Xr; ++x) kept[w * g.Xr + x] = p[w * g.Xr + x] * scale[x];
+          for (int64_t x = 0; x < g.Xr; ++x) dst[w * g.Xr + x] = numerator[w][x] * scale[x];
       }
       for (int64_t x = 0; x < g.Xr; ++x) scale[x] *= gain[h];
       clock.lap(Phase::kForwardSoftmax);
@@ -176,7 +200,7 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
       int64_t M = 0;
       for (int64_t w = 0; w < g.W; ++w)
         if (vc.valid(g.row[w])) {
-          weight[M] = p.data() + w * g.Xr;
+          weight[M] = numerator[w];
           value[M] = vc.row(g.row[w]) + g.lead + g.ox[w];
           live[M++] = w;
         }
@@ -196,13 +220,19 @@ constexpr int64_t kSlicesPerThread = 4;  // the fewest (B, K) slices per thread 
 
 template <typename T>
 void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<const T>& v, const T* gain,
-                     const T* taps, const T* probs, const Rows<const T>& gout, const Geometry& g, T* gscore,
+                     const T* taps, const T* probs, const Rows<const T>& gout, const Geometry& g,
                      const Rows<T>& gq, const Rows<T>& gk, const Rows<T>& gv, double* ggain, double* gtaps) {
   const int64_t rows_total = g.BK * g.T * g.H;
   std::mutex reduce;
+  // dS of the query rows from first on, (rows, W, Xr) at gscore, is written by pass 1 and read by pass 2.
+  struct ScoreGrads {
+    T* data;
+    int64_t first;
+    T* row(int64_t index, int64_t w, const Geometry& g) const { return data + ((index - first) * g.W + w) * g.Xr; }
+  };
   // pass 1, per query row i: dP[w] = <gout[:, i], v[:, i + o_w]> (and dr[d, w] = sum_i gout[d, i] v[d, i + o_w]),
   // dgain += sum_w P dP, dS = g P (dP - sum_w P dP), dq[:, i] = sum_w dS[w] k[:, i + o_w].
-  const auto pass1 = [&](int64_t begin, int64_t end) {
+  const auto pass1 = [&](int64_t begin, int64_t end, const ScoreGrads& gscore) {
     Buffer<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), zb(g.Dq * g.Xr);
     RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
@@ -231,14 +261,15 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       kc.gather(bk, t, y, 1);
       vc.gather(bk, t, y, 1);
       const T* p = probs + index * g.W * g.Xr;
-      T* s = gscore + index * g.W * g.Xr;
+      T* s = gscore.row(index, 0, g);
       clock.lap(Phase::kBackwardRowsIn);
       for (int64_t r = 0; r < g.rows(); ++r) {
         if (vc.valid(r)) {
           if (taps)
-            row_dots<T, true>(gb.data() + g.lead, vc.row(r) + g.lead, g.by_row[r], g.D, g, dp.data(), lane_taps.data());
+            row_dots<T, true>(gb.data() + g.lead, vc.row(r) + g.lead, g.by_row[r], g.D, g, dp.data(), g.Xr,
+                              lane_taps.data());
           else
-            row_dots<T, false>(gb.data() + g.lead, vc.row(r) + g.lead, g.by_row[r], g.D, g, dp.data(), nullptr);
+            row_dots<T, false>(gb.data() + g.lead, vc.row(r) + g.lead, g.by_row[r], g.D, g, dp.data(), g.Xr, nullptr);
           continue;
         }
         for (const int64_t w : g.by_row[r]) std::fill(dp.data() + w * g.Xr, dp.data() + (w + 1) * g.Xr, T(0));
@@ -272,7 +303,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   };
   // pass 2, per key row j, gathering from the query rows i = j - o_w (no write conflicts):
   // dk[:, j] = sum_w dS[i, w] q[:, i], dv[d, j] = sum_w (g P[i, w] + r[d, w]) gout[d, i].
-  const auto pass2 = [&](int64_t begin, int64_t end) {
+  const auto pass2 = [&](int64_t begin, int64_t end, const ScoreGrads& gscore) {
     RowCache<T> qc(q, g.Dq, g), gc(gout, g.D, g);
     Buffer<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), zb(std::max(g.D, g.Dq) * g.Xr), tap(g.D * g.W);
     std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W), shifted(g.W);
@@ -287,7 +318,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       for (int64_t w = 0; w < g.W; ++w) {
         if (!qc.valid(g.row[w])) continue;
         const int64_t query_row = (bk * g.T + t - g.rt[g.row[w]]) * g.H + y - g.ry[g.row[w]];
-        const T* srow = gscore + (query_row * g.W + w) * g.Xr;
+        const T* srow = gscore.row(query_row, w, g);
         const T* prow = probs + (query_row * g.W + w) * g.Xr;
         T* sdst = sb.data() + w * g.Xp + g.lead;
         T* pdst = pb.data() + w * g.Xp + g.lead;
@@ -312,20 +343,25 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       clock.lap(Phase::kBackwardRowsOut);
     }
   };
-  // Both passes slice by slice where there are enough slices for the threads: pass 2 then reads a slice's dS and
-  // P while they are still in cache. Otherwise each pass over all rows, split between the threads.
+  // Both passes slice by slice where there are enough slices for the threads, dS in a buffer of one slice per
+  // thread: pass 2 then reads the slice's dS and P while they are still in cache. Otherwise each pass over all
+  // rows, split between the threads, dS of all rows in one buffer.
   const int64_t slice_rows = g.T * g.H;
   if (g.BK >= kSlicesPerThread * at::get_num_threads()) {
     at::parallel_for(0, g.BK, 1, [&](int64_t first, int64_t last) {
+      Buffer<T> slice(slice_rows * g.W * g.Xr);
       for (int64_t bk = first; bk < last; ++bk) {
-        pass1(bk * slice_rows, (bk + 1) * slice_rows);
-        pass2(bk * slice_rows, (bk + 1) * slice_rows);
+        const ScoreGrads gscore{slice.data(), bk * slice_rows};
+        pass1(bk * slice_rows, (bk + 1) * slice_rows, gscore);
+        pass2(bk * slice_rows, (bk + 1) * slice_rows, gscore);
       }
     });
     return;
   }
-  at::parallel_for(0, rows_total, 1, pass1);
-  at::parallel_for(0, rows_total, 1, pass2);
+  Buffer<T> all(rows_total * g.W * g.Xr);
+  const ScoreGrads gscore{all.data(), 0};
+  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass1(begin, end, gscore); });
+  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass2(begin, end, gscore); });
 }
 
 // taps (K, D, W): the kernel's value at each window offset, 0 where tap_index is -1; empty without a kernel.
@@ -492,7 +528,6 @@ std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tens
   const Geometry g(q, v, offsets, kVectorBytes / q.element_size());
   check.like("probs", probs, "v", v);
   check.shape("probs", probs, {g.BK * g.T * g.H, g.W, g.Xr}, "(BK*T*H, W, Xr)");
-  auto gscore = at::empty_like(probs);
   auto gq = at::empty_like(q), gk = at::empty_like(k), gv = at::empty_like(v);
   auto acc = q.options().dtype(at::kDouble);
   auto ggain = at::zeros({g.K}, acc), gtaps = at::zeros({kernel.numel() ? g.K * g.D * g.W : 0}, acc);
@@ -501,7 +536,7 @@ std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tens
     using Out = Rows<scalar_t>;
     const Buffer<scalar_t> taps = taps_at_offsets<scalar_t>(kernel, tap_index);
     backward_kernel<scalar_t>(In(q), In(k), In(v), gain.data_ptr<scalar_t>(), taps.empty() ? nullptr : taps.data(),
-                              probs.data_ptr<scalar_t>(), In(gout), g, gscore.data_ptr<scalar_t>(), Out(gq), Out(gk),
+                              probs.data_ptr<scalar_t>(), In(gout), g, Out(gq), Out(gk),
                               Out(gv), ggain.data_ptr<double>(), gtaps.data_ptr<double>());
   });
   return {gq, gk, gv, ggain.to(q.scalar_type()), kernel_gradient(kernel, tap_index, gtaps)};
