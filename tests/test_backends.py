@@ -363,14 +363,18 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
     ("grid", "kwargs"),
     [((13, 20), {}), ((3, 5, 12), {}), ((9, 21), {"dilation": 2}), ((9, 11), {"border": "shift"}), ((40,), {})],
 )
-def test_cpu_kernel_does_not_depend_on_the_thread_count(score, grid, kwargs):
+@pytest.mark.parametrize("batch", [4, 1])
+def test_cpu_kernel_does_not_depend_on_the_thread_count(score, grid, kwargs, batch):
     """With 1 and 3 threads. The forward bit for bit: a thread's first rows compute the 'direct' score's mirrored
     offsets themselves, later rows read them back from the rows that computed s(j, i), and the two must agree
     exactly (3 threads split the rows inside a slice). The backward: 1 thread runs both passes slice by slice
     (8 slices), 3 threads each pass over all rows (fewer than 4 slices a thread); the input's gradient bit for bit,
-    the parameters' (sums over threads' partial sums, in another order) to rounding."""
+    the parameters' (sums over threads' partial sums, in another order) to rounding. A single image's rows are
+    cut into runs among the threads (channels-last here: the threads write disjoint rows of it)."""
     layer = MODULES[len(grid)](8, heads=2, kernel_size=5, score=score, backend="cpu", **kwargs)
-    x = torch.randn(4, 8, *grid)
+    x = torch.randn(batch, 8, *grid)
+    if batch == 1 and len(grid) > 1:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
     results = []
     threads = torch.get_num_threads()
     try:
@@ -381,9 +385,13 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(score, grid, kwargs):
         torch.set_num_threads(threads)
     (y_one, grads_one), (y_three, grads_three) = results
     assert torch.equal(y_one, y_three)
-    assert torch.equal(grads_one["x"], grads_three["x"])
+    if batch > 1:
+        assert torch.equal(grads_one["x"], grads_three["x"])
+    # A single image: PyTorch's own reductions (projections, bias) split another way too, and the kernel's partial
+    # sums of the taps' gradients are over other runs of rows.
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if batch > 1 else {"rtol": 1e-4, "atol": 1e-5}
     for name, grad in grads_one.items():
-        torch.testing.assert_close(grads_three[name], grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads_three[name], grad, **tolerance)
 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")

@@ -107,5 +107,29 @@ struct WindowBounds {
 
 inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }
 
+// The order in which the threads take the query rows, index (bk * T + t) * H + y: image by image, each image's
+// (t, y) rows cut into runs where it has fewer images than threads, all K heads of one run before the next run.
+// Threads that share an image then write disjoint rows of it; taking its heads apart, they would write the
+// heads of the same positions at once, which share cache lines in a channels-last tensor.
+class RowOrder {
+ public:
+  RowOrder(const Geometry& g, int64_t threads) : K_(g.K), rows_(g.T * g.H) {
+    const int64_t images = g.BK / g.K;
+    runs_ = images >= threads ? 1 : std::min(rows_, (threads + images - 1) / images);
+  }
+  // The index of the row at position i of the order.
+  int64_t operator[](int64_t i) const {
+    const int64_t image = i / (K_ * rows_), at = i % (K_ * rows_);
+    int64_t run = runs_ - 1;
+    while (K_ * start(run) > at) --run;
+    const int64_t first = start(run), length = start(run + 1) - first;
+    return (image * K_ + (at - K_ * first) / length) * rows_ + first + (at - K_ * first) % length;
+  }
+
+ private:
+  int64_t start(int64_t run) const { return run * rows_ / runs_; }
+  int64_t K_, rows_, runs_;
+};
+
 }  // namespace
 }  // namespace convplus::detail

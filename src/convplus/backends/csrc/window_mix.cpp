@@ -98,6 +98,7 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
                     const T* bias, const Geometry& g, const WindowBounds& window, const Rows<T>& out, T* probs) {
   const int64_t rows_total = g.BK * g.T * g.H;
   const bool direct = score.features.data != nullptr;
+  const RowOrder order(g, at::get_num_threads());
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     PhaseClock clock;
     Buffer<T> qb(direct ? 0 : g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), scale(g.Xr);
@@ -111,7 +112,8 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
     const T neg_inf = -std::numeric_limits<T>::infinity();
     // the 'direct' score's features are often the values themselves (proj=False): their rows are read once
     const bool shared = direct && g.Dq == g.D && score.features.same_as(v);
-    for (int64_t index = begin; index < end; ++index) {
+    for (int64_t position = begin; position < end; ++position) {
+      const int64_t index = order[position];
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       vc.gather(bk, t, y, 1);
       kc.gather(bk, t, y, 1, shared ? &vc : nullptr);
@@ -232,7 +234,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   };
   // pass 1, per query row i: dP[w] = <gout[:, i], v[:, i + o_w]> (and dr[d, w] = sum_i gout[d, i] v[d, i + o_w]),
   // dgain += sum_w P dP, dS = g P (dP - sum_w P dP), dq[:, i] = sum_w dS[w] k[:, i + o_w].
-  const auto pass1 = [&](int64_t begin, int64_t end, const ScoreGrads& gscore) {
+  const auto pass1 = [&](int64_t begin, int64_t end, const RowOrder& order, const ScoreGrads& gscore) {
     Buffer<T> gb(g.D * g.Xp, T(0)), dp(g.W * g.Xr), dot(g.Xr), zb(g.Dq * g.Xr);
     RowCache<T> kc(k, g.Dq, g), vc(v, g.D, g);
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
@@ -251,7 +253,8 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
           lane_taps[w * g.D + d] = V{};
         }
     };
-    for (int64_t index = begin; index < end; ++index) {
+    for (int64_t position = begin; position < end; ++position) {
+      const int64_t index = order[position];
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       if (taps && bk != lane_bk) {
         flush_taps();
@@ -303,13 +306,14 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   };
   // pass 2, per key row j, gathering from the query rows i = j - o_w (no write conflicts):
   // dk[:, j] = sum_w dS[i, w] q[:, i], dv[d, j] = sum_w (g P[i, w] + r[d, w]) gout[d, i].
-  const auto pass2 = [&](int64_t begin, int64_t end, const ScoreGrads& gscore) {
+  const auto pass2 = [&](int64_t begin, int64_t end, const RowOrder& order, const ScoreGrads& gscore) {
     RowCache<T> qc(q, g.Dq, g), gc(gout, g.D, g);
     Buffer<T> sb(g.W * g.Xp, T(0)), pb(g.W * g.Xp, T(0)), zb(std::max(g.D, g.Dq) * g.Xr), tap(g.D * g.W);
     std::vector<const T*> sw(g.W), pw(g.W), qb_rows(g.W), gb_rows(g.W), shifted(g.W);
     std::vector<int64_t> live(g.W);
     PhaseClock clock;
-    for (int64_t index = begin; index < end; ++index) {
+    for (int64_t position = begin; position < end; ++position) {
+      const int64_t index = order[position];
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
       qc.gather(bk, t, y, -1);
       gc.gather(bk, t, y, -1);
@@ -345,23 +349,25 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   };
   // Both passes slice by slice where there are enough slices for the threads, dS in a buffer of one slice per
   // thread: pass 2 then reads the slice's dS and P while they are still in cache. Otherwise each pass over all
-  // rows, split between the threads, dS of all rows in one buffer.
+  // rows, split between the threads in RowOrder, dS of all rows in one buffer.
   const int64_t slice_rows = g.T * g.H;
   if (g.BK >= kSlicesPerThread * at::get_num_threads()) {
+    const RowOrder in_turn(g, 1);
     at::parallel_for(0, g.BK, 1, [&](int64_t first, int64_t last) {
       Buffer<T> slice(slice_rows * g.W * g.Xr);
       for (int64_t bk = first; bk < last; ++bk) {
         const ScoreGrads gscore{slice.data(), bk * slice_rows};
-        pass1(bk * slice_rows, (bk + 1) * slice_rows, gscore);
-        pass2(bk * slice_rows, (bk + 1) * slice_rows, gscore);
+        pass1(bk * slice_rows, (bk + 1) * slice_rows, in_turn, gscore);
+        pass2(bk * slice_rows, (bk + 1) * slice_rows, in_turn, gscore);
       }
     });
     return;
   }
   Buffer<T> all(rows_total * g.W * g.Xr);
   const ScoreGrads gscore{all.data(), 0};
-  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass1(begin, end, gscore); });
-  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass2(begin, end, gscore); });
+  const RowOrder order(g, at::get_num_threads());
+  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass1(begin, end, order, gscore); });
+  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass2(begin, end, order, gscore); });
 }
 
 // taps (K, D, W): the kernel's value at each window offset, 0 where tap_index is -1; empty without a kernel.
