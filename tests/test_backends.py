@@ -498,3 +498,23 @@ def test_cpu_kernel_phase_clock_times_every_phase_of_both_passes(score):
     with cpu.phase_clock() as empty:
         pass
     assert set(empty.values()) == {0.0}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_global_backend_runs_sdpa_fused_kernel_and_returns_z_in_the_layout_of_v(channels_last):
+    """SDPA's fused CPU kernel (its math path is several times slower) takes the rows of q, k, v whatever their
+    layout, and z comes back in v's layout: a channels-last input needs no contiguous copy ('any_layout')."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from convplus.backends import global_attention, reference
+
+    x = torch.randn(2, 8, 5, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    q, k, v = (x.view(2, 2, 4, 5, 6) * scale for scale in (1.0, 0.5, 2.0))  # each in x's layout
+    hood = Neighborhood.of(None, (1, 1))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises where SDPA cannot run it on these inputs
+        z = global_attention.attend(q, k, v, hood)
+    assert z.stride() == v.stride()
+    torch.testing.assert_close(z, reference.attend(q, k, v, hood))
+    assert backends.BACKENDS["global"].any_layout
