@@ -95,7 +95,7 @@ void row_dots(const T* a, const T* b, const std::vector<int64_t>& ws, int64_t C,
   }
 }
 
-// The convolution term's taps in a weighted sum over M window offsets: data[c * stride + m] for channel c and
+// The convolution term's taps in a weighted sum over M window offsets: data[m * stride + c] for channel c and
 // offset m < M; data null: no convolution term.
 template <typename T>
 struct TapMatrix {
@@ -104,7 +104,7 @@ struct TapMatrix {
 };
 
 // The weighted sum over the window, for a block of cb channels at the n vectors of x from 0:
-// out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[c * tap_stride + m]) * value[m][c * stride + x] (taps
+// out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[m * tap_stride + c]) * value[m][c * stride + x] (taps
 // null: no convolution term; scale null: 1). Each load of a weight serves all cb channels.
 template <typename T, int n, int cb, bool with_taps, bool with_scale>
 inline void sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
@@ -119,11 +119,14 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
     for (int j = 0; j < n; ++j) {
       wv[j] = load<V>(weight[m] + j * L);
       if constexpr (with_scale) wv[j] *= sv[j];
+      // kept apart from the tap additions below: fused into them, the product would be computed again for every
+      // channel, on the FMA units that the sums need (the additions run on the separate adders)
+      if constexpr (with_taps) asm("" : "+v"(wv[j]));
     }
     const T* vm = value[m] + offset;
     for (int c = 0; c < cb; ++c) {
       if constexpr (with_taps) {
-        const T tap = taps[c * tap_stride + m];
+        const T tap = taps[m * tap_stride + c];
         for (int j = 0; j < n; ++j) acc[c][j] += (wv[j] + tap) * load<V>(vm + c * stride + j * L);
       } else {
         for (int j = 0; j < n; ++j) acc[c][j] += wv[j] * load<V>(vm + c * stride + j * L);
@@ -146,7 +149,7 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
       with_constant<kSumChannels>(std::min<int64_t>(kSumChannels, C - c0), [&](auto cb) {
         constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
         T* dst = out + c0 * Xr + x;
-        const T* t = taps.data ? taps.data + c0 * taps.stride : nullptr;
+        const T* t = taps.data ? taps.data + c0 : nullptr;
         const int64_t ts = taps.stride;
         const T* sx = scale ? scale + x : nullptr;
         const int64_t at = c0 * stride + x;

@@ -13,7 +13,7 @@
 // outputs take the layout of the input they match, z and dv that of v, dq and dk those of q and k); 1-d and 2-d
 // grids are padded to 3 spatial dims with size 1. gain (K,); kernel (K, D, P) flattened, or empty for no
 // convolution term, and tap_index (W,): the kernel entry at each window offset (-1: none), giving the taps r
-// (K, D, W);
+// (K, W, D);
 // offsets (W, 3) int64, row-major over (t, y, x), every offset some query's window uses; bounds (T + H + X, 2)
 // int64, each query's own window among them (window_geometry.h, forward only: backward reads the saved
 // probabilities, zero outside the window); bias (K, D) or empty, added to z. Head of slice bk is bk % K.
@@ -46,16 +46,15 @@ namespace {
 
 using namespace detail;
 
-// The taps of head h at the M live offsets live[m] (increasing), as a (D, M) matrix: a view of taps where the
+// The taps of head h at the M live offsets live[m] (increasing), as an (M, D) matrix: a view of taps where the
 // live offsets are consecutive, else copied into out; none without a convolution term.
 template <typename T>
 TapMatrix<T> live_taps(const T* taps, int64_t h, const std::vector<int64_t>& live, int64_t M, const Geometry& g,
                        T* out) {
   if (!taps || !M) return {};
-  if (live[M - 1] - live[0] == M - 1) return {taps + h * g.D * g.W + live[0], g.W};
-  for (int64_t d = 0; d < g.D; ++d)
-    for (int64_t m = 0; m < M; ++m) out[d * M + m] = taps[(h * g.D + d) * g.W + live[m]];
-  return {out, M};
+  if (live[M - 1] - live[0] == M - 1) return {taps + (h * g.W + live[0]) * g.D, g.D};
+  for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * g.D, taps + (h * g.W + live[m]) * g.D, g.D * sizeof(T));
+  return {out, g.D};
 }
 
 // Where the scores come from: q and k (B, K, Dq, T, H, X), or, with the 'direct' score (features non-null), the
@@ -370,18 +369,19 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass2(begin, end, order, gscore); });
 }
 
-// taps (K, D, W): the kernel's value at each window offset, 0 where tap_index is -1; empty without a kernel.
+// taps (K, W, D): the kernel's value at each window offset, 0 where tap_index is -1; empty without a kernel.
 // kernel (K, D, P).
 template <typename T>
 Buffer<T> taps_at_offsets(const at::Tensor& kernel, const at::Tensor& tap_index) {
   if (!kernel.numel()) return {};
   const at::Tensor entries = kernel.contiguous();
-  const int64_t rows = entries.size(0) * entries.size(1), P = entries.size(2), W = tap_index.size(0);
+  const int64_t K = entries.size(0), D = entries.size(1), P = entries.size(2), W = tap_index.size(0);
   const T* src = entries.data_ptr<T>();
   const int64_t* index = tap_index.data_ptr<int64_t>();
-  Buffer<T> taps(rows * W);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t w = 0; w < W; ++w) taps[r * W + w] = index[w] < 0 ? T(0) : src[r * P + index[w]];
+  Buffer<T> taps(K * W * D);
+  for (int64_t h = 0; h < K; ++h)
+    for (int64_t w = 0; w < W; ++w)
+      for (int64_t d = 0; d < D; ++d) taps[(h * W + w) * D + d] = index[w] < 0 ? T(0) : src[(h * D + d) * P + index[w]];
   return taps;
 }
 
