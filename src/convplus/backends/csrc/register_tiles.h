@@ -34,7 +34,7 @@ inline void over_tiles(int64_t Xr, Tile&& tile) {
 constexpr int kDotTile = 2;     // vectors per tile of the dot products,
 constexpr int kDotGroup = 8;    // times up to this many window offsets that share a key row
 constexpr int kSumTile = 2;     // vectors per tile of the weighted sums,
-constexpr int kSumChannels = 8;  // times this many channels
+constexpr int kSumChannels = 12;  // times up to this many channels (the channels split into blocks of equal size)
 
 // For the m offsets of one key row, at the n vectors of x from 0: out[o][x] = sum_c a[c * stride + x] *
 // b[o][c * stride + x]; with sums, also sums[o][c] += the same products, summed over the n vectors (lane-wise:
@@ -145,8 +145,9 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
                 int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
   over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
     for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
-    for (int64_t c0 = 0; c0 < C; c0 += kSumChannels)
-      with_constant<kSumChannels>(std::min<int64_t>(kSumChannels, C - c0), [&](auto cb) {
+    const int64_t blocks = (C + kSumChannels - 1) / kSumChannels, size = (C + blocks - 1) / blocks;
+    for (int64_t c0 = 0; c0 < C; c0 += size)
+      with_constant<kSumChannels>(std::min<int64_t>(size, C - c0), [&](auto cb) {
         constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
         T* dst = out + c0 * Xr + x;
         const T* t = taps.data ? taps.data + c0 : nullptr;
