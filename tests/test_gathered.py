@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -142,7 +143,7 @@ def test_an_exported_auto_layer_runs_the_gathered_formulation():
     the same output."""
     layer = ConvPlus2d(4, heads=2, kernel_size=3, window=5, causal=(True, False), border="shift").eval()
     torch.nn.init.uniform_(layer.gain, 0.5, 1.5)
-    x = torch.randn(1, 4, 9, 10)
+    x = torch.randn(1, 4, 16, 20)  # longer than a tile with its halo in both dims: tiles, not one dense block
     program = torch.export.export(layer, (x,), strict=False)
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert "aten.index_select.default" in targets, targets  # the tiles' gathers
@@ -163,3 +164,15 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_result(tmp_path):
     (z,) = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
     with torch.no_grad():
         assert rel_err(torch.from_numpy(z), reference_mix(q, k, v, kernel, gain, hood)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("grid", "keys", "gathers"),
+    [((8, 8), 64, False), ((7, 9), 63, False), ((14, 14), 169, True), ((8, 20), 8 * 13, True)],
+)
+def test_a_dim_no_longer_than_a_tile_with_its_halo_is_spanned_by_one_tile_without_halo(grid, keys, gathers):
+    """Window 7, tile 7: a tile and its halo hold 13 points per dim; a dim of up to 13 points is one tile whose
+    keys are the dim's points. A grid spanned in every dim is the grid in order: the queries need no gather."""
+    geometry = gathered.tiling(grid, Neighborhood.of((7, 7), (1, 1)), 7)
+    assert geometry.keys_per_tile == keys
+    assert (not np.array_equal(geometry.queries, np.arange(math.prod(grid)))) == gathers

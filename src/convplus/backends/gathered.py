@@ -13,7 +13,9 @@ dims and both border rules, and traces to a static graph (``torch.export``, ONNX
 
 Cost: each query scores all the keys of its tile and halo, ``prod(tile + before + after)`` of them (before, after:
 the halo's steps on each side), instead of the ``prod(w)`` of its window; in return the work runs as matrix
-products, not as one pass per offset.
+products, not as one pass per offset. A dim no longer than a tile with its halo is spanned by one tile whose keys
+are the dim's points (a 7x7 grid under a 7x7 window: 49 keys per query, not 169); a grid spanned in every dim
+runs as one dense masked attention, with no gathers.
 """
 
 from __future__ import annotations
@@ -63,13 +65,18 @@ class Tiling:
 def _tiles_1d(size: int, before: int, after: int, step: int, tile: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """One dim's tiles: for each, its query coordinates (t of them, -1 past the grid) and key coordinates
     (t + before + after of them, from ``before`` group steps before the tile to ``after`` past it, -1 outside the
-    grid). A tile holds consecutive positions of one dilation group."""
+    grid). A tile holds consecutive positions of one dilation group. Where a group's points are no more than a
+    tile's keys with their halo, one tile spans each group and its keys are the group's points (-1 past its end):
+    no more keys per query, and no halo outside the grid."""
     tiles = []
-    side = min(tile, len(range(0, size, step)))  # the longest group's length: every tile has the same side
+    longest = len(range(0, size, step))  # the longest group's length
+    spans = longest <= tile + before + after
+    side = longest if spans else tile  # every tile has the same side
     for group in range(min(step, size)):
         length = len(range(group, size, step))
         for start in range(0, length, side):
-            a, b = start + np.arange(side), start + np.arange(-before, side + after)
+            a = start + np.arange(side)
+            b = a if spans else start + np.arange(-before, side + after)
             queries = np.where(a < length, group + a * step, -1)
             keys = np.where((b >= 0) & (b < length), group + b * step, -1)
             tiles.append((queries, keys))
@@ -144,6 +151,8 @@ def _gather(t: torch.Tensor, index: np.ndarray, per_tile: int) -> torch.Tensor:
     (B, K, T, per_tile, C). Channels go last, so that each index copies a contiguous row of C values (one value
     at a time, along the last dim, is several times slower in onnxruntime) and the result needs no transpose."""
     rows = t.transpose(2, 3)  # (B, K, N, C)
+    if np.array_equal(index, np.arange(t.shape[3])):  # every position once, in order: no gather
+        return rows.reshape(*t.shape[:2], -1, per_tile, t.shape[2])
     rows = torch.cat([rows, rows.new_zeros(*rows.shape[:2], 1, rows.shape[3])], dim=2)
     picked = rows.index_select(2, torch.as_tensor(index, device=t.device))
     return picked.view(*t.shape[:2], -1, per_tile, t.shape[2])
@@ -167,7 +176,9 @@ def attend(
     bias = torch.as_tensor(geometry.bias, device=q.device).to(q.dtype)
     scores = torch.matmul(q_t, k_t.transpose(-1, -2)) + bias
     z_t = torch.matmul(softmax_probs(scores, v.dtype), v_t)  # (B, K, T, M, D)
-    z = z_t.flatten(2, 3).index_select(2, torch.as_tensor(geometry.position, device=v.device))  # (B, K, N, D)
+    z = z_t.flatten(2, 3)
+    if not np.array_equal(geometry.queries, np.arange(geometry.position.size)):  # else: the grid, in order
+        z = z.index_select(2, torch.as_tensor(geometry.position, device=v.device))  # (B, K, N, D)
     return z.transpose(2, 3).reshape(v.shape)
 
 
