@@ -167,12 +167,26 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_result(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("grid", "keys", "gathers"),
-    [((8, 8), 64, False), ((7, 9), 63, False), ((14, 14), 169, True), ((8, 20), 8 * 13, True)],
+    ("grid", "sides", "keys"),
+    [
+        ((56, 56), (4, 4), 100),  # long dims: small tiles, each with its halo
+        ((28, 28), (4, 4), 100),
+        ((14, 14), (14, 14), 196),  # short dims: one tile spans each, no halo and no gathers
+        ((7, 7), (7, 7), 49),
+        ((7, 56), (7, 4), 70),
+    ],
 )
-def test_a_dim_no_longer_than_a_tile_with_its_halo_is_spanned_by_one_tile_without_halo(grid, keys, gathers):
-    """Window 7, tile 7: a tile and its halo hold 13 points per dim; a dim of up to 13 points is one tile whose
-    keys are the dim's points. A grid spanned in every dim is the grid in order: the queries need no gather."""
-    geometry = gathered.tiling(grid, Neighborhood.of((7, 7), (1, 1)), 7)
+def test_tile_sides_weigh_the_keys_scored_against_the_rows_gathered(grid, sides, keys):
+    """Window 7: on long dims, tiles of 4 score 10 keys per dim where a dim's whole length would be scored; on
+    short dims, one tile spans the dim. The tiling built from the choice matches the reference, and a grid spanned
+    in every dim needs no gather of its queries."""
+    hood = Neighborhood.of((7, 7), (1, 1))
+    assert tuple(side.side for side in gathered.tile_sides(grid, hood)) == sides
+    geometry = gathered.tiling(grid, hood)
     assert geometry.keys_per_tile == keys
-    assert (not np.array_equal(geometry.queries, np.arange(math.prod(grid)))) == gathers
+    spanned = sides == grid
+    assert np.array_equal(geometry.queries, np.arange(math.prod(grid))) == spanned
+    q, k, v, kernel, gain, bias = _inputs(grid, hood.window)
+    with torch.no_grad():
+        z = gathered.mix(q, k, v, kernel, gain, hood, bias)
+        assert rel_err(z, reference_mix(q, k, v, kernel, gain, hood, bias)) <= 1e-12

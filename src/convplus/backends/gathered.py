@@ -1,8 +1,8 @@
 """The 'gathered' backend: windowed attention as dense attention inside small tiles, made of the operators an
 exported graph runs fast (gather, batched matrix products, softmax, a depthwise convolution).
 
-The queries are cut into tiles of ``tile`` consecutive positions per dim (within each dilation group); every
-tile attends to the keys its queries can reach: the tile plus a halo spanning, per dim, the union of the
+The queries are cut into tiles of consecutive positions per dim (within each dilation group); every tile
+attends to the keys its queries can reach: the tile plus a halo spanning, per dim, the union of the
 windows' offsets (``neighborhood.offset_ranges``: ``w // 2`` steps on each side for a centred window, ``w - 1``
 steps back along a causal dim, ``w - 1`` steps on each side under border 'shift'), with one batched matrix
 product for the scores and one for the aggregation. A constant additive bias (0 or -inf) keeps, for each query,
@@ -11,10 +11,11 @@ included) and outside the grid are excluded, as in the definition (docs/definiti
 and halos are taken with constant index gathers, so one formulation serves 1 to 3 dims, any dilation, causal
 dims and both border rules, and traces to a static graph (``torch.export``, ONNX).
 
-Cost: each query scores all the keys of its tile and halo, ``prod(tile + before + after)`` of them (before, after:
+Cost: each query scores all the keys of its tile and halo, ``prod(side + before + after)`` of them (before, after:
 the halo's steps on each side), instead of the ``prod(w)`` of its window; in return the work runs as matrix
-products, not as one pass per offset. A dim no longer than a tile with its halo is spanned by one tile whose keys
-are the dim's points (a 7x7 grid under a 7x7 window: 49 keys per query, not 169); a grid spanned in every dim
+products, not as one pass per offset. Smaller tiles score fewer keys but gather more rows (each tile gathers its
+halo again), so the sides are chosen per grid (``tile_sides``); a dim may instead be spanned by one tile whose
+keys are the dim's points (a 7x7 grid under a 7x7 window: 49 keys per query), and a grid spanned in every dim
 runs as one dense masked attention, with no gathers.
 """
 
@@ -31,8 +32,27 @@ import torch
 from ..neighborhood import Neighborhood, offset_ranges
 from .terms import softmax_probs, with_convolution_term
 
-TILE = 7
-"""Default tile side (queries per dim); clipped to each dilation group's length."""
+GATHER_COST = 16.0
+"""What gathering one row (a key's, a query's or an output's channels) costs, in keys scored: the weight of the
+gathers against the scores, softmax and aggregation when the tile sides are chosen (``tile_sides``). Fitted to
+onnxruntime on CPU (one ConvPlus2d layer of ConvNeXt V2 atto's stages at 56x56, 28x28 and 14x14, 2 threads),
+where it ranks the sides as measured: 4 at 56 and 28, one tile spanning each dim at 14 and 7."""
+
+MAX_TILE = 16
+"""The longest tile side ``tile_sides`` considers (a tile spanning its whole dim aside)."""
+
+
+@dataclass(frozen=True)
+class TileSide:
+    """One dim's tiles: ``side`` queries of a dilation group each, with a halo of keys, or, ``spans``, one tile per
+    group whose keys are the group's points (no halo)."""
+
+    side: int
+    spans: bool
+
+    def keys(self, halo: int) -> int:
+        """Keys per tile in this dim, for a halo of ``halo`` group steps in all."""
+        return self.side if self.spans else self.side + halo
 
 
 @dataclass(frozen=True)
@@ -62,25 +82,50 @@ class Tiling:
         return self.bias.shape[2]
 
 
-def _tiles_1d(size: int, before: int, after: int, step: int, tile: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One dim's tiles: for each, its query coordinates (t of them, -1 past the grid) and key coordinates
-    (t + before + after of them, from ``before`` group steps before the tile to ``after`` past it, -1 outside the
-    grid). A tile holds consecutive positions of one dilation group. Where a group's points are no more than a
-    tile's keys with their halo, one tile spans each group and its keys are the group's points (-1 past its end):
-    no more keys per query, and no halo outside the grid."""
-    tiles = []
-    longest = len(range(0, size, step))  # the longest group's length
-    spans = longest <= tile + before + after
-    side = longest if spans else tile  # every tile has the same side
+def _tiles_1d(size: int, before: int, after: int, step: int, tiles: TileSide) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One dim's tiles: for each, its query coordinates (``tiles.side`` of them, -1 past the grid) and key
+    coordinates (side + before + after of them, from ``before`` group steps before the tile to ``after`` past it,
+    -1 outside the grid; or, where one tile spans each group, the group's points). A tile holds consecutive
+    positions of one dilation group."""
+    result = []
+    side = tiles.side
     for group in range(min(step, size)):
         length = len(range(group, size, step))
         for start in range(0, length, side):
             a = start + np.arange(side)
-            b = a if spans else start + np.arange(-before, side + after)
+            b = a if tiles.spans else start + np.arange(-before, side + after)
             queries = np.where(a < length, group + a * step, -1)
             keys = np.where((b >= 0) & (b < length), group + b * step, -1)
-            tiles.append((queries, keys))
-    return tiles
+            result.append((queries, keys))
+    return result
+
+
+def _halos(spatial: tuple[int, ...], hood: Neighborhood) -> list[tuple[int, int]]:
+    """Per dim, the halo's group steps (before, after) the tile: the union of the windows' offsets."""
+    reach = offset_ranges(spatial, hood)  # per dim, the union of the windows' offsets, in dilated steps of r
+    return [(-offsets.start // r, offsets[-1] // r) for offsets, r in zip(reach, hood.dilation, strict=True)]
+
+
+def tile_sides(spatial: tuple[int, ...], hood: Neighborhood) -> tuple[TileSide, ...]:
+    """The tile of each dim that costs least per query: keys scored (by real and padding queries) plus
+    ``GATHER_COST`` times the rows gathered (keys, queries and outputs; none where one tile spans the grid). A tile
+    spanning its dim scores all of the dim's points; smaller tiles score fewer keys each but gather them once per
+    tile, with a halo."""
+    choices = []
+    for size, (before, after), step in zip(spatial, _halos(spatial, hood), hood.dilation, strict=True):
+        longest = len(range(0, size, step))
+        options = [TileSide(longest, True)] + [TileSide(t, False) for t in range(1, min(longest, MAX_TILE + 1))]
+        choices.append([(o, -(-longest // o.side), longest, o.keys(before + after)) for o in options])
+
+    def cost(combo) -> float:
+        padded = math.prod(tiles * o.side / n for o, tiles, n, _ in combo)  # queries computed per real query
+        scored = padded * math.prod(keys for *_, keys in combo)
+        if all(o.spans for o, *_ in combo):
+            return scored
+        gathered_keys = math.prod(tiles * keys / n for _, tiles, n, keys in combo)
+        return scored + GATHER_COST * (gathered_keys + 2 * padded)
+
+    return tuple(o for o, *_ in min(itertools.product(*choices), key=cost))
 
 
 def _flat_index(coords_per_dim: list[np.ndarray], spatial: tuple[int, ...]) -> np.ndarray:
@@ -122,16 +167,18 @@ def _neighborhood_bias(combo: tuple, bounds: list[np.ndarray], padding_query: np
 
 
 @functools.lru_cache(maxsize=256)
-def tiling(spatial: tuple[int, ...], hood: Neighborhood, tile: int = TILE) -> Tiling:
-    """The ``Tiling`` of a grid ``spatial`` for a neighborhood with a finite window; cached."""
-    reach = offset_ranges(spatial, hood)  # per dim, the union of the windows' offsets, in dilated steps of r
+def tiling(spatial: tuple[int, ...], hood: Neighborhood, tile: int | None = None) -> Tiling:
+    """The ``Tiling`` of a grid ``spatial`` for a neighborhood with a finite window; cached. ``tile``: the tile
+    side in every dim (clipped to each dilation group's length), or None for ``tile_sides``."""
+    lengths = [len(range(0, s, r)) for s, r in zip(spatial, hood.dilation, strict=True)]
+    sides = tile_sides(spatial, hood) if tile is None else tuple(TileSide(min(tile, n), tile >= n) for n in lengths)
     bounds = [
         dim_bounds_array(s, w, r, c, hood.border)
         for s, w, r, c in zip(spatial, hood.window, hood.dilation, hood.causal, strict=True)
     ]
     per_dim = [
-        _tiles_1d(s, -offsets.start // r, offsets[-1] // r, r, tile)
-        for s, offsets, r in zip(spatial, reach, hood.dilation, strict=True)
+        _tiles_1d(s, before, after, r, side)
+        for s, (before, after), r, side in zip(spatial, _halos(spatial, hood), hood.dilation, sides, strict=True)
     ]
     n = math.prod(spatial)
     queries, keys, biases = [], [], []
@@ -163,10 +210,10 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
     hood: Neighborhood,
-    tile: int = TILE,
+    tile: int | None = None,
 ) -> torch.Tensor:
     """sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S); ``hood`` has a
-    finite window."""
+    finite window. ``tile``: the tile side in every dim, or None for the sides ``tile_sides`` chooses."""
     spatial = tuple(v.shape[3:])
     geometry = tiling(spatial, hood, tile)
     flat = [t.flatten(3) for t in (q, k, v)]
