@@ -26,24 +26,24 @@ void gather_row(const Rows<const T>& src, int64_t C, const Geometry& g, int64_t 
   copy_block(src.at(bk, 0, t, y), src.channel, src.x, buf + g.lead, g.Xp, int64_t{1}, C, g.X);
 }
 
-// In place on the row (t, y) of slice bk that gather_row copied into buf (C, Xp): the 'direct' score's keys
-// k = x^ / max(||x^||, 1e-12) over the C channels at every column, x^ = x + pos (pos (K, C, T, H, X), or null),
-// in the order of operations of direct_score.cpp. By whole vectors: the columns from X on are zero and stay zero.
+// The row (t, y) of slice bk that gather_row copied into src (C, Xp), as the 'direct' score's keys in buf (C, Xp;
+// src itself for in place): k = x^ / max(||x^||, 1e-12) over the C channels at every column, x^ = x + pos (pos
+// (K, C, T, H, X), or null), in the order of operations of direct_score.cpp. By whole vectors, each read once: the
+// columns from X on are zero and stay zero.
 template <typename T>
-void unit_row(T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y) {
+void unit_row(const T* src, T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
+  const T* from = src + g.lead;
   T* rows = buf + g.lead;
-  if (pos)
-    for (int64_t c = 0; c < C; ++c) {
-      const T* __restrict__ pr = pos + ((bk % g.K * C + c) * g.T + t) * g.H * g.X + y * g.X;
-      T* __restrict__ row = rows + c * g.Xp;
-      for (int64_t x = 0; x < g.X; ++x) row[x] += pr[x];
-    }
+  const int64_t pos_channel = g.T * g.H * g.X;
+  const T* pos_row = pos ? pos + (bk % g.K * C * g.T + t) * g.H * g.X + y * g.X : nullptr;
   for (int64_t x = 0; x < g.Xr; x += L) {
     V norm{};
     for (int64_t c = 0; c < C; ++c) {
-      const V r = load<V>(rows + c * g.Xp + x);
+      V r = load<V>(from + c * g.Xp + x);
+      if (pos_row) r += load_first<V>(pos_row + c * pos_channel + x, std::min(L, g.X - x));
+      store(rows + c * g.Xp + x, r);
       norm += r * r;
     }
     const V inverse = T(1) / sqrt_vec<V, T>(norm < T(kMinSquaredNorm) ? V{} + T(kMinSquaredNorm) : norm);
@@ -74,14 +74,15 @@ class RowCache {
       const int64_t slot = tt % g_.span_t * g_.span_y + yy % g_.span_y, id = (bk * g_.T + tt) * g_.H + yy;
       T* buf = data_.data() + slot * C_ * g_.Xp;
       if (tag_[slot] != id) {
-        if (copy_of && copy_of->tag_[slot] == id)
-          std::memcpy(buf, copy_of->data_.data() + slot * C_ * g_.Xp, C_ * g_.Xp * sizeof(T));
-        else
-          gather_row(src_, C_, g_, bk, tt, yy, buf);
+        // a row that copy_of holds is read from there (and, with unit, turned into keys in the same pass)
+        const T* held = copy_of && copy_of->tag_[slot] == id ? copy_of->data_.data() + slot * C_ * g_.Xp : nullptr;
+        if (!held) gather_row(src_, C_, g_, bk, tt, yy, buf);
         if (unit_) {
           if (clock_) clock_->lap(Phase::kForwardRowsIn);
-          unit_row(buf, pos_, C_, g_, bk, tt, yy);
+          unit_row(held ? held : buf, buf, pos_, C_, g_, bk, tt, yy);
           if (clock_) clock_->lap(Phase::kForwardKeys);
+        } else if (held) {
+          std::memcpy(buf, held, C_ * g_.Xp * sizeof(T));
         }
         tag_[slot] = id;
       }

@@ -55,6 +55,19 @@ inline V load(const T* p) {
   return v;
 }
 
+// The first n <= width entries at p, zeros in the other lanes (nothing past p + n is read).
+template <typename V, typename T>
+inline V load_first(const T* p, int64_t n) {
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  if (n >= L) return load<V>(p);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if constexpr (sizeof(T) == 4 && sizeof(V) == 32) return (V)_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1), p);
+#endif
+  V v{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
 template <typename V, typename T>
 inline void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
