@@ -294,7 +294,7 @@ def test_a_failed_kernel_build_is_tried_once_per_process(monkeypatch):
         (3, (2, 3, 70), {"kernel_size": 3, "window": 3}),
         (2, (9, 40), {"kernel_size": 7, "window": 3}),  # the kernel reaches past the window: not fused
         (1, (70,), {"kernel_size": 5, "window": 11}),  # 11 offsets on one key row: more than one group of 8
-        (2, (5, 20), {"kernel_size": 3, "window": 3, "channels": 24}),  # 12 channels a head: one block of 12
+        (2, (5, 20), {"kernel_size": 3, "window": 3, "channels": 24}),  # 12 channels a head: two blocks of 6
         (2, (4, 9), {"kernel_size": 3, "window": 3, "channels": 52}),  # 26 channels a head: blocks of 9, 9, 8
         (2, (11, 19), {"kernel_size": 5, "window": 5, "channels": 32}),  # channels-last rows in 8x8 blocks + rest
         (2, (9, 14), {"kernel_size": 5, "window": 5, "border": "shift"}),  # windows not symmetric at the borders
