@@ -82,18 +82,18 @@ class Tiling:
         return self.bias.shape[2]
 
 
-def _tiles_1d(size: int, before: int, after: int, step: int, tiles: TileSide) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One dim's tiles: for each, its query coordinates (``tiles.side`` of them, -1 past the grid) and key
+def _tiles_1d(size: int, before: int, after: int, step: int, tile: TileSide) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One dim's tiles: for each, its query coordinates (``tile.side`` of them, -1 past the grid) and key
     coordinates (side + before + after of them, from ``before`` group steps before the tile to ``after`` past it,
     -1 outside the grid; or, where one tile spans each group, the group's points). A tile holds consecutive
     positions of one dilation group."""
     result = []
-    side = tiles.side
+    side = tile.side
     for group in range(min(step, size)):
         length = len(range(group, size, step))
         for start in range(0, length, side):
             a = start + np.arange(side)
-            b = a if tiles.spans else start + np.arange(-before, side + after)
+            b = a if tile.spans else start + np.arange(-before, side + after)
             queries = np.where(a < length, group + a * step, -1)
             keys = np.where((b >= 0) & (b < length), group + b * step, -1)
             result.append((queries, keys))

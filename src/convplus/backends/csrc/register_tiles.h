@@ -122,7 +122,9 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
       if constexpr (with_scale) wv[j] *= sv[j];
       // kept apart from the tap additions below: fused into them, the product would be computed again for every
       // channel, on the FMA units that the sums need (the additions run on the separate adders)
-      if constexpr (with_taps) asm("" : "+v"(wv[j]));
+#if defined(__x86_64__)
+      if constexpr (with_taps) asm("" : "+v"(wv[j]));  // "v": an x86 vector register
+#endif
     }
     const T* vm = value[m] + offset;
     for (int c = 0; c < cb; ++c) {
