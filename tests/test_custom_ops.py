@@ -146,3 +146,40 @@ def test_torch_export_keeps_to_portable_operators():
     program = torch.export.export(module, (x,))
     assert not [node for node in program.graph.nodes if str(node.target).startswith("convplus.")]
     torch.testing.assert_close(program.module()(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the ops dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("score", "name"), [("direct", "direct_window_mix"), ("qk", "window_mix")])
+def test_inference_calls_run_the_kernel_directly_as_the_op_would(score, name, monkeypatch):
+    """An eager forward that keeps nothing for backward calls the kernel's entry point without the custom op's
+    dispatch: the same output as through the op, still under the op's name to the profiler, and through the op
+    wherever something must see it (autograd, a dispatch mode)."""
+    module = ConvPlus2d(8, kernel_size=3, window=3, heads=2, score=score).eval()
+    x = torch.randn(2, 8, 6, 7).contiguous(memory_format=torch.channels_last)
+    op_calls = []
+    op = getattr(cpu, name)
+    monkeypatch.setattr(cpu, name, lambda *args: op_calls.append(args) or op(*args))
+    with torch.no_grad():
+        direct = module(x)
+        assert not op_calls
+        with _OpCalls() as calls:
+            through_op = module(x)
+        with torch.profiler.profile() as profile:
+            module(x)
+    assert len(op_calls) == 1 and f"convplus.{name}.default" in calls.names
+    assert torch.equal(direct, through_op) and direct.stride() == through_op.stride()
+    assert f"convplus::{name}" in {event.key for event in profile.key_averages()}
+    y = module(x.requires_grad_(True))
+    assert len(op_calls) == 2 and y.grad_fn is not None  # kept for backward: through the op, which autograd sees
+    assert torch.equal(y, direct)
