@@ -169,12 +169,14 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
   });
 }
 
-// In place on a row of Xr values, a whole number of vectors: row[x] = exp(scale * row[x]).
+// In place on a row of Xr values, a whole number of vectors: row[x] = exp(scale * row[x]), for products of at
+// most 64 in magnitude (or NaN), whose exponentials need no clamping.
 template <typename T>
 void scaled_exp(T* row, T scale, int64_t Xr) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
-  for (int64_t x = 0; x < Xr; x += L) store(row + x, exp_vec<V, T>(load<V>(row + x) * scale));
+  static_assert(ExpConstants<T>::lo < T(-64) && ExpConstants<T>::hi > T(64));
+  for (int64_t x = 0; x < Xr; x += L) store(row + x, exp_vec<V, T, true>(load<V>(row + x) * scale));
 }
 
 // For each column x of the W rows p[w] (Xr values each): scores s become p[w][x] = exp(s[w][x] - max_w s[.][x]),

@@ -110,26 +110,32 @@ struct ExpConstants {
 };
 
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-// The same with AVX-512's rounding and 2^n scaling instructions, for 8 floats.
+// The same with AVX-512's rounding and 2^n scaling instructions, for 8 floats. in_range: every lane is known to
+// lie in [lo, hi] or be NaN, so the clamp and the zeroing below lo, which would change nothing, are left out.
+template <bool in_range>
 inline __m256 exp_avx512(__m256 x) {
   using E = ExpConstants<float>;
   constexpr std::array<float, E::degree + 1> c = E::taylor();
   const __m256 lo = _mm256_set1_ps(E::lo);
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(E::hi), _mm256_max_ps(lo, x));  // NaN: the second operand
+  const __m256 xc =
+      in_range ? x : _mm256_min_ps(_mm256_set1_ps(E::hi), _mm256_max_ps(lo, x));  // NaN: the second operand
   const __m256 n = _mm256_roundscale_ps(_mm256_mul_ps(xc, _mm256_set1_ps(E::log2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 r =
       _mm256_fnmadd_ps(n, _mm256_set1_ps(E::ln2_lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(E::ln2_hi), xc));
   __m256 poly = _mm256_set1_ps(c[E::degree]);
   for (int i = E::degree - 1; i >= 0; --i) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c[i]));
+  if constexpr (in_range) return _mm256_scalef_ps(poly, n);
   return _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(x, lo, _CMP_NLT_UQ), _mm256_scalef_ps(poly, n));
 }
 #endif
 
-template <typename V, typename T>
+// in_range: every lane of x lies in [ExpConstants<T>::lo, hi] or is NaN (a promise that lets a fast path skip
+// the clamping; the result is the same).
+template <typename V, typename T, bool in_range = false>
 inline V exp_vec(V x) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-  if constexpr (sizeof(T) == 4 && sizeof(V) == sizeof(__m256)) return (V)exp_avx512((__m256)x);
+  if constexpr (sizeof(T) == 4 && sizeof(V) == sizeof(__m256)) return (V)exp_avx512<in_range>((__m256)x);
 #endif
   using E = ExpConstants<T>;
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
