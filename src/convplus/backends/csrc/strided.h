@@ -70,6 +70,33 @@ inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t 
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// The block of src_rows <= 8 rows of src_cols <= 8 floats at src (rows stride apart) transposed into the src_cols
+// rows of src_rows floats at dst (rows dst_stride apart), by masked loads and stores: nothing outside the block is
+// read or written.
+inline void transpose_block(const float* src, int64_t stride, float* dst, int64_t dst_stride, int64_t src_rows,
+                            int64_t src_cols) {
+  const __mmask8 cols = static_cast<__mmask8>((1u << src_cols) - 1), rows = static_cast<__mmask8>((1u << src_rows) - 1);
+  __m256 r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = i < src_rows ? _mm256_maskz_loadu_ps(cols, src + i * stride) : _mm256_setzero_ps();
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (i < src_cols) _mm256_mask_storeu_ps(dst + i * dst_stride, rows, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    if (i + 4 < src_cols)
+      _mm256_mask_storeu_ps(dst + (i + 4) * dst_stride, rows, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
 // The block of src_rows <= 8 rows of 4 floats at src (the missing rows read as zeros) transposed into the 4 rows
 // of 8 at dst.
 inline void transpose_8x4(const float* src, int64_t stride, float* dst, int64_t dst_stride, int64_t src_rows) {
@@ -85,12 +112,27 @@ inline void transpose_8x4(const float* src, int64_t stride, float* dst, int64_t 
 #endif
 
 // dst[j * dst_stride + i] = src[i * stride + j] for i < rows, j < cols: a block of rows of contiguous entries
-// transposed (a channels-last row of a tensor to channel rows, and back); for floats where AVX2 is there, 8 rows
-// at a time in 8x8 and 8x4 blocks, the last partial block of rows (Room::kDestination) or of columns
-// (Room::kSource) too where that side has room.
+// transposed (a channels-last row of a tensor to channel rows, and back). For floats: with AVX-512, in blocks of up
+// to 8x8, partial ones included (masked); with AVX2 alone, 8 rows at a time in 8x8 and 8x4 blocks, the last
+// partial block of rows (Room::kDestination) or of columns (Room::kSource) too where that side has room.
 template <typename T>
 void transpose(const T* src, int64_t stride, T* dst, int64_t dst_stride, int64_t rows, int64_t cols, Room room) {
   int64_t i0 = 0;
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if constexpr (std::is_same_v<T, float>) {  // every block in vectors, the partial ones by masked loads and stores
+    for (; i0 < rows; i0 += 8)
+      for (int64_t j = 0; j < cols; j += 8) {
+        const int64_t n = std::min<int64_t>(8, rows - i0), m = std::min<int64_t>(8, cols - j);
+        const float* from = src + i0 * stride + j;
+        float* to = dst + j * dst_stride + i0;
+        if (n == 8 && m == 8)
+          transpose_8x8(from, stride, to, dst_stride, 8, 8);
+        else
+          transpose_block(from, stride, to, dst_stride, n, m);
+      }
+    return;
+  }
+#endif
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
     const int64_t vector_rows = room == Room::kDestination ? rows : rows - rows % 8;
