@@ -48,12 +48,9 @@ struct Rows {
 enum class Room { kNone, kDestination, kSource };
 
 #if defined(__AVX2__)
-// The block of src_rows <= 8 rows of 8 floats at src (rows stride apart; the missing rows read as zeros)
-// transposed, of which the first dst_rows <= 8 rows are stored at dst (rows dst_stride apart).
-inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t dst_stride, int64_t src_rows,
-                          int64_t dst_rows) {
-  __m256 r[8], u[8];
-  for (int i = 0; i < 8; ++i) r[i] = i < src_rows ? _mm256_loadu_ps(src + i * stride) : _mm256_setzero_ps();
+// The 8x8 block of floats whose rows are r[0..7], transposed in place: r[j] becomes its column j.
+inline void transpose_registers(__m256 (&r)[8]) {
+  __m256 u[8];
   for (int i = 0; i < 8; i += 2) {
     u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -65,9 +62,20 @@ inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t 
     r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
   for (int i = 0; i < 4; ++i) {
-    if (i < dst_rows) _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    if (i + 4 < dst_rows) _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    u[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    u[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
   }
+  for (int i = 0; i < 8; ++i) r[i] = u[i];
+}
+
+// The block of src_rows <= 8 rows of 8 floats at src (rows stride apart; the missing rows read as zeros)
+// transposed, of which the first dst_rows <= 8 rows are stored at dst (rows dst_stride apart).
+inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t dst_stride, int64_t src_rows,
+                          int64_t dst_rows) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = i < src_rows ? _mm256_loadu_ps(src + i * stride) : _mm256_setzero_ps();
+  transpose_registers(r);
+  for (int i = 0; i < dst_rows; ++i) _mm256_storeu_ps(dst + i * dst_stride, r[i]);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VL__)
@@ -77,23 +85,10 @@ inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t 
 inline void transpose_block(const float* src, int64_t stride, float* dst, int64_t dst_stride, int64_t src_rows,
                             int64_t src_cols) {
   const __mmask8 cols = static_cast<__mmask8>((1u << src_cols) - 1), rows = static_cast<__mmask8>((1u << src_rows) - 1);
-  __m256 r[8], u[8];
+  __m256 r[8];
   for (int i = 0; i < 8; ++i) r[i] = i < src_rows ? _mm256_maskz_loadu_ps(cols, src + i * stride) : _mm256_setzero_ps();
-  for (int i = 0; i < 8; i += 2) {
-    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    if (i < src_cols) _mm256_mask_storeu_ps(dst + i * dst_stride, rows, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    if (i + 4 < src_cols)
-      _mm256_mask_storeu_ps(dst + (i + 4) * dst_stride, rows, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
+  transpose_registers(r);
+  for (int i = 0; i < src_cols; ++i) _mm256_mask_storeu_ps(dst + i * dst_stride, rows, r[i]);
 }
 #endif
 
