@@ -26,7 +26,7 @@ inline void with_constant(int64_t value, F&& f) {
 
 // Calls tile(std::integral_constant<int, n>, x) over x = 0 .. Xr in register tiles of n <= Max whole vectors.
 template <typename T, int Max, typename Tile>
-inline void over_tiles(int64_t Xr, Tile&& tile) {
+__attribute__((always_inline)) inline void over_tiles(int64_t Xr, Tile&& tile) {
   constexpr int64_t L = Simd<T>::width;
   for (int64_t x = 0; x < Xr; x += Max * L) with_constant<Max>((Xr - x) / L, [&](auto n) { tile(n, x); });
 }
@@ -105,11 +105,11 @@ struct TapMatrix {
 };
 
 // The weighted sum over the window, for a block of cb channels at the n vectors of x from 0:
-// out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[m * tap_stride + c]) * value[m][c * stride + x] (taps
-// null: no convolution term; scale null: 1). Each load of a weight serves all cb channels.
+// out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[m * tap_stride + c]) * value[m][c * stride + x] + start[c]
+// (start null: 0; taps null: no convolution term; scale null: 1). Each load of a weight serves all cb channels.
 template <typename T, int n, int cb, bool with_taps, bool with_scale>
 inline void sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
-                     int64_t tap_stride, const T* scale, int64_t M, int64_t Xr, T* out) {
+                     int64_t tap_stride, const T* scale, const T* start, int64_t M, int64_t Xr, T* out) {
   using V = typename Simd<T>::vec;
   constexpr int64_t L = Simd<T>::width;
   V acc[cb][n] = {}, sv[n];
@@ -136,16 +136,19 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
       }
     }
   }
+  if (start)
+    for (int c = 0; c < cb; ++c)
+      for (int j = 0; j < n; ++j) acc[c][j] += start[c];
   for (int c = 0; c < cb; ++c)
     for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
 }
 
-// out (C, Xr): out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + r[c, m]) * value[m][c * stride + x] for all C
-// channels and x = 0 .. Xr (r: the taps, or none; scale (Xr,), or null: 1). shifted: scratch of at least M
-// pointers.
+// out (C, Xr): out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + r[c, m]) * value[m][c * stride + x] + start[c]
+// for all C channels and x = 0 .. Xr (start (C,), or null: 0; r: the taps, or none; scale (Xr,), or null: 1).
+// shifted: scratch of at least M pointers.
 template <typename T>
 void window_sum(const T* const* weight, const T* const* value, int64_t stride, TapMatrix<T> taps, const T* scale,
-                int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
+                const T* start, int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
   over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
     for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
     const int64_t blocks = (C + kSumChannels - 1) / kSumChannels, size = (C + blocks - 1) / blocks;
@@ -156,15 +159,16 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
         const T* t = taps.data ? taps.data + c0 : nullptr;
         const int64_t ts = taps.stride;
         const T* sx = scale ? scale + x : nullptr;
+        const T* s0 = start ? start + c0 : nullptr;
         const int64_t at = c0 * stride + x;
         if (t && scale)
-          sum_tile<T, tile, block, true, true>(shifted.data(), value, at, stride, t, ts, sx, M, Xr, dst);
+          sum_tile<T, tile, block, true, true>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
         else if (t)
-          sum_tile<T, tile, block, true, false>(shifted.data(), value, at, stride, t, ts, sx, M, Xr, dst);
+          sum_tile<T, tile, block, true, false>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
         else if (scale)
-          sum_tile<T, tile, block, false, true>(shifted.data(), value, at, stride, t, ts, sx, M, Xr, dst);
+          sum_tile<T, tile, block, false, true>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
         else
-          sum_tile<T, tile, block, false, false>(shifted.data(), value, at, stride, t, ts, sx, M, Xr, dst);
+          sum_tile<T, tile, block, false, false>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
       });
   });
 }

@@ -195,7 +195,8 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
         for (int64_t w = 0; w < g.W; ++w)
           for (int64_t x = 0; x < g.Xr; ++x) dst[w * g.Xr + x] = numerator[w][x] * scale[x];
       }
-      for (int64_t x = 0; x < g.Xr; ++x) scale[x] *= gain[h];
+      const T gh = gain[h];
+      for (int64_t x = 0; x < g.Xr; ++x) scale[x] *= gh;
       clock.lap(Phase::kForwardSoftmax);
       // z[d] = sum_w (g inverse p[w] + r[d, w]) * v[d, i + o_w] + b[d] over the offsets whose values lie in the grid
       int64_t M = 0;
@@ -205,12 +206,9 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
           value[M] = vc.row(g.row[w]) + g.lead + g.ox[w];
           live[M++] = w;
         }
-      window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), scale.data(), M,
-                    g.D, g.Xr, zb.data(), shifted);
+      window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), scale.data(),
+                    bias ? bias + h * g.D : nullptr, M, g.D, g.Xr, zb.data(), shifted);
       clock.lap(Phase::kForwardMix);
-      if (bias)
-        for (int64_t d = 0; d < g.D; ++d)
-          for (int64_t x = 0; x < g.X; ++x) zb[d * g.Xr + x] += bias[h * g.D + d];
       scatter_rows(zb.data(), g.D, g, bk, t, y, out);
       clock.lap(Phase::kForwardRowsOut);
     }
@@ -292,7 +290,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       for (int64_t w = 0; w < g.W; ++w)
         for (int64_t x = 0; x < g.Xr; ++x) s[w * g.Xr + x] = gh * p[w * g.Xr + x] * (dp[w * g.Xr + x] - dot[x]);
       clock.lap(Phase::kBackwardSoftmax);
-      window_sum<T>(weight.data(), value.data(), g.Xp, {}, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
+      window_sum<T>(weight.data(), value.data(), g.Xp, {}, nullptr, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       clock.lap(Phase::kBackwardQueryGrads);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gq);
       clock.lap(Phase::kBackwardRowsOut);
@@ -335,11 +333,11 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
         live[M++] = w;
       }
       clock.lap(Phase::kBackwardRowsIn);
-      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, {}, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
+      window_sum<T>(sw.data(), qb_rows.data(), g.Xp, {}, nullptr, nullptr, M, g.Dq, g.Xr, zb.data(), shifted);
       clock.lap(Phase::kBackwardKeyGrads);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gk);
       clock.lap(Phase::kBackwardRowsOut);
-      window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), nullptr, M, g.D,
+      window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), nullptr, nullptr, M, g.D,
                     g.Xr, zb.data(), shifted);
       clock.lap(Phase::kBackwardValueGrads);
       scatter_rows(zb.data(), g.D, g, bk, t, y, gv);
