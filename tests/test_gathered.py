@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from convplus import ConvPlus2d, backends, functional
+from convplus import ConvPlus2d, backends
 from convplus.backends import gathered, reference
-from convplus.backends.terms import blend, with_convolution_term
+from convplus.backends.terms import with_convolution_term
 from convplus.neighborhood import Neighborhood, dim_bounds
 
 from .conftest import rel_err
@@ -84,31 +84,6 @@ def test_gradcheck():
     grid, hood = (5, 4), Neighborhood.of((3, 3), (2, 1), (False, True), "shift")
     q, k, v, kernel, gain, bias = _inputs(grid, hood.window)
     torch.autograd.gradcheck(lambda *t: gathered.mix(*t[:5], hood, t[5]), (q, k, v, kernel, gain, bias), fast_mode=True)
-
-
-@pytest.mark.parametrize(("grid", "hood", "tile"), [CASES[0], CASES[5], CASES[9], CASES[12]])
-@pytest.mark.parametrize("with_pos", [True, False])
-def test_direct_mix_matches_the_composed_direct_score_forward_and_backward(grid, hood, tile, with_pos):
-    """The 'direct' score computed in the gathers' row layout (queries gathered from the keys' rows, scaled by
-    tau) equals score_features followed by the reference mix, forward and backward, v being x split into heads
-    as in a layer without projections."""
-    heads, dim = 2, 3
-    x = torch.randn(2, heads * dim, *grid, dtype=torch.float64, requires_grad=True)
-    pos = torch.randn(heads * dim, *grid, dtype=torch.float64, requires_grad=True) if with_pos else None
-    temperature = torch.tensor([0.7, 2.5], dtype=torch.float64, requires_grad=True)
-    _, _, _, kernel, gain, bias = _inputs(grid, hood.window)
-    tensors = tuple(t for t in (x, pos, temperature, kernel, gain, bias) if t is not None)
-    v = functional.split_heads(x, heads)
-    direct = functools.partial(gathered.direct_attend, tile=tile)
-    outputs = [
-        blend(direct(x, pos, temperature, v, hood), gain, v, kernel, hood, bias),
-        reference_mix(*functional.score_features(x, heads, "direct", pos, temperature), v, kernel, gain, hood, bias),
-    ]
-    weights = torch.randn_like(outputs[0])
-    grads = [torch.autograd.grad((out * weights).sum(), tensors) for out in outputs]
-    assert rel_err(outputs[0], outputs[1]) <= 1e-12
-    for got, expected in zip(*grads, strict=True):
-        assert rel_err(got, expected) <= 1e-12
 
 
 def test_every_key_outside_a_window_is_excluded():

@@ -73,7 +73,7 @@ BACKENDS: dict[str, Backend] = {
             any_layout=True,
         ),
         Backend("triton", triton.mix, unavailable_reason=triton.unavailable_reason, needs_window=True),
-        Backend("gathered", gathered.mix, direct_mix=gathered.direct_mix, needs_window=True),
+        Backend("gathered", gathered.mix, needs_window=True),
     )
 }
 """Backend name -> its record."""

@@ -17,9 +17,6 @@ products, not as one pass per offset. Smaller tiles score fewer keys but gather 
 halo again), so the sides are chosen per grid (``tile_sides``); a dim may instead be spanned by one tile whose
 keys are the dim's points (a 7x7 grid under a 7x7 window: 49 keys per query), and a grid spanned in every dim
 runs as one dense masked attention, with no gathers.
-
-With the 'direct' score (``direct_mix``) the keys are computed in the gathers' row layout from the features, and
-the queries gathered from them: the features are transposed into rows once, not q and k apart.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import numpy as np
 import torch
 
 from ..neighborhood import Neighborhood, offset_ranges
-from .terms import blend, softmax_probs, with_convolution_term
+from .terms import softmax_probs, with_convolution_term
 
 GATHER_COST = 16.0
 """What gathering one row (a key's, a query's or an output's channels) costs, in keys scored: the weight of the
@@ -196,34 +193,16 @@ def tiling(spatial: tuple[int, ...], hood: Neighborhood, tile: int | None = None
     return Tiling(queries=query_index, keys=np.concatenate(keys), bias=np.stack(biases), position=position)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(B, K, C, *S) -> (B, K, N, C): each position's C channels in a row, the layout the gathers copy. Channels go
-    last, so that each index copies a contiguous row of C values (one value at a time, along the last dim, is
-    several times slower in onnxruntime) and the tiles need no transpose."""
-    return t.flatten(3).transpose(2, 3)
-
-
-def _gather(rows: torch.Tensor, index: np.ndarray, per_tile: int) -> torch.Tensor:
-    """rows (B, K, N, C) at the flat positions ``index`` (T * per_tile,), with index N reading zeros ->
-    (B, K, T, per_tile, C)."""
-    if np.array_equal(index, np.arange(rows.shape[2])):  # every position once, in order: no gather
-        return rows.reshape(*rows.shape[:2], -1, per_tile, rows.shape[3])
-    padded = torch.cat([rows, rows.new_zeros(*rows.shape[:2], 1, rows.shape[3])], dim=2)
-    picked = padded.index_select(2, torch.as_tensor(index, device=rows.device))
-    return picked.view(*rows.shape[:2], -1, per_tile, rows.shape[3])
-
-
-def _tile_attention(q_t: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, geometry: Tiling) -> torch.Tensor:
-    """sum_{j in N(i)} A(i, j) V_j of the tiles' queries q_t (B, K, T, M, Dq) (carrying the score scale), from
-    the key rows k_rows (B, K, N, Dq) and value rows v_rows (B, K, N, D) -> (B, K, N, D), in grid order."""
-    k_t = _gather(k_rows, geometry.keys, geometry.keys_per_tile)  # (B, K, T, L, Dq)
-    v_t = _gather(v_rows, geometry.keys, geometry.keys_per_tile)  # (B, K, T, L, D)
-    bias = torch.as_tensor(geometry.bias, device=q_t.device).to(q_t.dtype)
-    scores = torch.matmul(q_t, k_t.transpose(-1, -2)) + bias
-    z = torch.matmul(softmax_probs(scores, v_rows.dtype), v_t).flatten(2, 3)  # (B, K, T * M, D)
-    if not np.array_equal(geometry.queries, np.arange(geometry.position.size)):  # else: the grid, in order
-        z = z.index_select(2, torch.as_tensor(geometry.position, device=v_rows.device))
-    return z
+def _gather(t: torch.Tensor, index: np.ndarray, per_tile: int) -> torch.Tensor:
+    """t (B, K, C, N) at the flat positions ``index`` (T * per_tile,), with index N reading zeros ->
+    (B, K, T, per_tile, C). Channels go last, so that each index copies a contiguous row of C values (one value
+    at a time, along the last dim, is several times slower in onnxruntime) and the result needs no transpose."""
+    rows = t.transpose(2, 3)  # (B, K, N, C)
+    if np.array_equal(index, np.arange(t.shape[3])):  # every position once, in order: no gather
+        return rows.reshape(*t.shape[:2], -1, per_tile, t.shape[2])
+    rows = torch.cat([rows, rows.new_zeros(*rows.shape[:2], 1, rows.shape[3])], dim=2)
+    picked = rows.index_select(2, torch.as_tensor(index, device=t.device))
+    return picked.view(*t.shape[:2], -1, per_tile, t.shape[2])
 
 
 def attend(
@@ -235,48 +214,19 @@ def attend(
 ) -> torch.Tensor:
     """sum_{j in N(i)} A(i, j) V_j: q, k (B, K, Dq, *S), v (B, K, D, *S) -> (B, K, D, *S); ``hood`` has a
     finite window. ``tile``: the tile side in every dim, or None for the sides ``tile_sides`` chooses."""
-    geometry = tiling(tuple(v.shape[3:]), hood, tile)
-    q_t = _gather(_rows(q), geometry.queries, geometry.queries_per_tile)
-    return _tile_attention(q_t, _rows(k), _rows(v), geometry).transpose(2, 3).reshape(v.shape)
-
-
-def direct_attend(
-    x: torch.Tensor,
-    pos: torch.Tensor | None,
-    temperature: torch.Tensor,
-    v: torch.Tensor,
-    hood: Neighborhood,
-    tile: int | None = None,
-) -> torch.Tensor:
-    """``attend`` with the 'direct' score, q = tau_k * k and k = nrm(slice_k(x + pos)) (as
-    ``terms.direct_score``), computed in the gathers' row layout: x (B, C, *S), pos (C, *S) or None, temperature
-    (K,), v (B, K, D, *S) -> (B, K, D, *S). The features are transposed into rows once, where q and k would
-    each be, and the queries are gathered from the keys' rows; a v that is x split into heads has the same rows
-    (an exported graph computes them once)."""
-    heads, spatial = v.shape[1], tuple(v.shape[3:])
+    spatial = tuple(v.shape[3:])
     geometry = tiling(spatial, hood, tile)
-    rows = _rows(x.view(x.shape[0], heads, x.shape[1] // heads, *spatial))  # (B, K, N, Dq)
-    if pos is not None:
-        rows = rows + _rows(pos.to(x.dtype).view(1, heads, x.shape[1] // heads, *spatial))
-    unit = rows * torch.rsqrt(rows.square().sum(dim=3, keepdim=True).clamp_min(1e-24))
-    scale = temperature.to(x.dtype).view(1, heads, 1, 1, 1)
-    q_t = _gather(unit, geometry.queries, geometry.queries_per_tile) * scale
-    return _tile_attention(q_t, unit, _rows(v), geometry).transpose(2, 3).reshape(v.shape)
+    flat = [t.flatten(3) for t in (q, k, v)]
+    q_t = _gather(flat[0], geometry.queries, geometry.queries_per_tile)  # (B, K, T, M, Dq)
+    k_t = _gather(flat[1], geometry.keys, geometry.keys_per_tile)  # (B, K, T, L, Dq)
+    v_t = _gather(flat[2], geometry.keys, geometry.keys_per_tile)  # (B, K, T, L, D)
+    bias = torch.as_tensor(geometry.bias, device=q.device).to(q.dtype)
+    scores = torch.matmul(q_t, k_t.transpose(-1, -2)) + bias
+    z_t = torch.matmul(softmax_probs(scores, v.dtype), v_t)  # (B, K, T, M, D)
+    z = z_t.flatten(2, 3)
+    if not np.array_equal(geometry.queries, np.arange(geometry.position.size)):  # else: the grid, in order
+        z = z.index_select(2, torch.as_tensor(geometry.position, device=v.device))  # (B, K, N, D)
+    return z.transpose(2, 3).reshape(v.shape)
 
 
 mix = with_convolution_term(attend)
-
-
-def direct_mix(
-    x: torch.Tensor,
-    pos: torch.Tensor | None,
-    temperature: torch.Tensor,
-    v: torch.Tensor,
-    kernel: torch.Tensor | None,
-    gain: torch.Tensor,
-    hood: Neighborhood,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``mix`` with the 'direct' score computed from x (``direct_attend``): the z that
-    ``functional.score_features(x, K, 'direct', pos, temperature)`` followed by ``mix`` gives."""
-    return blend(direct_attend(x, pos, temperature, v, hood), gain, v, kernel, hood, bias)
