@@ -19,8 +19,8 @@ enum class Phase : int {
   kForwardKeys,       // the 'direct' score's keys: positional encoding added, unit norm
   kForwardScores,     // score dot products and their exponentials, mirrored scores copied back
   kForwardSoftmax,    // masking, the softmax's sums and reciprocals, probabilities kept for backward
-  kForwardMix,        // aggregation and convolution term: one product with weights g P + r
-  kForwardRowsOut,    // bias, copying the output rows out of the row buffers
+  kForwardMix,        // aggregation, convolution term and bias: one product with weights g P + r, plus b
+  kForwardRowsOut,    // copying the output rows out of the row buffers
   kBackwardRowsIn,    // copying rows (and, per key row, the saved dS and P) into the padded buffers
   kBackwardProbabilityGrads,  // dP dot products and the taps' gradients
   kBackwardSoftmax,   // dS = g P (dP - sum P dP) and the gain's gradient
