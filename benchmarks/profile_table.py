@@ -142,8 +142,8 @@ def profile_section(mixer_batch: int, batch: int) -> list[str]:
         "channels-last inputs and writes its outputs and gradients as they are, transposing rows into and out of "
         "its per-thread row buffers, so a separate 'layout and dtype copies' part appears only where a tensor in "
         "another layout or dtype reaches it. In the forward the aggregation and the convolution term are one "
-        "product (weights g P + r), not two, which also adds the bias. In forward+backward the forward keeps the probabilities for "
-        "backward, which its softmax phase writes.",
+        "product (weights g P + r), not two, which also adds the bias. In forward+backward the forward keeps the "
+        "probabilities for backward, which its softmax phase writes.",
     ]
     return rows
 
