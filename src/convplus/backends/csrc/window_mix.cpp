@@ -337,8 +337,8 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
       clock.lap(Phase::kBackwardKeyGrads);
       scatter_rows(zb.data(), g.Dq, g, bk, t, y, gk);
       clock.lap(Phase::kBackwardRowsOut);
-      window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), nullptr, nullptr, M, g.D,
-                    g.Xr, zb.data(), shifted);
+      window_sum<T>(pw.data(), gb_rows.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), nullptr, nullptr, M,
+                    g.D, g.Xr, zb.data(), shifted);
       clock.lap(Phase::kBackwardValueGrads);
       scatter_rows(zb.data(), g.D, g, bk, t, y, gv);
       clock.lap(Phase::kBackwardRowsOut);
