@@ -18,6 +18,7 @@ the depthwise conv baseline itself. ``--default-malloc`` measures with the defau
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import platform
@@ -151,8 +152,6 @@ def mixer_table(batch: int, channels: int, side: int, pairs: int, results: dict)
         "attention term only: global SDPA": lambda: global_attention.attend(*qkv, Neighborhood.of(None, (1, 1))),
     }
     results["mixer"] = {
-        "forward": _paired_no_grad(dw, conv_plus, pairs),
-        "both": paired_ratio(dw, conv_plus, True, pairs),
         "forward NCHW": _paired_no_grad(dw_nchw, conv_plus_nchw, pairs),
         "both NCHW": paired_ratio(dw_nchw, conv_plus_nchw, True, pairs),
         "flops": batch * channels * side * side * 49 * 2,  # one 49-tap multiply-add per value
@@ -165,15 +164,15 @@ def mixer_table(batch: int, channels: int, side: int, pairs: int, results: dict)
         "peak memory fwd+bwd (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
-    base = None
     for name, fn in cases.items():
         fwd, both = _no_grad(fn, repeats), timed(fn, True, repeats)
         memory, peak = activation_bytes(fn) / 2**20, peak_bytes(fn, True) / 2**20
-        base = base or (fwd, both)
         results["mixer"][name] = (fwd, both)
+        ratios = ("1.00x", "1.00x") if fn is dw else (_paired_no_grad(dw, fn, pairs), paired_ratio(dw, fn, True, pairs))
+        if fn is conv_plus:
+            results["mixer"]["forward"], results["mixer"]["both"] = ratios
         rows.append(
-            f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | {both * 1e3:.1f} | {both / base[1]:.2f}x | "
-            f"{memory:.0f} | {peak:.0f} |"
+            f"| {name} | {fwd * 1e3:.1f} | {ratios[0]} | {both * 1e3:.1f} | {ratios[1]} | {memory:.0f} | {peak:.0f} |"
         )
         print(rows[-1], flush=True)
     plain = [t.detach() for t in qkv]
@@ -184,17 +183,19 @@ def mixer_table(batch: int, channels: int, side: int, pairs: int, results: dict)
     for name, make in peers.items():
         try:
             peer = make()
-            fwd = _no_grad(lambda peer=peer: peer(*plain), repeats)
-            rows.append(f"| {name} | {fwd * 1e3:.1f} | {fwd / base[0]:.2f}x | {PEER_NOTE} | — | — | — |")
+            call = functools.partial(peer, *plain)
+            fwd, ratio = _no_grad(call, repeats), _paired_no_grad(dw, call, repeats)
+            rows.append(f"| {name} | {fwd * 1e3:.1f} | {ratio} | {PEER_NOTE} | — | — | — |")
         except Exception as error:  # report why it could not run instead of failing the suite
             rows.append(f"| {name} | could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]} |")
         print(rows[-1], flush=True)
     mixer = results["mixer"]
     rows += [
         "",
-        f"Paired ratios, {pairs} pairs each: Conv+ over the depthwise conv fed the same tensor — channels-last: "
-        f"forward {mixer['forward']}, forward+backward {mixer['both']}; NCHW: forward {mixer['forward NCHW']}, "
-        f"forward+backward {mixer['both NCHW']}. The table's ratios are of medians of {repeats} repeats.",
+        f"Times: medians of {repeats} repeats. Ratios: median (lowest-highest) of paired calls, each case timed right "
+        f"after the channels-last depthwise conv, {pairs} pairs ({repeats} for the two forward-only peers). Conv+ "
+        f"in NCHW over the depthwise conv in NCHW, paired the same way: forward {mixer['forward NCHW']}, "
+        f"forward+backward {mixer['both NCHW']}.",
         "Activation memory: the output plus the distinct tensors saved for backward (what a training step keeps). "
         "Peak memory: the most PyTorch's allocator held at once during one forward+backward, above what it held "
         "before (the profiler's allocation events).",
