@@ -371,7 +371,8 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(score, grid, kwargs, bat
     exactly (3 threads split the rows inside a slice). The backward: 1 thread runs both passes slice by slice
     (8 slices), 3 threads each pass over all rows (fewer than 4 slices a thread); the input's gradient bit for bit,
     the parameters' (sums over threads' partial sums, in another order) to rounding. A single image's rows are
-    cut into runs among the threads (channels-last here: the threads write disjoint rows of it)."""
+    cut into runs among the threads (channels-last here: the threads write disjoint rows of it). The forward takes
+    each row's heads in turn and writes them out together, so 3 threads also start and end inside a row's heads."""
     layer = MODULES[len(grid)](8, heads=2, kernel_size=5, score=score, backend="cpu", **kwargs)
     x = torch.randn(batch, 8, *grid)
     if batch == 1 and len(grid) > 1:

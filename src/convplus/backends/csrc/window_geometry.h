@@ -26,6 +26,7 @@ struct Geometry {
   std::vector<int64_t> mirror;
   std::vector<std::vector<int64_t>> own_by_row, mirrored_by_row;
   int64_t span_t, span_y;        // rows from the lowest to the highest row offset, per dim
+  int64_t ry_max;                // the highest y row offset: the rows entering the window as y advances
   int64_t center_row = -1;       // the row offset (0, 0): the query's own row
 
   // q (B, K, Dq, T, H, X), v (B, K, D, T, H, X); offsets (W, 3) int64, W >= 1, including the query's own row
@@ -60,7 +61,8 @@ struct Geometry {
       (negative && m < W ? mirrored_by_row : own_by_row)[row[w]].push_back(w);
     }
     span_t = *std::max_element(rt.begin(), rt.end()) - *std::min_element(rt.begin(), rt.end()) + 1;
-    span_y = *std::max_element(ry.begin(), ry.end()) - *std::min_element(ry.begin(), ry.end()) + 1;
+    ry_max = *std::max_element(ry.begin(), ry.end());
+    span_y = ry_max - *std::min_element(ry.begin(), ry.end()) + 1;
     lead = (halo + width - 1) / width * width;
     Xr = (X + width - 1) / width * width;
     Xp = lead + Xr + lead;
@@ -108,12 +110,14 @@ struct WindowBounds {
 inline int64_t head(const Geometry& g, int64_t bk) { return bk % g.K; }
 
 // The order in which the threads take the query rows, index (bk * T + t) * H + y: image by image, each image's
-// (t, y) rows cut into runs where it has fewer images than threads, all K heads of one run before the next run.
-// Threads that share an image then write disjoint rows of it; taking its heads apart, they would write the
-// heads of the same positions at once, which share cache lines in a channels-last tensor.
+// (t, y) rows cut into runs where it has fewer images than threads. Threads that share an image then write
+// disjoint rows of it; taking its heads apart, they would write the heads of the same positions at once, which
+// share cache lines in a channels-last tensor. Within a run, heads_inner takes the K heads of each row in turn
+// (a row's heads can then be written out together), else all rows of one head before the next head.
 class RowOrder {
  public:
-  RowOrder(const Geometry& g, int64_t threads) : K_(g.K), rows_(g.T * g.H) {
+  RowOrder(const Geometry& g, int64_t threads, bool heads_inner)
+      : K_(g.K), rows_(g.T * g.H), heads_inner_(heads_inner) {
     const int64_t images = g.BK / g.K;
     runs_ = images >= threads ? 1 : std::min(rows_, (threads + images - 1) / images);
   }
@@ -122,13 +126,15 @@ class RowOrder {
     const int64_t image = i / (K_ * rows_), at = i % (K_ * rows_);
     int64_t run = runs_ - 1;
     while (K_ * start(run) > at) --run;
-    const int64_t first = start(run), length = start(run + 1) - first;
-    return (image * K_ + (at - K_ * first) / length) * rows_ + first + (at - K_ * first) % length;
+    const int64_t first = start(run), length = start(run + 1) - first, local = at - K_ * first;
+    const int64_t h = heads_inner_ ? local % K_ : local / length, row = heads_inner_ ? local / K_ : local % length;
+    return (image * K_ + h) * rows_ + first + row;
   }
 
  private:
   int64_t start(int64_t run) const { return run * rows_ / runs_; }
   int64_t K_, rows_, runs_;
+  bool heads_inner_;
 };
 
 }  // namespace

@@ -97,12 +97,37 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
                     const T* bias, const Geometry& g, const WindowBounds& window, const Rows<T>& out, T* probs) {
   const int64_t rows_total = g.BK * g.T * g.H;
   const bool direct = score.features.data != nullptr;
-  const RowOrder order(g, at::get_num_threads());
+  const RowOrder order(g, at::get_num_threads(), true);
+  // the rows of one position row's heads are written out together where its heads' channels are consecutive
+  const bool heads_together = out.head == g.D * out.channel;
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     PhaseClock clock;
-    Buffer<T> qb(direct ? 0 : g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.D * g.Xr), scale(g.Xr);
-    RowCache<T> kc(direct ? score.features : score.k, g.Dq, g, direct, score.pos, &clock), vc(v, g.D, g);
-    MirrorCache<T> computed(g, direct);
+    Buffer<T> qb(direct ? 0 : g.Dq * g.Xp, T(0)), p(g.W * g.Xr), zb(g.K * g.D * g.Xr), scale(g.Xr);
+    // per head: the heads of a row are taken in turn, each head's rows stay cached for its next row
+    std::vector<RowCache<T>> kcs, vcs;
+    std::vector<MirrorCache<T>> mirrors;
+    kcs.reserve(g.K);
+    vcs.reserve(g.K);
+    mirrors.reserve(g.K);
+    for (int64_t h = 0; h < g.K; ++h) {
+      kcs.emplace_back(direct ? score.features : score.k, g.Dq, g, direct, score.pos, &clock);
+      vcs.emplace_back(v, g.D, g);
+      mirrors.emplace_back(g, direct);
+    }
+    // the position row (image, t, y) being computed, and its heads first .. first + count - 1, computed in zb and
+    // not yet written out
+    int64_t current = -1, first = 0, count = 0;
+    const auto write_out = [&] {
+      if (!count) return;
+      const int64_t bk = current / (g.T * g.H) * g.K + first, t = current / g.H % g.T, y = current % g.H;
+      if (heads_together)
+        scatter_rows(zb.data() + first * g.D * g.Xr, count * g.D, g, bk, t, y, out);
+      else
+        for (int64_t h = 0; h < count; ++h)
+          scatter_rows(zb.data() + (first + h) * g.D * g.Xr, g.D, g, bk + h, t, y, out);
+      first += count;
+      count = 0;
+    };
     std::vector<const T*> weight(g.W), value(g.W), shifted(g.W);
     std::vector<T*> numerator(g.W);  // each offset's scores, then numerators: a row of p or of a MirrorCache slot
     Buffer<T> zeros(g.Xr, T(0));  // the row of a masked key row, for the numerators read in place
@@ -114,6 +139,21 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
     for (int64_t position = begin; position < end; ++position) {
       const int64_t index = order[position];
       const int64_t bk = index / (g.T * g.H), t = index / g.H % g.T, y = index % g.H, h = head(g, bk);
+      const int64_t position_row = (bk / g.K * g.T + t) * g.H + y;
+      if (position_row != current) {
+        write_out();
+        current = position_row;
+        first = h;
+        // the rows entering the window, each in one sweep over all heads' channels (channels-last): the heads'
+        // gathers, each a few bytes at every position, then read them from cache
+        for (int64_t r = 0; r < g.rows(); ++r)
+          if (g.ry[r] == g.ry_max) {
+            prefetch_row(v, g.D, g, bk, t + g.rt[r], y + g.ry[r]);
+            if (!shared) prefetch_row(direct ? score.features : score.k, g.Dq, g, bk, t + g.rt[r], y + g.ry[r]);
+          }
+      }
+      RowCache<T>&kc = kcs[h], &vc = vcs[h];
+      MirrorCache<T>& computed = mirrors[h];
       vc.gather(bk, t, y, 1);
       kc.gather(bk, t, y, 1, shared ? &vc : nullptr);
       if (!direct) gather_row(score.q, g.Dq, g, bk, t, y, qb.data());
@@ -207,11 +247,14 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
           live[M++] = w;
         }
       window_sum<T>(weight.data(), value.data(), g.Xp, live_taps(taps, h, live, M, g, tap.data()), scale.data(),
-                    bias ? bias + h * g.D : nullptr, M, g.D, g.Xr, zb.data(), shifted);
+                    bias ? bias + h * g.D : nullptr, M, g.D, g.Xr, zb.data() + h * g.D * g.Xr, shifted);
+      ++count;
       clock.lap(Phase::kForwardMix);
-      scatter_rows(zb.data(), g.D, g, bk, t, y, out);
+      if (!heads_together || first + count == g.K) write_out();
       clock.lap(Phase::kForwardRowsOut);
     }
+    write_out();
+    clock.lap(Phase::kForwardRowsOut);
   });
 }
 
@@ -349,7 +392,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   // rows, split between the threads in RowOrder, dS of all rows in one buffer.
   const int64_t slice_rows = g.T * g.H;
   if (g.BK >= kSlicesPerThread * at::get_num_threads()) {
-    const RowOrder in_turn(g, 1);
+    const RowOrder in_turn(g, 1, false);
     at::parallel_for(0, g.BK, 1, [&](int64_t first, int64_t last) {
       Buffer<T> slice(slice_rows * g.W * g.Xr);
       for (int64_t bk = first; bk < last; ++bk) {
@@ -362,7 +405,7 @@ void backward_kernel(const Rows<const T>& q, const Rows<const T>& k, const Rows<
   }
   Buffer<T> all(rows_total * g.W * g.Xr);
   const ScoreGrads gscore{all.data(), 0};
-  const RowOrder order(g, at::get_num_threads());
+  const RowOrder order(g, at::get_num_threads(), false);
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass1(begin, end, order, gscore); });
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) { pass2(begin, end, order, gscore); });
 }
