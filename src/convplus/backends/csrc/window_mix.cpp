@@ -144,12 +144,12 @@ void forward_kernel(const ScoreInputs<T>& score, const Rows<const T>& v, const T
         write_out();
         current = position_row;
         first = h;
-        // the rows entering the window, each in one sweep over all heads' channels (channels-last): the heads'
-        // gathers, each a few bytes at every position, then read them from cache
+        // the rows entering the window, each read whole into the cache for the heads' gathers
         for (int64_t r = 0; r < g.rows(); ++r)
           if (g.ry[r] == g.ry_max) {
-            prefetch_row(v, g.D, g, bk, t + g.rt[r], y + g.ry[r]);
-            if (!shared) prefetch_row(direct ? score.features : score.k, g.Dq, g, bk, t + g.rt[r], y + g.ry[r]);
+            load_row_into_cache(v, g.D, g, bk, t + g.rt[r], y + g.ry[r]);
+            if (!shared)
+              load_row_into_cache(direct ? score.features : score.k, g.Dq, g, bk, t + g.rt[r], y + g.ry[r]);
           }
       }
       RowCache<T>&kc = kcs[h], &vc = vcs[h];
