@@ -18,6 +18,8 @@
 // int64, each query's own window among them (window_geometry.h, forward only: backward reads the saved
 // probabilities, zero outside the window); bias (K, D) or empty, added to z. Head of slice bk is bk % K.
 //
+// The forward takes the K heads of each row of positions in turn, with a row cache per head, and writes the row
+// out once for all of them; a channels-last row entering the window is first read whole into the cache.
 // Every inner loop runs over x in register tiles of whole SIMD vectors. The rows a query row needs are copied
 // into per-thread buffers with a zero halo of max|o_x| on each side and zero columns up to a whole number of
 // vectors, so the tiles never test a bound: out-of-grid keys read zeros (and get -inf scores). Buffers and
