@@ -504,19 +504,55 @@ def test_cpu_kernel_phase_clock_times_every_phase_of_both_passes(score):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_global_backend_runs_sdpa_fused_kernel_and_returns_z_in_the_layout_of_v(channels_last):
-    """SDPA's fused CPU kernel (its math path is several times slower) takes the rows of q, k, v whatever their
-    layout, and z comes back in v's layout: a channels-last input needs no contiguous copy ('any_layout')."""
+    """On a grid larger than the explicit products take (13x12 = 156 positions), SDPA's fused CPU kernel (its
+    math path is several times slower) takes the rows of q, k, v whatever their layout, and z comes back in v's
+    layout: a channels-last input needs no contiguous copy ('any_layout')."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from convplus.backends import global_attention, reference
 
-    x = torch.randn(2, 8, 5, 6)
+    assert global_attention.EXPLICIT_PRODUCTS_MAX_POSITIONS < 13 * 12
+    x = torch.randn(2, 8, 13, 12)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    q, k, v = (x.view(2, 2, 4, 5, 6) * scale for scale in (1.0, 0.5, 2.0))  # each in x's layout
+    q, k, v = (x.view(2, 2, 4, 13, 12) * scale for scale in (1.0, 0.5, 2.0))  # each in x's layout
     hood = Neighborhood.of(None, (1, 1))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises where SDPA cannot run it on these inputs
         z = global_attention.attend(q, k, v, hood)
     assert z.stride() == v.stride()
     torch.testing.assert_close(z, reference.attend(q, k, v, hood))
     assert backends.BACKENDS["global"].any_layout
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_global_backend_takes_explicit_products_on_small_cpu_grids(monkeypatch, channels_last):
+    """Up to EXPLICIT_PRODUCTS_MAX_POSITIONS positions (here 12x12) the unmasked attention is two matrix products
+    around a softmax, without SDPA: forward and backward as the reference's, z in v's layout; under bfloat16
+    autocast the softmax runs in float32."""
+    from convplus.backends import global_attention, reference
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called")
+
+    monkeypatch.setattr(global_attention.F, "scaled_dot_product_attention", no_sdpa)
+    assert global_attention.EXPLICIT_PRODUCTS_MAX_POSITIONS == 12 * 12
+    x = torch.randn(2, 8, 12, 12, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    hood = Neighborhood.of(None, (1, 1))
+    grads = []
+    for attend in (global_attention.attend, reference.attend):
+        xi = x.detach().requires_grad_(True)
+        q, k, v = (xi.view(2, 2, 4, 12, 12) * scale for scale in (1.0, 0.5, 2.0))
+        z = attend(q, k, v, hood)
+        z.backward(torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z))
+        grads.append((z.detach(), xi.grad))
+        if attend is global_attention.attend:
+            assert z.stride() == v.stride()
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    q, k, v = (x.float().view(2, 2, 4, 12, 12) * scale for scale in (1.0, 0.5, 2.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = global_attention.attend(q, k, v, hood)
+    assert z.dtype == torch.bfloat16
+    torch.testing.assert_close(z.float(), reference.attend(q, k, v, hood), rtol=0.05, atol=0.05)
