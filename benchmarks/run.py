@@ -441,20 +441,6 @@ def main() -> None:
     sides = [32, 64, 128] if args.quick else [32, 64, 128, 256, 512]
     stage_sets = [("atto", ATTO_STAGES)] + ([] if args.quick else [("tiny", TINY_STAGES)])
     sections = [
-        "# Performance",
-        "",
-        f"Command: `{command}`, {date.today().isoformat()}.",
-        "",
-        f"- CPU: {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores visible); {args.threads} thread(s) "
-        f"(torch.get_num_threads); allocator: {malloc}; torch {torch.__version__}, timm {package_version('timm')}.",
-        f"- Machine ceilings measured in this run: float32 matmul {rates[0]:.0f} GFLOP/s, copy {rates[1]:.1f} GB/s.",
-        "- Layout: every `conv_dw` of timm's convnextv2_atto, hooked during a forward of an NCHW image, receives "
-        + ", ".join(f"{layout} input ({count} layers)" for layout, count in layouts.items())
-        + ". The depthwise-conv baseline is therefore timed channels-last, and Conv+ is fed the same tensor; "
-        "NCHW figures stand beside them.",
-        "- Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks on CPU): the 'direct' score, attention "
-        "term, gain, depthwise conv term and bias in one pass over the window.",
-        "",
         "## CPU",
         "",
         *mixer_table(mixer_batch, 64, 56, args.pairs, results),
@@ -495,7 +481,26 @@ def main() -> None:
         *gpu_section(),
         "",
     ]
-    args.output.write_text("\n".join(sections) + "\n")
+    end_rates = machine_rates(5)
+    header = [
+        "# Performance",
+        "",
+        f"Command: `{command}`, {date.today().isoformat()}.",
+        "",
+        f"- CPU: {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores visible); {args.threads} thread(s) "
+        f"(torch.get_num_threads); allocator: {malloc}; torch {torch.__version__}, timm {package_version('timm')}.",
+        "- Machine ceilings measured at the start and at the end of this run: float32 matmul "
+        f"{rates[0]:.0f} and {end_rates[0]:.0f} GFLOP/s, copy {rates[1]:.1f} and {end_rates[1]:.1f} GB/s (other work "
+        "on this shared machine lowers them; two that differ show that the conditions changed during the run).",
+        "- Layout: every `conv_dw` of timm's convnextv2_atto, hooked during a forward of an NCHW image, receives "
+        + ", ".join(f"{layout} input ({count} layers)" for layout, count in layouts.items())
+        + ". The depthwise-conv baseline is therefore timed channels-last, and Conv+ is fed the same tensor; "
+        "NCHW figures stand beside them.",
+        "- Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks on CPU): the 'direct' score, attention "
+        "term, gain, depthwise conv term and bias in one pass over the window.",
+        "",
+    ]
+    args.output.write_text("\n".join(header + sections) + "\n")
     print("\n".join(targets(results)))
     print(f"wrote {args.output}")
 
