@@ -456,7 +456,7 @@ def main() -> None:
     sections += [
         f"### Whole model at {side}x{side}, batch {batch} (train step: forward, backward, AdamW step)",
         "",
-        *model_table(batch, side, max(5, args.pairs // 2), results),
+        *model_table(batch, side, args.pairs, results),
         "",
         "### Exported and compiled",
         "",
