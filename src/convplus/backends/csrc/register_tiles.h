@@ -126,13 +126,19 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
       if constexpr (with_taps) asm("" : "+v"(wv[j]));  // "v": an x86 vector register
 #endif
     }
-    const T* vm = value[m] + offset;
-    for (int c = 0; c < cb; ++c) {
+    // each channel's row one stride past the last, in one register: the cb offsets c * stride, held across the
+    // window as loop invariants, outnumber the general registers and went through vector registers (a vmovq before
+    // every load)
+    const T* vc = value[m] + offset;
+    for (int c = 0; c < cb; ++c, vc += stride) {
+#if defined(__x86_64__)
+      asm("" : "+r"(vc));  // "r": a general register
+#endif
       if constexpr (with_taps) {
         const T tap = taps[m * tap_stride + c];
-        for (int j = 0; j < n; ++j) acc[c][j] += (wv[j] + tap) * load<V>(vm + c * stride + j * L);
+        for (int j = 0; j < n; ++j) acc[c][j] += (wv[j] + tap) * load<V>(vc + j * L);
       } else {
-        for (int j = 0; j < n; ++j) acc[c][j] += wv[j] * load<V>(vm + c * stride + j * L);
+        for (int j = 0; j < n; ++j) acc[c][j] += wv[j] * load<V>(vc + j * L);
       }
     }
   }
