@@ -44,6 +44,7 @@ import convplus  # noqa: F401
 from convplus import ConvPlus2d
 from convplus.backends import cpu, global_attention
 from convplus.info import cpu_model, package_version
+from convplus.models.registry import STAGE_CONFIGS
 from convplus.neighborhood import Neighborhood
 
 ATTO_STAGES = [(40, 56), (80, 28), (160, 14), (320, 7)]
@@ -123,14 +124,23 @@ def machine_rates(repeats: int) -> tuple[float, float]:
 
 
 def depthwise_and_convplus(
-    batch: int, channels: int, side: int, layout: str, heads: int = 4, window: int = 7
+    batch: int, channels: int, side: int, layout: str, mixer_config: dict | None = None
 ) -> tuple[Callable, Callable]:
-    """The baseline depthwise conv and the Conv+ mixer (fused CPU kernel, proj=False), each a callable running on
-    the same input of ``layout`` that requires grad."""
+    """The baseline depthwise conv 7x7 and a Conv+ mixer (``mixer_config``: ConvPlus2d's keyword arguments; by
+    default a 7x7 window on the fused CPU kernel, 4 heads, proj=False), each a callable running on the same input
+    of ``layout`` that requires grad."""
     x = torch.randn(batch, channels, side, side).contiguous(memory_format=LAYOUTS[layout]).requires_grad_(True)
-    dw = torch.nn.Conv2d(channels, channels, window, padding=window // 2, groups=channels)
-    mixer = ConvPlus2d(channels, kernel_size=window, heads=heads, proj=False, backend="cpu")
+    dw = torch.nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+    mixer = ConvPlus2d(channels, **(mixer_config or {"kernel_size": 7, "heads": 4, "proj": False, "backend": "cpu"}))
     return (lambda: dw(x)), (lambda: mixer(x))
+
+
+def stage_mixer(stage: int) -> tuple[dict, str]:
+    """The Conv+ settings of stage ``stage`` of the registered convplus_convnextv2 models (``STAGE_CONFIGS``,
+    backend 'auto' as there) and how the tables name its attention."""
+    config = STAGE_CONFIGS[stage]
+    window = config["window"]
+    return config, "global" if window is None else f"window {window}"
 
 
 def mixer_table(batch: int, channels: int, side: int, pairs: int, results: dict) -> list[str]:
@@ -207,17 +217,19 @@ def mixer_table(batch: int, channels: int, side: int, pairs: int, results: dict)
 
 
 def stage_table(stages: list[tuple[int, int]], batch: int, pairs: int, results: dict) -> list[str]:
-    """Conv+ over the depthwise conv at each stage shape, paired, channels-last (the model's layout) and NCHW."""
+    """Conv+ over the depthwise conv at each stage shape, paired, channels-last (the model's layout) and NCHW; each
+    stage's Conv+ mixer configured as the registered model configures that stage (``stage_mixer``)."""
     rows = [
-        "| stage (C x H x W) | dwconv fwd, channels-last (ms) | Conv+ fwd ratio | dwconv fwd+bwd, channels-last (ms) "
-        "| Conv+ fwd+bwd ratio | NCHW: Conv+ fwd ratio | NCHW: Conv+ fwd+bwd ratio | dwconv NCHW / channels-last, "
-        "fwd · fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage (C x H x W) | Conv+ attention | dwconv fwd, channels-last (ms) | Conv+ fwd ratio | dwconv fwd+bwd, "
+        "channels-last (ms) | Conv+ fwd+bwd ratio | NCHW: Conv+ fwd ratio | NCHW: Conv+ fwd+bwd ratio | dwconv NCHW / "
+        "channels-last, fwd · fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for channels, side in stages:
+    for stage, (channels, side) in enumerate(stages):
+        config, attention = stage_mixer(stage)
         measured = {}
         for layout in LAYOUTS:
-            dw, conv_plus = depthwise_and_convplus(batch, channels, side, layout)
+            dw, conv_plus = depthwise_and_convplus(batch, channels, side, layout, config)
             measured[layout] = (
                 _paired_no_grad(dw, conv_plus, pairs),
                 paired_ratio(dw, conv_plus, True, pairs),
@@ -228,14 +240,16 @@ def stage_table(stages: list[tuple[int, int]], batch: int, pairs: int, results: 
         nchw = measured["NCHW"]
         results.setdefault("stages", {})[f"{channels}x{side}x{side}"] = (fwd, both)
         rows.append(
-            f"| {channels}x{side}x{side} | {dw_fwd * 1e3:.2f} | {fwd} | {dw_both * 1e3:.2f} | {both} | "
+            f"| {channels}x{side}x{side} | {attention} | {dw_fwd * 1e3:.2f} | {fwd} | {dw_both * 1e3:.2f} | {both} | "
             f"{nchw[0].median:.2f}x | {nchw[1].median:.2f}x | {nchw[2] / dw_fwd:.2f}x · {nchw[3] / dw_both:.2f}x |"
         )
         print(rows[-1], flush=True)
     rows += [
         "",
         f"Ratios: median (lowest-highest) of {pairs} pairs, Conv+ over the depthwise conv fed the same tensor. "
-        "Baseline times: medians of as many repeats.",
+        "Baseline times: medians of as many repeats. Each stage's Conv+ layer is the one the registered "
+        "convplus_convnextv2 models put there: a 7x7 window (the fused C++ kernel) in stages 0-2, global attention "
+        "(backend 'global': two matrix products around a softmax, and the depthwise conv term) in the last.",
     ]
     return rows
 

@@ -556,3 +556,87 @@ def test_global_backend_takes_explicit_products_on_small_cpu_grids(monkeypatch, 
         z = global_attention.attend(q, k, v, hood)
     assert z.dtype == torch.bfloat16
     torch.testing.assert_close(z.float(), reference.attend(q, k, v, hood), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(("with_pos", "with_kernel", "with_bias"), [(True, True, True), (False, False, True)])
+def test_global_backend_takes_the_direct_score_from_the_cpu_kernel_op(
+    monkeypatch, channels_last, with_pos, with_kernel, with_bias
+):
+    """The 'global' backend's ``direct_mix`` makes q and k with the C++ kernel's one-pass 'direct' score op, blends
+    the attention into the convolution term (which adds the bias) in one pass, and returns z in v's layout: the
+    same z and gradients as the 'direct' score's PyTorch features through the reference backend."""
+    from convplus.backends import cpu, global_attention, reference
+    from convplus.backends.terms import with_convolution_term
+
+    calls = []
+    score_op = cpu.direct_score_features
+    monkeypatch.setattr(cpu, "direct_score_features", lambda *args: calls.append(1) or score_op(*args))
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    extras = {
+        "pos": torch.randn(8, 5, 6, dtype=torch.float64) if with_pos else None,
+        "kernel": torch.randn(2, 4, 3, 3, dtype=torch.float64) if with_kernel else None,
+        "bias": torch.randn(2, 4, dtype=torch.float64) if with_bias else None,
+    }
+    temperature, gain = torch.tensor([3.0, 0.5], dtype=torch.float64), torch.tensor([0.7, -1.3], dtype=torch.float64)
+    hood = Neighborhood.of(None, (1, 1))
+    results = []
+    for fused in (True, False):
+        inputs = {"x": x, "temperature": temperature, "gain": gain, **extras}
+        leaves = {name: t.detach().clone().requires_grad_(True) for name, t in inputs.items() if t is not None}
+        t = {name: leaves.get(name) for name in inputs}
+        v = functional.values(t["x"], 2)
+        if fused:
+            z = global_attention.direct_mix(
+                t["x"], t["pos"], t["temperature"], v, t["kernel"], t["gain"], hood, t["bias"]
+            )
+            assert z.stride() == v.stride()
+        else:
+            q, k = functional.score_features(t["x"], 2, "direct", t["pos"], t["temperature"])
+            z = with_convolution_term(reference.attend)(q, k, v, t["kernel"], t["gain"], hood, t["bias"])
+        z.backward(torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z))
+        results.append([z.detach(), *[leaf.grad for leaf in leaves.values()]])
+    assert calls == [1]
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("score", ["direct", "qk"])
+@pytest.mark.parametrize(
+    ("grid", "head_dim", "qk_dim"),
+    [((5, 7), 9, 5), ((12, 12), 40, 16), ((1, 3), 8, 3)],  # tails of rows and vectors; the most positions; tiny
+)
+def test_global_mix_kernel_adds_the_attention_term_as_the_composed_products(
+    dtype, channels_last, score, grid, head_dim, qk_dim
+):
+    """The forward-only C++ ops of the 'global' backend's inference, z = base + g * softmax(q^T k) v^T, from q and
+    k or with the 'direct' score computed in the pass: as the reference's attention term added to base, in base's
+    layout, on grids whose positions and channels fill register tiles and vectors partly."""
+    from convplus.backends import cpu, reference
+
+    torch.manual_seed(0)
+    heads, batch = 2, 2
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    v = torch.randn(batch, heads * head_dim, *grid, dtype=dtype).contiguous(memory_format=layout)
+    v = v.view(batch, heads, head_dim, *grid)
+    base = torch.randn(batch, heads * head_dim, *grid, dtype=dtype).contiguous(memory_format=layout).view(v.shape)
+    gain = torch.tensor([0.7, -1.3], dtype=dtype)
+    hood = Neighborhood.of(None, (1, 1))
+    if score == "direct":
+        x = torch.randn(batch, heads * qk_dim, *grid, dtype=dtype).contiguous(memory_format=layout)
+        pos, temperature = torch.randn(heads * qk_dim, *grid, dtype=dtype), torch.tensor([8.0, 0.5], dtype=dtype)
+        q, k = functional.score_features(x, heads, "direct", pos, temperature)
+        z = cpu.direct_global_mix_inference(x, pos, temperature, v, gain, base)
+    else:
+        q, k = (torch.randn(batch, heads, qk_dim, *grid, dtype=dtype) for _ in range(2))
+        z = cpu.global_mix_inference(q, k, v, gain, base)
+    expected = base + gain.view(1, -1, 1, 1, 1) * reference.attend(q, k, v, hood)
+    assert z.stride() == base.stride()
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(z, expected, rtol=tolerance, atol=tolerance)

@@ -68,12 +68,30 @@ def test_window_ops_pass_opcheck_on_channels_last_inputs(dtype, convolution, hoo
     grad_out = _channels_last(torch.randn_like(v))
     torch.library.opcheck(torch.ops.convplus.window_mix_backward, (*inputs, grad_out.detach(), offsets))
     x = features.flatten(3)  # (B, K, Dq, N), channels innermost
+    _check_global_ops(
+        q.detach().flatten(3),
+        k.detach().flatten(3),
+        x.detach(),
+        pos.detach(),
+        temperature.detach(),
+        v.detach().flatten(3),
+        gain.detach(),
+    )
     torch.library.opcheck(torch.ops.convplus.direct_score, (x, pos, temperature))
     dq, dk, inverse_norm = cpu.direct_score_features(x.detach(), pos.detach(), temperature.detach())
     torch.library.opcheck(
         torch.ops.convplus.direct_score_backward,
         (dq, dk, dk.clone(), inverse_norm, temperature.detach(), x.detach(), True),
     )
+
+
+def _check_global_ops(q, k, x, pos, temperature, v, gain) -> None:
+    """opcheck of the forward-only global ops, q, k, x (B, K, Dq, N), v (B, K, D, N), base made like v: with and
+    without the positional encoding."""
+    base = torch.randn_like(v)
+    torch.library.opcheck(torch.ops.convplus.global_mix, (q, k, v, gain, base))
+    for p in (pos, pos.new_zeros(0)):
+        torch.library.opcheck(torch.ops.convplus.direct_global_mix, (x, p, temperature, v, gain, base))
 
 
 @pytest.mark.parametrize(("dtype", "convolution", "hood"), CASES)
@@ -88,6 +106,7 @@ def test_backward_ops_and_inference_forward_pass_opcheck(dtype, convolution, hoo
         torch.ops.convplus.window_mix_backward, (q, k, v, gain, kernel, tap_index, probs, grad_out, offsets)
     )
     x = features.flatten(3)
+    _check_global_ops(q.flatten(3), k.flatten(3), x, pos, temperature, v.flatten(3), gain)
     dq, dk, inverse_norm = cpu.direct_score_features(x, pos, temperature)
     for with_pos in (False, True):
         torch.library.opcheck(
@@ -138,10 +157,32 @@ def test_torch_compile_runs_the_fused_ops_without_graph_break_and_matches_eager(
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
 
 
-def test_torch_export_keeps_to_portable_operators():
+@pytest.mark.parametrize(
+    ("score", "inference_op", "training_ops"),
+    [
+        ("direct", "convplus.direct_global_mix.default", {"convplus.direct_score.default"}),
+        ("qk", "convplus.global_mix.default", set()),
+    ],
+)
+def test_torch_compile_keeps_the_global_inference_op_and_trains_through_products(score, inference_op, training_ops):
+    """A global layer under torch.compile: without gradient the forward-only op, whole in the graph, equal to eager;
+    with one, the composed products (and the 'direct' score's op, which has a backward)."""
+    torch._dynamo.reset()
+    module = ConvPlus2d(8, heads=2, kernel_size=3, window=None, score=score, dtype=torch.float64)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert _graph_ops(module, x) == {inference_op}
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-12, atol=1e-12)
+    assert _graph_ops(module, x.requires_grad_(True)) == training_ops
+
+
+@pytest.mark.parametrize("window", [3, None], ids=["window", "global"])
+def test_torch_export_keeps_to_portable_operators(window):
     """An exported program runs outside this process (onnxruntime, another machine), where the custom ops are
-    unknown: under torch.export 'auto' takes the 'gathered' formulation, and the program equals eager."""
-    module = ConvPlus2d(8, kernel_size=3, window=3, heads=2).eval()
+    unknown: under torch.export 'auto' takes the 'gathered' formulation for a window, and a global layer makes its
+    'direct' score without the kernel's op; the program equals eager."""
+    module = ConvPlus2d(8, kernel_size=3, window=window, heads=2).eval()
     x = torch.randn(1, 8, 6, 7)
     program = torch.export.export(module, (x,))
     assert not [node for node in program.graph.nodes if str(node.target).startswith("convplus.")]
@@ -160,16 +201,24 @@ class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("score", "name"), [("direct", "direct_window_mix"), ("qk", "window_mix")])
-def test_inference_calls_run_the_kernel_directly_as_the_op_would(score, name, monkeypatch):
+@pytest.mark.parametrize(
+    ("score", "window", "function", "name"),
+    [
+        ("direct", 3, "direct_window_mix", "direct_window_mix"),
+        ("qk", 3, "window_mix", "window_mix"),
+        ("direct", None, "direct_global_mix", "direct_global_mix"),  # the 'global' backend's forward-only ops
+        ("qk", None, "global_mix", "global_mix"),
+    ],
+)
+def test_inference_calls_run_the_kernel_directly_as_the_op_would(score, window, function, name, monkeypatch):
     """An eager forward that keeps nothing for backward calls the kernel's entry point without the custom op's
     dispatch: the same output as through the op, still under the op's name to the profiler, and through the op
-    wherever something must see it (autograd, a dispatch mode)."""
-    module = ConvPlus2d(8, kernel_size=3, window=3, heads=2, score=score).eval()
+    wherever something must see it (autograd, a dispatch mode; the global ops, forward only, are then not used)."""
+    module = ConvPlus2d(8, kernel_size=3, window=window, heads=2, score=score).eval()
     x = torch.randn(2, 8, 6, 7).contiguous(memory_format=torch.channels_last)
     op_calls = []
-    op = getattr(cpu, name)
-    monkeypatch.setattr(cpu, name, lambda *args: op_calls.append(args) or op(*args))
+    op = getattr(cpu, function)
+    monkeypatch.setattr(cpu, function, lambda *args: op_calls.append(args) or op(*args))
     with torch.no_grad():
         direct = module(x)
         assert not op_calls
@@ -180,6 +229,11 @@ def test_inference_calls_run_the_kernel_directly_as_the_op_would(score, name, mo
     assert len(op_calls) == 1 and f"convplus.{name}.default" in calls.names
     assert torch.equal(direct, through_op) and direct.stride() == through_op.stride()
     assert f"convplus::{name}" in {event.key for event in profile.key_averages()}
+    if window is None:
+        y = module(x.requires_grad_(True))
+        assert len(op_calls) == 1 and y.grad_fn is not None
+        torch.testing.assert_close(y, direct)
+        return
     y = module(x.requires_grad_(True))
     assert len(op_calls) == 2 and y.grad_fn is not None  # kept for backward: through the op, which autograd sees
     assert torch.equal(y, direct)

@@ -63,7 +63,7 @@ BACKENDS: dict[str, Backend] = {
     for backend in (
         Backend("reference", with_convolution_term(reference.attend)),
         Backend("local", with_convolution_term(local.attend), needs_window=True),
-        Backend("global", with_convolution_term(global_attention.attend), any_layout=True),
+        Backend("global", global_attention.mix, direct_mix=global_attention.direct_mix, any_layout=True),
         Backend(
             "cpu",
             cpu.mix,

@@ -235,6 +235,40 @@ def direct_score_backward(
     return dx, dpos, dtemperature
 
 
+@torch.library.custom_op("convplus::global_mix", mutates_args=())
+def global_mix(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor, base: torch.Tensor
+) -> torch.Tensor:
+    """z = base + g * softmax(q^T k) v^T over every position, forward only (no backward is registered: callers
+    compose PyTorch products where a gradient must follow): q, k (B, K, Dq, N), v and base (B, K, D, N), of any
+    strides; z made like base."""
+    return extension().global_mix_forward(q, k, v, gain, base)
+
+
+@torch.library.custom_op("convplus::direct_global_mix", mutates_args=())
+def direct_global_mix(
+    features: torch.Tensor,
+    pos: torch.Tensor,
+    temperature: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    base: torch.Tensor,
+) -> torch.Tensor:
+    """``global_mix`` with the 'direct' score computed in the pass: k = unit(features + pos) per head and
+    q = temperature * k, never written out."""
+    return extension().direct_global_mix_forward(features, pos, temperature, v, gain, base)
+
+
+@global_mix.register_fake
+def _(q, k, v, gain, base):
+    return torch.empty_like(base)
+
+
+@direct_global_mix.register_fake
+def _(features, pos, temperature, v, gain, base):
+    return torch.empty_like(base)
+
+
 @window_mix.register_fake
 def _(q, k, v, gain, kernel, tap_index, offsets, bounds, bias, save_probs):
     return torch.empty_like(v), v.new_empty(_probs_shape(v, offsets.shape[0], save_probs))
@@ -360,9 +394,10 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype if dtype in KERNEL_DTYPES else torch.float32
 
 
-def _keeps_probs(*tensors: torch.Tensor | None) -> bool:
-    """Whether the forward pass must keep the probabilities: a gradient can follow (grad mode on and some input
-    requiring one). Decided here, outside the op, which cannot see grad mode."""
+def _needs_gradient(*tensors: torch.Tensor | None) -> bool:
+    """Whether a gradient can follow from these inputs (grad mode on and some input requiring one): then the
+    forward pass must keep the probabilities, and the op must be seen by autograd. Decided here, outside the op,
+    which cannot see grad mode."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -390,20 +425,20 @@ def _in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _run_forward(op, name: str, arguments: tuple, keeps_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``op(*arguments, keeps_probs)``, the forward custom op ``convplus::<name>``. Where nothing needs to see the
-    op (an eager call of plain tensors that keeps no probabilities for a backward, with no dispatch mode active,
-    outside torch.compile and torch.export), the kernel's entry point of the same name runs directly: the custom
-    op's Python dispatch and checks cost tens of microseconds a call (a 64-channel layer on an 8x8 grid at batch 1:
+def _run_op(op, name: str, arguments: tuple, seen: bool) -> tuple[torch.Tensor, ...]:
+    """``op(*arguments)``, the forward custom op ``convplus::<name>``. Where nothing needs to see the op (``seen``
+    False: an eager call of plain tensors with no gradient to follow, with no dispatch mode active, outside
+    torch.compile and torch.export), the kernel's entry point ``<name>_forward`` runs directly: the custom op's
+    Python dispatch and checks cost tens of microseconds a call (a 64-channel layer on an 8x8 grid at batch 1:
     120 -> 87 microseconds a forward). The profiler still sees the call under the op's name."""
-    seen = keeps_probs or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+    seen = seen or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
     if seen or type(arguments[0]) is not torch.Tensor:
-        return op(*arguments, keeps_probs)
+        return op(*arguments)
     entry = getattr(extension(), f"{name}_forward")
     if not torch.autograd._profiler_enabled():
-        return entry(*arguments, keeps_probs)
+        return entry(*arguments)
     with torch.profiler.record_function(f"convplus::{name}"):
-        return entry(*arguments, keeps_probs)
+        return entry(*arguments)
 
 
 def runs_here(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -429,7 +464,8 @@ def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
     dtype = compute_dtype(q, k, v)
     arguments, geometry = _kernel_arguments(_in(v, dtype), kernel, gain, hood, bias)
     q3, k3 = (_as_3d(_in(t, dtype), geometry) for t in (q, k))
-    z, _ = _run_forward(window_mix, "window_mix", (q3, k3, *arguments), _keeps_probs(q, k, v, kernel, gain, bias))
+    keeps_probs = _needs_gradient(q, k, v, kernel, gain, bias)
+    z, _ = _run_op(window_mix, "window_mix", (q3, k3, *arguments, keeps_probs), keeps_probs)
     return _in(geometry.add_apart(z.view(v.shape), _in(v, dtype), kernel, hood), v.dtype)
 
 
@@ -455,7 +491,59 @@ def direct_mix(
     arguments, geometry = _kernel_arguments(_in(v, dtype), kernel, gain, hood, bias)
     features = _as_3d(_in(x, dtype).view(x.shape[0], heads, x.shape[1] // heads, *x.shape[2:]), geometry)
     flat_pos = x.new_zeros(0, dtype=dtype) if pos is None else _in(pos, dtype).reshape(heads, x.shape[1] // heads, -1)
-    keeps_probs = _keeps_probs(x, pos, temperature, v, kernel, gain, bias)
+    keeps_probs = _needs_gradient(x, pos, temperature, v, kernel, gain, bias)
     score_inputs = (features, flat_pos.contiguous(), _in(temperature, dtype))
-    z, _ = _run_forward(direct_window_mix, "direct_window_mix", (*score_inputs, *arguments), keeps_probs)
+    z, _ = _run_op(direct_window_mix, "direct_window_mix", (*score_inputs, *arguments, keeps_probs), keeps_probs)
     return _in(geometry.add_apart(z.view(v.shape), _in(v, dtype), kernel, hood), v.dtype)
+
+
+def direct_score_of(
+    x: torch.Tensor, pos: torch.Tensor | None, temperature: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 'direct' score's q = tau_k * k and k = unit(slice_k(x + pos)), each (B, K, Dq, *S) and contiguous, in one
+    pass of the kernel's op: x (B, C, *S) float32 or float64 of any strides, pos (C, *S) or None, temperature (K,)."""
+    features = x.reshape(x.shape[0], heads, x.shape[1] // heads, -1)  # (B, K, Dq, N), a view of x
+    flat_pos = x.new_zeros(0) if pos is None else _in(pos, x.dtype).reshape(features.shape[1:]).contiguous()
+    arguments = (features, flat_pos, _in(temperature, x.dtype))
+    q, k, _ = _run_op(direct_score_features, "direct_score", arguments, _needs_gradient(x, pos, temperature))
+    shape = features.shape[:3] + x.shape[2:]
+    return q.view(shape), k.view(shape)
+
+
+def kernel_takes(*tensors: torch.Tensor | None, inference: bool = False) -> bool:
+    """Whether the kernel's ops take these tensors (None: absent) now: one CPU float dtype (float32 or float64),
+    outside torch.export (whose programs run without the kernel); with ``inference``, for the forward-only ops
+    (``global_mix``, ``direct_global_mix``), no gradient to follow either."""
+    present = [t for t in tensors if t is not None]
+    return (
+        not (inference and _needs_gradient(*present))
+        and not torch.compiler.is_exporting()
+        and present[0].dtype in KERNEL_DTYPES
+        and all(t.dtype == present[0].dtype for t in present)
+        and unavailable_reason(present[0].device) is None
+    )
+
+
+def global_mix_inference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor, base: torch.Tensor
+) -> torch.Tensor:
+    """z = base + g * softmax(q^T k) v^T over every position by ``global_mix``, for q, k (B, K, Dq, *S), v and base
+    (B, K, D, *S), in base's layout; for tensors that ``kernel_takes`` for inference."""
+    arguments = (q.flatten(3), k.flatten(3), v.flatten(3), gain.contiguous(), base.flatten(3))
+    return _run_op(global_mix, "global_mix", arguments, False).view(base.shape)
+
+
+def direct_global_mix_inference(
+    x: torch.Tensor,
+    pos: torch.Tensor | None,
+    temperature: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    base: torch.Tensor,
+) -> torch.Tensor:
+    """``global_mix_inference`` with the 'direct' score computed in the pass (``direct_global_mix``) from x (B, C, *S),
+    pos (C, *S) or None and temperature (K,)."""
+    features = x.reshape(x.shape[0], v.shape[1], x.shape[1] // v.shape[1], -1)  # (B, K, Dq, N), a view of x
+    flat_pos = x.new_zeros(0) if pos is None else pos.reshape(features.shape[1:]).contiguous()
+    arguments = (features, flat_pos, temperature.contiguous(), v.flatten(3), gain.contiguous(), base.flatten(3))
+    return _run_op(direct_global_mix, "direct_global_mix", arguments, False).view(base.shape)

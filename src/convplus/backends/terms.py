@@ -15,11 +15,14 @@ from ..neighborhood import Neighborhood
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def convolution_term(v: torch.Tensor, kernel: torch.Tensor, hood: Neighborhood) -> torch.Tensor:
-    """sum_delta r_k(delta) * V_k,i+delta: a dilated depthwise conv of the values, zero padding; centred, or
-    left-padded along the causal dims of ``hood`` (taps at offsets -(k - 1) * dilation .. 0).
+def convolution_term(
+    v: torch.Tensor, kernel: torch.Tensor, hood: Neighborhood, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_delta r_k(delta) * V_k,i+delta (+ bias): a dilated depthwise conv of the values, zero padding; centred,
+    or left-padded along the causal dims of ``hood`` (taps at offsets -(k - 1) * dilation .. 0); the bias, if any,
+    added by the conv itself.
 
-    v (B, K, D, *S), kernel (K, D, *kernel_size) -> (B, K, D, *S).
+    v (B, K, D, *S), kernel (K, D, *kernel_size), bias (K, D) or None -> (B, K, D, *S), in v's layout.
     """
     batch, heads, dim = v.shape[:3]
     spatial, ksize = v.shape[3:], kernel.shape[2:]
@@ -32,7 +35,8 @@ def convolution_term(v: torch.Tensor, kernel: torch.Tensor, hood: Neighborhood) 
     if any(one_sided):
         flat = F.pad(flat, one_sided)
     weight = kernel.reshape(heads * dim, 1, *ksize).to(v.dtype)
-    return _CONV[len(spatial)](flat, weight, None, 1, both, hood.dilation, heads * dim).view(v.shape)
+    flat_bias = None if bias is None else bias.reshape(heads * dim).to(v.dtype)
+    return _CONV[len(spatial)](flat, weight, flat_bias, 1, both, hood.dilation, heads * dim).view(v.shape)
 
 
 def blend(
@@ -44,16 +48,29 @@ def blend(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z = g_k * attention + conv term + bias (K, D); any of the three may be absent (None). Returns
-    (B, K, D, *S)."""
-    z = None
-    if attention is not None and gain is not None:
-        z = attention * gain.to(attention.dtype).view(1, -1, *([1] * (attention.dim() - 2)))
-    if kernel is not None:
-        conv = convolution_term(v, kernel, hood)
-        z = conv if z is None else z + conv
-    if z is None:
-        z = torch.zeros_like(v)
-    return add_bias(z, bias)
+    (B, K, D, *S). With a convolution term, the conv adds the bias and one pass the attention, which may come in
+    any strides (z takes the conv's layout, v's)."""
+    if kernel is None:
+        z = (
+            attention * _per_head(gain, attention)
+            if attention is not None and gain is not None
+            else torch.zeros_like(v)
+        )
+        return add_bias(z, bias)
+    return add_attention(convolution_term(v, kernel, hood, bias), attention, gain)
+
+
+def add_attention(base: torch.Tensor, attention: torch.Tensor | None, gain: torch.Tensor | None) -> torch.Tensor:
+    """base + g_k * attention, in one pass and in base's layout (attention may come in any strides); base itself if
+    either of attention and gain is None. base, attention (B, K, D, *S), gain (K,)."""
+    if attention is None or gain is None:
+        return base
+    return torch.addcmul(base, attention, _per_head(gain, attention))
+
+
+def _per_head(gain: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """gain (K,) as (1, K, 1, ...), broadcasting against ``like`` (B, K, D, *S), in its dtype."""
+    return gain.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
 
 
 def add_bias(z: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

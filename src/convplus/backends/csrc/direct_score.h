@@ -1,5 +1,5 @@
-// What the 'direct' score's two computations of the unit keys share: direct_score.cpp's and the mixing kernel's
-// row cache's (row_cache.h).
+// What the 'direct' score's computations of the unit keys share: direct_score.cpp's, the mixing kernel's row
+// cache's (row_cache.h) and global_mix.cpp's.
 #pragma once
 
 namespace convplus::detail {

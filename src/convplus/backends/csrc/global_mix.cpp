@@ -1,0 +1,267 @@
+// Attention over every position of a small grid on CPU, forward, added to a term computed before (the 'global'
+// backend's inference pass on small grids; where a gradient must follow, the backend composes PyTorch products):
+//
+//   z[d, i] = base[d, i] + g_h * sum_j P[i, j] v[d, j],   P[i, .] = softmax_j(<q[:, i], k[:, j]>)
+//
+// With the 'direct' score the keys and queries are computed in the pass from the features f instead of read:
+// k = unit(f + pos) over each head's channels (as direct_score.cpp computes it), s(i, j) = tau_h <k_i, k_j>.
+//
+// Layout: q, k or f (B, K, Dq, N), v and base (B, K, D, N), of any strides; z is made like base (channels-last stays
+// channels-last). gain (K,), pos (K, Dq, N) or empty, temperature (K,). Head of slice bk is bk % K.
+//
+// Each (B, K) slice is one task. Its keys are packed into a (Dq, Np) buffer and its values into (N, Dp), each row
+// padded with zeros to a whole number of vectors; the scores are an (N, Np) product of register tiles of queries by
+// vectors of keys, the softmax runs on them in place, and the weighted sum is an (N, Dp) product of tiles of
+// queries by vectors of channels, added to base as it is written out.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "checks.h"
+#include "direct_score.h"
+#include "simd.h"
+#include "strided.h"
+
+namespace convplus {
+namespace {
+
+using detail::Buffer;
+using detail::exp_vec;
+using detail::load;
+using detail::Simd;
+using detail::store;
+
+// A register tile: its accumulators, its operand vectors and a broadcast fill the vector registers.
+#if defined(__AVX512VL__)
+constexpr int kTileRows = 8, kTileVectors = 3;  // 24 + 3 of AVX-512's 32
+#else
+constexpr int kTileRows = 6, kTileVectors = 2;  // 12 + 2 + 1 of AVX2's 16
+#endif
+
+// A (B, K, C, N) tensor of any strides, by slice.
+template <typename T>
+struct Slices {
+  T* data;
+  int64_t K, batch, head, channel, position;
+  explicit Slices(const at::Tensor& t)
+      : data(t.data_ptr<std::remove_const_t<T>>()), K(t.size(1)), batch(t.stride(0)), head(t.stride(1)),
+        channel(t.stride(2)), position(t.stride(3)) {}
+  T* at(int64_t bk) const { return data + bk / K * batch + bk % K * head; }
+};
+
+// out[r * ld_out + v * W ..] = sum_c a[r * a_row + c * a_col] * b[c * ld_b + v * W ..] for rows r < R and vectors
+// v < Cv: R rows of a broadcast against Cv vectors of b, over depth.
+template <typename T, int R, int Cv>
+inline void tile_product(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth, T* out,
+                         int64_t ld_out) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t W = Simd<T>::width;
+  V acc[R][Cv] = {};
+  for (int64_t c = 0; c < depth; ++c) {
+    V bv[Cv];
+    for (int v = 0; v < Cv; ++v) bv[v] = load<V>(b + c * ld_b + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T av = a[r * a_row + c * a_col];
+      for (int v = 0; v < Cv; ++v) acc[r][v] += bv[v] * av;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < Cv; ++v) store(out + r * ld_out + v * W, acc[r][v]);
+}
+
+// out (R, columns) = a (R, depth) b (depth, columns), a[r * a_row + c * a_col], b and out row-major with columns
+// a whole number of vectors; by tiles of kTileVectors vectors, then fewer.
+template <typename T, int R>
+void rows_product(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth, int64_t columns,
+                  T* out, int64_t ld_out) {
+  constexpr int64_t W = Simd<T>::width;
+  int64_t j = 0;
+  for (; j + kTileVectors * W <= columns; j += kTileVectors * W)
+    tile_product<T, R, kTileVectors>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
+  if (columns - j == 2 * W) tile_product<T, R, 2>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
+  if (columns - j == W) tile_product<T, R, 1>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
+}
+
+// rows_product of the last rows < R rows (none for rows = 0).
+template <typename T, int R>
+void last_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth,
+               int64_t columns, T* out, int64_t ld_out) {
+  if constexpr (R > 1) {
+    if (rows == R - 1) return rows_product<T, R - 1>(a, a_row, a_col, b, ld_b, depth, columns, out, ld_out);
+    last_rows<T, R - 1>(rows, a, a_row, a_col, b, ld_b, depth, columns, out, ld_out);
+  }
+}
+
+// out (rows, columns) = a (rows, depth) b (depth, columns), as rows_product, by tiles of kTileRows rows.
+template <typename T>
+void product(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth, int64_t rows,
+             int64_t columns, T* out, int64_t ld_out) {
+  int64_t i = 0;
+  for (; i + kTileRows <= rows; i += kTileRows)
+    rows_product<T, kTileRows>(a + i * a_row, a_row, a_col, b, ld_b, depth, columns, out + i * ld_out, ld_out);
+  last_rows<T, kTileRows>(rows - i, a + i * a_row, a_row, a_col, b, ld_b, depth, columns, out + i * ld_out, ld_out);
+}
+
+// (rows, columns) of src (src[r * src_row + c * src_column]) into dst, row-major with ld columns (a whole number of
+// vectors), zeros from column `columns` to ld: rows copied whole where the source's columns are contiguous, blocks
+// transposed where its rows are (channels-last features into channel rows), entry by entry otherwise.
+template <typename T>
+void pack(const T* src, int64_t src_row, int64_t src_column, int64_t rows, int64_t columns, T* dst, int64_t ld) {
+  detail::copy_block(src, src_row, src_column, dst, ld, int64_t{1}, rows, columns);
+  for (int64_t r = 0; r < rows; ++r) std::fill(dst + r * ld + columns, dst + (r + 1) * ld, T(0));
+}
+
+// Each row of s (rows, ld), its first n entries scores, becomes g * softmax of them times scale, zeros past them.
+template <typename T>
+void softmax_rows(T* s, int64_t rows, int64_t n, int64_t ld, T scale, T g) {
+  using V = typename Simd<T>::vec;
+  constexpr int64_t W = Simd<T>::width;
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = s + i * ld;
+    for (int64_t j = 0; j < ld; ++j) row[j] *= scale;
+    std::fill(row + n, row + ld, -std::numeric_limits<T>::infinity());  // exp: zeros
+    V most = load<V>(row);
+    for (int64_t j = W; j < ld; j += W) {
+      const V x = load<V>(row + j);
+      most = most > x ? most : x;
+    }
+    T top = most[0];
+    for (int64_t l = 1; l < W; ++l) top = std::max(top, most[l]);
+    V sum{};
+    for (int64_t j = 0; j < ld; j += W) {
+      const V e = exp_vec<V, T>(load<V>(row + j) - top);
+      sum += e;
+      store(row + j, e);
+    }
+    T total = 0;
+    for (int64_t l = 0; l < W; ++l) total += sum[l];
+    const T weight = g / total;
+    for (int64_t j = 0; j < ld; ++j) row[j] *= weight;
+  }
+}
+
+// The features packed in keys (Dq, ld), their first n columns positions, become the 'direct' score's unit keys
+// unit(f + pos) over the Dq channels of each position (as direct_score.cpp computes them); pos (Dq, n) or null.
+template <typename T>
+void unit_keys(T* keys, const T* pos, int64_t Dq, int64_t n, int64_t ld, T* norm) {
+  std::fill(norm, norm + ld, T(0));
+  for (int64_t c = 0; c < Dq; ++c) {
+    T* row = keys + c * ld;
+    if (pos)
+      for (int64_t j = 0; j < n; ++j) row[j] += pos[c * n + j];
+    for (int64_t j = 0; j < ld; ++j) norm[j] += row[j] * row[j];
+  }
+  for (int64_t j = 0; j < ld; ++j) norm[j] = T(1) / std::sqrt(std::max(norm[j], T(detail::kMinSquaredNorm)));
+  for (int64_t c = 0; c < Dq; ++c)
+    for (int64_t j = 0; j < ld; ++j) keys[c * ld + j] *= norm[j];
+}
+
+// Where the scores come from: q and k (B, K, Dq, N); or, with the 'direct' score (temperature non-null), the
+// features f in k, pos (K, Dq, N) contiguous or null and temperature (K,): the unit keys k = unit(f + pos) and
+// q = tau_h k are computed in the pass.
+template <typename T>
+struct ScoreInputs {
+  Slices<const T> q, k;
+  const T* pos;
+  const T* temperature;
+};
+
+template <typename T>
+void forward_kernel(const ScoreInputs<T>& score, const Slices<const T>& v, const T* gain, const Slices<const T>& base,
+                    const Slices<T>& z, int64_t BK, int64_t Dq, int64_t D, int64_t N) {
+  constexpr int64_t W = Simd<T>::width;
+  const int64_t Np = (N + W - 1) / W * W, Dp = (D + W - 1) / W * W;
+  const bool direct = score.temperature != nullptr;
+  at::parallel_for(0, BK, 1, [&](int64_t begin, int64_t end) {
+    Buffer<T> keys(Dq * Np), values(N * Dp), scores(N * Np), sums(N * Dp), norm(Np);
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t h = bk % v.K;
+      pack(score.k.at(bk), score.k.channel, score.k.position, Dq, N, keys.data(), Np);
+      pack(v.at(bk), v.position, v.channel, N, D, values.data(), Dp);
+      if (direct) {  // s(i, j) = tau <k_i, k_j>
+        unit_keys(keys.data(), score.pos ? score.pos + h * Dq * N : nullptr, Dq, N, Np, norm.data());
+        product(keys.data(), int64_t{1}, Np, keys.data(), Np, Dq, N, Np, scores.data(), Np);
+      } else {
+        product(score.q.at(bk), score.q.position, score.q.channel, keys.data(), Np, Dq, N, Np, scores.data(), Np);
+      }
+      softmax_rows(scores.data(), N, N, Np, direct ? score.temperature[h] : T(1), gain[h]);
+      product<T>(scores.data(), Np, 1, values.data(), Dp, N, N, Dp, sums.data(), Dp);
+      const T* from = base.at(bk);
+      T* to = z.at(bk);
+      for (int64_t i = 0; i < N; ++i) {
+        const T* row = sums.data() + i * Dp;
+        const T* b = from + i * base.position;
+        T* out = to + i * z.position;
+        if (base.channel == 1 && z.channel == 1)
+          for (int64_t d = 0; d < D; ++d) out[d] = b[d] + row[d];
+        else
+          for (int64_t d = 0; d < D; ++d) out[d * z.channel] = b[d * base.channel] + row[d];
+      }
+    }
+  });
+}
+
+// The checks shared by both entry points, of v, gain and base; and z, made like base.
+at::Tensor checked_output(const detail::ArgumentChecks& check, const at::Tensor& v, const at::Tensor& gain,
+                          const at::Tensor& base) {
+  check.floating("v", v, true);
+  check.rank("v", v, 4, "(B, K, D, N)");
+  check.like("base", base, "v", v, true);
+  check.shape("base", base, v.sizes().vec(), "(B, K, D, N)");
+  check.like("gain", gain, "v", v);
+  check.shape("gain", gain, {v.size(1)}, "(K,)");
+  return at::empty_like(base);
+}
+
+template <typename T>
+void run(const ScoreInputs<T>& score, const at::Tensor& v, const at::Tensor& gain, const at::Tensor& base,
+         at::Tensor& z, int64_t Dq) {
+  if (!z.numel()) return;
+  forward_kernel<T>(score, Slices<const T>(v), gain.data_ptr<T>(), Slices<const T>(base), Slices<T>(z),
+                    v.size(0) * v.size(1), Dq, v.size(2), v.size(3));
+}
+
+}  // namespace
+
+at::Tensor global_mix_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain, at::Tensor base) {
+  const detail::ArgumentChecks check("global_mix_forward");
+  auto z = checked_output(check, v, gain, base);
+  check.like("q", q, "v", v, true);
+  check.rank("q", q, 4, "(B, K, Dq, N)");
+  const int64_t Dq = q.size(2);
+  check.shape("q", q, {v.size(0), v.size(1), Dq, v.size(3)}, "(B, K, Dq, N)");
+  check.like("k", k, "v", v, true);
+  check.shape("k", k, q.sizes().vec(), "(B, K, Dq, N)");
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "convplus_global_mix_forward", [&] {
+    run<scalar_t>({Slices<const scalar_t>(q), Slices<const scalar_t>(k), nullptr, nullptr}, v, gain, base, z, Dq);
+  });
+  return z;
+}
+
+at::Tensor direct_global_mix_forward(at::Tensor features, at::Tensor pos, at::Tensor temperature, at::Tensor v,
+                                     at::Tensor gain, at::Tensor base) {
+  const detail::ArgumentChecks check("direct_global_mix_forward");
+  auto z = checked_output(check, v, gain, base);
+  check.like("features", features, "v", v, true);
+  check.rank("features", features, 4, "(B, K, Dq, N)");
+  const int64_t K = v.size(1), Dq = features.size(2), N = v.size(3);
+  check.shape("features", features, {v.size(0), K, Dq, N}, "(B, K, Dq, N)");
+  check.like("pos", pos, "v", v);
+  if (pos.numel()) check.shape("pos", pos, {K, Dq, N}, "(K, Dq, N)");
+  check.like("temperature", temperature, "v", v);
+  check.shape("temperature", temperature, {K}, "(K,)");
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "convplus_direct_global_mix_forward", [&] {
+    const Slices<const scalar_t> f(features);
+    run<scalar_t>({f, f, pos.numel() ? pos.data_ptr<scalar_t>() : nullptr, temperature.data_ptr<scalar_t>()}, v,
+                  gain, base, z, Dq);
+  });
+  return z;
+}
+
+}  // namespace convplus
