@@ -11,7 +11,8 @@
 //
 // Each (B, K) slice is one task. Its keys are packed into a (Dq, Np) buffer and its values into (N, Dp), each row
 // padded with zeros to a whole number of vectors; the scores are an (N, Np) product of register tiles of queries by
-// vectors of keys, the softmax runs on them in place, and the weighted sum is an (N, Dp) product of tiles of
+// vectors of keys (the symmetric 'direct' scores skip the tiles below the diagonal and copy their mirror images),
+// the softmax runs on them in place, and the weighted sum is an (N, Dp) product of tiles of
 // queries by vectors of channels, added to base as it is written out.
 #include "ops.h"
 
@@ -88,7 +89,7 @@ void rows_product(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t 
   if (columns - j == W) tile_product<T, R, 1>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
 }
 
-// rows_product of the last rows < R rows (none for rows = 0).
+// rows_product of the last rows < R rows.
 template <typename T, int R>
 void last_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth,
                int64_t columns, T* out, int64_t ld_out) {
@@ -98,14 +99,34 @@ void last_rows(int64_t rows, const T* a, int64_t a_row, int64_t a_col, const T* 
   }
 }
 
-// out (rows, columns) = a (rows, depth) b (depth, columns), as rows_product, by tiles of kTileRows rows.
+// out (rows, columns) = a (rows, depth) b (depth, columns), as rows_product, by tiles of kTileRows rows. symmetric:
+// the product is known to be symmetric (b = a^T), and each tile of rows leaves out the blocks of kTileVectors
+// vectors of columns that lie wholly before its first row (``mirror`` fills them in).
 template <typename T>
 void product(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth, int64_t rows,
-             int64_t columns, T* out, int64_t ld_out) {
-  int64_t i = 0;
-  for (; i + kTileRows <= rows; i += kTileRows)
-    rows_product<T, kTileRows>(a + i * a_row, a_row, a_col, b, ld_b, depth, columns, out + i * ld_out, ld_out);
-  last_rows<T, kTileRows>(rows - i, a + i * a_row, a_row, a_col, b, ld_b, depth, columns, out + i * ld_out, ld_out);
+             int64_t columns, T* out, int64_t ld_out, bool symmetric = false) {
+  constexpr int64_t block = kTileVectors * Simd<T>::width;
+  for (int64_t i = 0; i < rows; i += kTileRows) {
+    const int64_t first = symmetric ? i / block * block : 0;
+    const T* rows_a = a + i * a_row;
+    T* rows_out = out + i * ld_out + first;
+    if (i + kTileRows <= rows)
+      rows_product<T, kTileRows>(rows_a, a_row, a_col, b + first, ld_b, depth, columns - first, rows_out, ld_out);
+    else
+      last_rows<T, kTileRows>(rows - i, rows_a, a_row, a_col, b + first, ld_b, depth, columns - first, rows_out,
+                              ld_out);
+  }
+}
+
+// The entries of the symmetric (n, n) s (rows ld apart) that product(..., symmetric) left out, from their mirror
+// images (the same products in the same order: the same values).
+template <typename T>
+void mirror(T* s, int64_t n, int64_t ld) {
+  constexpr int64_t block = kTileVectors * Simd<T>::width;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t computed_from = i / kTileRows * kTileRows / block * block;
+    for (int64_t j = 0; j < std::min(computed_from, n); ++j) s[i * ld + j] = s[j * ld + i];
+  }
 }
 
 // (rows, columns) of src (src[r * src_row + c * src_column]) into dst, row-major with ld columns (a whole number of
@@ -186,7 +207,8 @@ void forward_kernel(const ScoreInputs<T>& score, const Slices<const T>& v, const
       pack(v.at(bk), v.position, v.channel, N, D, values.data(), Dp);
       if (direct) {  // s(i, j) = tau <k_i, k_j>
         unit_keys(keys.data(), score.pos ? score.pos + h * Dq * N : nullptr, Dq, N, Np, norm.data());
-        product(keys.data(), int64_t{1}, Np, keys.data(), Np, Dq, N, Np, scores.data(), Np);
+        product(keys.data(), int64_t{1}, Np, keys.data(), Np, Dq, N, Np, scores.data(), Np, true);
+        mirror(scores.data(), N, Np);
       } else {
         product(score.q.at(bk), score.q.position, score.q.channel, keys.data(), Np, Dq, N, Np, scores.data(), Np);
       }
