@@ -25,12 +25,13 @@ KERNEL_PASSES = ("forward", "backward")
 def kernel_pass(name: str) -> str | None:
     """Which pass of the fused mixing kernel the profiler event ``name`` is, or None. Under autograd the forward
     op's event is named GeneratedBackwardFor_convplus_..._default and its backward's ..._defaultBackward."""
-    if "convplus" not in name or "direct_score" in name:
+    if "convplus" not in name or "direct_score" in name or "global_mix" in name:
         return None
     return "backward" if name.endswith("Backward") or "_backward" in name else "forward"
 
 
 PARTS = {  # part -> test on an op name; the first part that matches takes the op
+    "global attention, inference pass (scores, softmax, weighted sum)": lambda name: "global_mix" in name,
     "'direct' score backward (keys recomputed, gradients of x, pos, tau)": lambda name: (
         name == "convplus::direct_score_backward"
     ),
