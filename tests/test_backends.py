@@ -560,26 +560,28 @@ def test_global_backend_takes_explicit_products_on_small_cpu_grids(monkeypatch, 
 
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize(("with_pos", "with_kernel", "with_bias"), [(True, True, True), (False, False, True)])
-def test_global_backend_takes_the_direct_score_from_the_cpu_kernel_op(
-    monkeypatch, channels_last, with_pos, with_kernel, with_bias
-):
-    """The 'global' backend's ``direct_mix`` makes q and k with the C++ kernel's one-pass 'direct' score op, blends
-    the attention into the convolution term (which adds the bias) in one pass, and returns z in v's layout: the
-    same z and gradients as the 'direct' score's PyTorch features through the reference backend."""
+@pytest.mark.parametrize(
+    ("with_pos", "with_kernel", "op"),
+    [(True, True, "direct_global_mix"), (False, True, "direct_global_mix"), (True, False, "direct_score_features")],
+)
+def test_global_backend_runs_the_direct_score_in_the_cpu_kernel(monkeypatch, channels_last, with_pos, with_kernel, op):
+    """The 'global' backend's ``direct_mix`` runs the C++ kernel: with a convolution term, the fused pass
+    (``direct_global_mix``: keys, scores, softmax, weighted sum added to the conv term, which adds the bias);
+    without one, the one-pass 'direct' score op and the products. The same z (in v's layout) and gradients as the
+    'direct' score's PyTorch features through the reference backend."""
     from convplus.backends import cpu, global_attention, reference
     from convplus.backends.terms import with_convolution_term
 
     calls = []
-    score_op = cpu.direct_score_features
-    monkeypatch.setattr(cpu, "direct_score_features", lambda *args: calls.append(1) or score_op(*args))
+    kernel_op = getattr(cpu, op)
+    monkeypatch.setattr(cpu, op, lambda *args: calls.append(1) or kernel_op(*args))
     x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     extras = {
         "pos": torch.randn(8, 5, 6, dtype=torch.float64) if with_pos else None,
         "kernel": torch.randn(2, 4, 3, 3, dtype=torch.float64) if with_kernel else None,
-        "bias": torch.randn(2, 4, dtype=torch.float64) if with_bias else None,
+        "bias": torch.randn(2, 4, dtype=torch.float64),
     }
     temperature, gain = torch.tensor([3.0, 0.5], dtype=torch.float64), torch.tensor([0.7, -1.3], dtype=torch.float64)
     hood = Neighborhood.of(None, (1, 1))
@@ -615,28 +617,52 @@ def test_global_backend_takes_the_direct_score_from_the_cpu_kernel_op(
 def test_global_mix_kernel_adds_the_attention_term_as_the_composed_products(
     dtype, channels_last, score, grid, head_dim, qk_dim
 ):
-    """The forward-only C++ ops of the 'global' backend's inference, z = base + g * softmax(q^T k) v^T, from q and
-    k or with the 'direct' score computed in the pass: as the reference's attention term added to base, in base's
-    layout, on grids whose positions and channels fill register tiles and vectors partly."""
+    """The C++ ops of the 'global' backend, z = base + g * softmax(q^T k) v^T, from q and k or with the 'direct'
+    score computed in the pass: forward and backward as the reference's attention term added to base, z and the
+    gradients in the layouts of base and of the inputs, on grids whose positions and channels fill register tiles
+    and vectors partly."""
     from convplus.backends import cpu, reference
 
     torch.manual_seed(0)
     heads, batch = 2, 2
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    v = torch.randn(batch, heads * head_dim, *grid, dtype=dtype).contiguous(memory_format=layout)
-    v = v.view(batch, heads, head_dim, *grid)
-    base = torch.randn(batch, heads * head_dim, *grid, dtype=dtype).contiguous(memory_format=layout).view(v.shape)
-    gain = torch.tensor([0.7, -1.3], dtype=dtype)
-    hood = Neighborhood.of(None, (1, 1))
+
+    def made(channels: int) -> torch.Tensor:
+        return torch.randn(batch, channels, *grid, dtype=dtype).contiguous(memory_format=layout)
+
+    inputs = {
+        "v": made(heads * head_dim).view(batch, heads, head_dim, *grid),
+        "base": made(heads * head_dim).view(batch, heads, head_dim, *grid),
+        "gain": torch.tensor([0.7, -1.3], dtype=dtype),
+    }
     if score == "direct":
-        x = torch.randn(batch, heads * qk_dim, *grid, dtype=dtype).contiguous(memory_format=layout)
-        pos, temperature = torch.randn(heads * qk_dim, *grid, dtype=dtype), torch.tensor([8.0, 0.5], dtype=dtype)
-        q, k = functional.score_features(x, heads, "direct", pos, temperature)
-        z = cpu.direct_global_mix_inference(x, pos, temperature, v, gain, base)
+        inputs |= {
+            "x": made(heads * qk_dim),
+            "pos": torch.randn(heads * qk_dim, *grid, dtype=dtype),
+            "temperature": torch.tensor([8.0, 0.5], dtype=dtype),
+        }
     else:
-        q, k = (torch.randn(batch, heads, qk_dim, *grid, dtype=dtype) for _ in range(2))
-        z = cpu.global_mix_inference(q, k, v, gain, base)
-    expected = base + gain.view(1, -1, 1, 1, 1) * reference.attend(q, k, v, hood)
-    assert z.stride() == base.stride()
-    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
-    torch.testing.assert_close(z, expected, rtol=tolerance, atol=tolerance)
+        inputs |= {name: torch.randn(batch, heads, qk_dim, *grid, dtype=dtype) for name in ("q", "k")}
+    hood = Neighborhood.of(None, (1, 1))
+    results = []
+    for fused in (True, False):
+        t = {name: tensor.detach().clone().requires_grad_(True) for name, tensor in inputs.items()}
+        if score == "direct":
+            q, k = functional.score_features(t["x"], heads, "direct", t["pos"], t["temperature"])
+        else:
+            q, k = t["q"], t["k"]
+        if not fused:
+            z = t["base"] + t["gain"].view(1, -1, 1, 1, 1) * reference.attend(q, k, t["v"], hood)
+        elif score == "direct":
+            z = cpu.direct_global_mix_of(t["x"], t["pos"], t["temperature"], t["v"], t["gain"], t["base"])
+        else:
+            z = cpu.global_mix_of(q, k, t["v"], t["gain"], t["base"])
+        if fused:
+            assert z.stride() == t["base"].stride()
+        z.backward(torch.linspace(-1, 1, z.numel(), dtype=dtype).view_as(z))
+        results.append([z.detach(), *[tensor.grad for tensor in t.values()]])
+        if fused:
+            assert all(g.stride() == tensor.stride() for g, tensor in zip(results[-1][1:], t.values(), strict=True))
+    tolerance = {torch.float64: 1e-11, torch.float32: 2e-5}[dtype]
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)

@@ -46,6 +46,10 @@ def test_forward_ops_pass_opcheck(dtype, convolution, hood):
     torch.library.opcheck(torch.ops.convplus.direct_window_mix, (features, pos, temperature, *window, True))
     x = features.flatten(3)  # (B, K, Dq, N)
     torch.library.opcheck(torch.ops.convplus.direct_score, (x, pos, temperature))
+    v, gain = window[0].flatten(3), window[1]
+    base = torch.randn_like(v).requires_grad_(True)
+    torch.library.opcheck(torch.ops.convplus.global_mix, (q.flatten(3), k.flatten(3), v, gain, base, True))
+    torch.library.opcheck(torch.ops.convplus.direct_global_mix, (x, pos, temperature, v, gain, base, True))
     if dtype == torch.float64:  # its registered backward is its derivative (the window ops': the compile test)
         assert torch.autograd.gradcheck(lambda *a: cpu.direct_score_features(*a)[:2], (x, pos, temperature))
 
@@ -86,12 +90,16 @@ def test_window_ops_pass_opcheck_on_channels_last_inputs(dtype, convolution, hoo
 
 
 def _check_global_ops(q, k, x, pos, temperature, v, gain) -> None:
-    """opcheck of the forward-only global ops, q, k, x (B, K, Dq, N), v (B, K, D, N), base made like v: with and
-    without the positional encoding."""
+    """opcheck of the global ops, q, k, x (B, K, Dq, N), v (B, K, D, N), base made like v: the forward ops keeping
+    the probabilities and not, with and without the positional encoding, and the backward op."""
     base = torch.randn_like(v)
-    torch.library.opcheck(torch.ops.convplus.global_mix, (q, k, v, gain, base))
-    for p in (pos, pos.new_zeros(0)):
-        torch.library.opcheck(torch.ops.convplus.direct_global_mix, (x, p, temperature, v, gain, base))
+    for save_probs in (False, True):
+        torch.library.opcheck(torch.ops.convplus.global_mix, (q, k, v, gain, base, save_probs))
+        for p in (pos, pos.new_zeros(0)):
+            torch.library.opcheck(torch.ops.convplus.direct_global_mix, (x, p, temperature, v, gain, base, save_probs))
+    _, probs = cpu.global_mix(q, k, v, gain, base, True)
+    backward_inputs = (q, k, v, gain, probs.detach(), torch.randn_like(v))
+    torch.library.opcheck(torch.ops.convplus.global_mix_backward, tuple(t.detach() for t in backward_inputs))
 
 
 @pytest.mark.parametrize(("dtype", "convolution", "hood"), CASES)
@@ -157,24 +165,21 @@ def test_torch_compile_runs_the_fused_ops_without_graph_break_and_matches_eager(
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("score", "inference_op", "training_ops"),
-    [
-        ("direct", "convplus.direct_global_mix.default", {"convplus.direct_score.default"}),
-        ("qk", "convplus.global_mix.default", set()),
-    ],
-)
-def test_torch_compile_keeps_the_global_inference_op_and_trains_through_products(score, inference_op, training_ops):
-    """A global layer under torch.compile: without gradient the forward-only op, whole in the graph, equal to eager;
-    with one, the composed products (and the 'direct' score's op, which has a backward)."""
+@pytest.mark.parametrize(("score", "op"), [("direct", "direct_global_mix"), ("qk", "global_mix")])
+def test_torch_compile_keeps_the_global_ops_and_matches_eager(score, op):
+    """A global layer on a small grid under torch.compile: the fused global op, whole in the graph, forward and
+    backward equal to eager."""
     torch._dynamo.reset()
     module = ConvPlus2d(8, heads=2, kernel_size=3, window=None, score=score, dtype=torch.float64)
-    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
-    with torch.no_grad():
-        assert _graph_ops(module, x) == {inference_op}
-        compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
-        torch.testing.assert_close(compiled(x), module(x), rtol=1e-12, atol=1e-12)
-    assert _graph_ops(module, x.requires_grad_(True)) == training_ops
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert _graph_ops(module, x) == {f"convplus.{op}.default"}
+    results = []
+    for run in (module, torch.compile(module, backend="aot_eager", fullgraph=True)):
+        y = run(x)
+        upstream = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        results.append((y, *torch.autograd.grad((y * upstream).sum(), [x, *module.parameters()])))
+    for compiled, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("window", [3, None], ids=["window", "global"])
@@ -206,14 +211,14 @@ class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
     [
         ("direct", 3, "direct_window_mix", "direct_window_mix"),
         ("qk", 3, "window_mix", "window_mix"),
-        ("direct", None, "direct_global_mix", "direct_global_mix"),  # the 'global' backend's forward-only ops
+        ("direct", None, "direct_global_mix", "direct_global_mix"),  # the 'global' backend's
         ("qk", None, "global_mix", "global_mix"),
     ],
 )
 def test_inference_calls_run_the_kernel_directly_as_the_op_would(score, window, function, name, monkeypatch):
     """An eager forward that keeps nothing for backward calls the kernel's entry point without the custom op's
     dispatch: the same output as through the op, still under the op's name to the profiler, and through the op
-    wherever something must see it (autograd, a dispatch mode; the global ops, forward only, are then not used)."""
+    wherever something must see it (autograd, a dispatch mode)."""
     module = ConvPlus2d(8, kernel_size=3, window=window, heads=2, score=score).eval()
     x = torch.randn(2, 8, 6, 7).contiguous(memory_format=torch.channels_last)
     op_calls = []
@@ -229,11 +234,6 @@ def test_inference_calls_run_the_kernel_directly_as_the_op_would(score, window, 
     assert len(op_calls) == 1 and f"convplus.{name}.default" in calls.names
     assert torch.equal(direct, through_op) and direct.stride() == through_op.stride()
     assert f"convplus::{name}" in {event.key for event in profile.key_averages()}
-    if window is None:
-        y = module(x.requires_grad_(True))
-        assert len(op_calls) == 1 and y.grad_fn is not None
-        torch.testing.assert_close(y, direct)
-        return
     y = module(x.requires_grad_(True))
     assert len(op_calls) == 2 and y.grad_fn is not None  # kept for backward: through the op, which autograd sees
     assert torch.equal(y, direct)

@@ -237,12 +237,13 @@ def direct_score_backward(
 
 @torch.library.custom_op("convplus::global_mix", mutates_args=())
 def global_mix(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor, base: torch.Tensor
-) -> torch.Tensor:
-    """z = base + g * softmax(q^T k) v^T over every position, forward only (no backward is registered: callers
-    compose PyTorch products where a gradient must follow): q, k (B, K, Dq, N), v and base (B, K, D, N), of any
-    strides; z made like base."""
-    return extension().global_mix_forward(q, k, v, gain, base)
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor, base: torch.Tensor, save_probs: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = base + g * softmax(q^T k) v^T over every position, and the probabilities softmax(q^T k)
+    (``_global_probs_shape``; kept for backward only when ``save_probs``): q, k (B, K, Dq, N), v and base
+    (B, K, D, N), of any strides; z made like base."""
+    z, probs = extension().global_mix_forward(q, k, v, gain, base, save_probs)
+    return z, probs
 
 
 @torch.library.custom_op("convplus::direct_global_mix", mutates_args=())
@@ -253,20 +254,84 @@ def direct_global_mix(
     v: torch.Tensor,
     gain: torch.Tensor,
     base: torch.Tensor,
-) -> torch.Tensor:
+    save_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``global_mix`` with the 'direct' score computed in the pass: k = unit(features + pos) per head and
     q = temperature * k, never written out."""
-    return extension().direct_global_mix_forward(features, pos, temperature, v, gain, base)
+    z, probs = extension().direct_global_mix_forward(features, pos, temperature, v, gain, base, save_probs)
+    return z, probs
+
+
+@torch.library.custom_op("convplus::global_mix_backward", mutates_args=())
+def global_mix_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of q, k (contiguous), v (made like v) and gain from that of z, grad_out (B, K, D, N); that of
+    base is grad_out itself."""
+    dq, dk, dv, dgain = extension().global_mix_backward(q, k, v, gain, probs, grad_out)
+    return dq, dk, dv, dgain
+
+
+def _global_probs_shape(v: torch.Tensor, save_probs: bool) -> tuple:
+    """The probabilities the global ops keep, (B * K, N, N rounded up to whole vectors), or (0, N, ...)."""
+    lanes = VECTOR_BYTES // v.element_size()
+    n = v.shape[3]
+    return v.shape[0] * v.shape[1] if save_probs else 0, n, (n + lanes - 1) // lanes * lanes
 
 
 @global_mix.register_fake
-def _(q, k, v, gain, base):
-    return torch.empty_like(base)
+def _(q, k, v, gain, base, save_probs):
+    return torch.empty_like(base), v.new_empty(_global_probs_shape(v, save_probs))
 
 
 @direct_global_mix.register_fake
-def _(features, pos, temperature, v, gain, base):
-    return torch.empty_like(base)
+def _(features, pos, temperature, v, gain, base, save_probs):
+    return torch.empty_like(base), v.new_empty(_global_probs_shape(v, save_probs))
+
+
+@global_mix_backward.register_fake
+def _(q, k, v, gain, probs, grad_out):
+    return q.new_empty(q.shape), k.new_empty(k.shape), torch.empty_like(v), torch.empty_like(gain)
+
+
+def _global_setup(ctx, score_inputs, v, gain, output) -> None:
+    """Keeps what the backward of a global op needs: its score inputs (q, k, or features, pos, temperature), v,
+    gain and the probabilities."""
+    probs = output[1]
+    ctx.mark_non_differentiable(probs)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*score_inputs, v, gain, probs)
+
+
+def _global_mix_setup(ctx, inputs, output) -> None:
+    q, k, v, gain = inputs[:4]
+    _global_setup(ctx, (q, k), v, gain, output)
+
+
+def _global_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
+    if grad_out is None:
+        return (None,) * 6
+    q, k, v, gain, probs = ctx.saved_tensors
+    dq, dk, dv, dgain = global_mix_backward(q, k, v, gain, probs, grad_out)
+    return dq, dk, dv, dgain, grad_out, None
+
+
+def _direct_global_mix_setup(ctx, inputs, output) -> None:
+    features, pos, temperature, v, gain = inputs[:5]
+    _global_setup(ctx, (features, pos, temperature), v, gain, output)
+
+
+def _direct_global_mix_grads(ctx, grad_out, _grad_probs) -> tuple:
+    """Recomputes q and k from the features in one pass, then runs the global backward and the score's; the
+    features' gradient comes back in their layout."""
+    if grad_out is None:
+        return (None,) * 7
+    features, pos, temperature, v, gain, probs = ctx.saved_tensors
+    q, k, inverse_norm = direct_score_features(features, pos, temperature)
+    dq, dk, dv, dgain = global_mix_backward(q, k, v, gain, probs, grad_out)
+    with_pos = pos.numel() > 0
+    dx, dpos, dtemperature = direct_score_backward(dq, dk, k, inverse_norm, temperature, features, with_pos)
+    return dx, dpos if with_pos else None, dtemperature, dv, dgain, grad_out, None
 
 
 @window_mix.register_fake
@@ -378,6 +443,8 @@ def _direct_score_grads(ctx, grad_q, grad_k, _grad_inverse_norm) -> tuple:
 
 
 window_mix.register_autograd(_window_mix_grads, setup_context=_window_mix_setup)
+global_mix.register_autograd(_global_mix_grads, setup_context=_global_mix_setup)
+direct_global_mix.register_autograd(_direct_global_mix_grads, setup_context=_direct_global_mix_setup)
 direct_score_features.register_autograd(_direct_score_grads, setup_context=_direct_score_setup)
 direct_window_mix.register_autograd(_direct_window_mix_grads, setup_context=_direct_window_mix_setup)
 
@@ -510,30 +577,30 @@ def direct_score_of(
     return q.view(shape), k.view(shape)
 
 
-def kernel_takes(*tensors: torch.Tensor | None, inference: bool = False) -> bool:
+def kernel_takes(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernel's ops take these tensors (None: absent) now: one CPU float dtype (float32 or float64),
-    outside torch.export (whose programs run without the kernel); with ``inference``, for the forward-only ops
-    (``global_mix``, ``direct_global_mix``), no gradient to follow either."""
+    outside torch.export (whose programs run without the kernel)."""
     present = [t for t in tensors if t is not None]
     return (
-        not (inference and _needs_gradient(*present))
-        and not torch.compiler.is_exporting()
+        not torch.compiler.is_exporting()
         and present[0].dtype in KERNEL_DTYPES
         and all(t.dtype == present[0].dtype for t in present)
         and unavailable_reason(present[0].device) is None
     )
 
 
-def global_mix_inference(
+def global_mix_of(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor, base: torch.Tensor
 ) -> torch.Tensor:
     """z = base + g * softmax(q^T k) v^T over every position by ``global_mix``, for q, k (B, K, Dq, *S), v and base
-    (B, K, D, *S), in base's layout; for tensors that ``kernel_takes`` for inference."""
-    arguments = (q.flatten(3), k.flatten(3), v.flatten(3), gain.contiguous(), base.flatten(3))
-    return _run_op(global_mix, "global_mix", arguments, False).view(base.shape)
+    (B, K, D, *S), in base's layout; for tensors that ``kernel_takes``."""
+    keeps_probs = _needs_gradient(q, k, v, gain, base)
+    arguments = (q.flatten(3), k.flatten(3), v.flatten(3), gain, base.flatten(3), keeps_probs)
+    z, _ = _run_op(global_mix, "global_mix", arguments, keeps_probs)
+    return z.view(base.shape)
 
 
-def direct_global_mix_inference(
+def direct_global_mix_of(
     x: torch.Tensor,
     pos: torch.Tensor | None,
     temperature: torch.Tensor,
@@ -541,9 +608,11 @@ def direct_global_mix_inference(
     gain: torch.Tensor,
     base: torch.Tensor,
 ) -> torch.Tensor:
-    """``global_mix_inference`` with the 'direct' score computed in the pass (``direct_global_mix``) from x (B, C, *S),
+    """``global_mix_of`` with the 'direct' score computed in the pass (``direct_global_mix``) from x (B, C, *S),
     pos (C, *S) or None and temperature (K,)."""
     features = x.reshape(x.shape[0], v.shape[1], x.shape[1] // v.shape[1], -1)  # (B, K, Dq, N), a view of x
     flat_pos = x.new_zeros(0) if pos is None else pos.reshape(features.shape[1:]).contiguous()
-    arguments = (features, flat_pos, temperature.contiguous(), v.flatten(3), gain.contiguous(), base.flatten(3))
-    return _run_op(direct_global_mix, "direct_global_mix", arguments, False).view(base.shape)
+    keeps_probs = _needs_gradient(x, pos, temperature, v, gain, base)
+    arguments = (features, flat_pos, temperature, v.flatten(3), gain, base.flatten(3), keeps_probs)
+    z, _ = _run_op(direct_global_mix, "direct_global_mix", arguments, keeps_probs)
+    return z.view(base.shape)

@@ -81,16 +81,14 @@ def mix(q, k, v, kernel, gain, hood, bias=None) -> torch.Tensor:
 
 def direct_mix(x, pos, temperature, v, kernel, gain, hood, bias=None) -> torch.Tensor:
     """``mix`` with the 'direct' score's q and k computed by the C++ kernel where it takes the tensors: inside
-    ``direct_global_mix`` on grids that take explicit products where no gradient follows (inference), else by its
-    one-pass score op, whose contiguous q and k the scores' product reads without a copy; else composed
-    (``terms.direct_score``). See convplus.backends for the signature."""
+    ``direct_global_mix`` on grids that take explicit products, else by its one-pass score op, whose contiguous q
+    and k the scores' product reads without a copy; else composed (``terms.direct_score``). See convplus.backends
+    for the signature."""
     if gain is None or kernel is None:
         return mix(*_direct_score(x, pos, temperature, v.shape[1]), v, kernel, gain, hood, bias)
     base = convolution_term(v, kernel, hood, bias)
-    if _explicit(tuple(v.shape[3:]), hood, v.device) and cpu.kernel_takes(
-        x, pos, temperature, v, gain, base, inference=True
-    ):
-        return cpu.direct_global_mix_inference(x, pos, temperature, v, gain, base)
+    if _explicit(tuple(v.shape[3:]), hood, v.device) and cpu.kernel_takes(x, pos, temperature, v, gain, base):
+        return cpu.direct_global_mix_of(x, pos, temperature, v, gain, base)
     return _add_attention(base, *_direct_score(x, pos, temperature, v.shape[1]), v, gain, hood)
 
 
@@ -98,9 +96,9 @@ def _add_attention(
     base: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor, hood: Neighborhood
 ) -> torch.Tensor:
     """base + g * attention term, in base's layout: by the C++ kernel's ``global_mix`` on grids that take explicit
-    products where no gradient follows (inference), else by one pass that reads the products' rows in place."""
-    if _explicit(tuple(v.shape[3:]), hood, v.device) and cpu.kernel_takes(q, k, v, gain, base, inference=True):
-        return cpu.global_mix_inference(q, k, v, gain, base)
+    products, else by one pass that reads the products' rows in place."""
+    if _explicit(tuple(v.shape[3:]), hood, v.device) and cpu.kernel_takes(q, k, v, gain, base):
+        return cpu.global_mix_of(q, k, v, gain, base)
     return add_attention(base, _attention(q, k, v, hood), gain)
 
 

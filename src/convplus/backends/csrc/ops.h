@@ -23,11 +23,15 @@ std::vector<at::Tensor> window_mix_backward(at::Tensor q, at::Tensor k, at::Tens
                                                at::Tensor kernel, at::Tensor tap_index, at::Tensor probs,
                                                at::Tensor gout, at::Tensor offsets);
 
-// Attention over every position, added to base (global_mix.cpp): z = base + g * softmax(q^T k) v^T, made like base.
-at::Tensor global_mix_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain, at::Tensor base);
+// Attention over every position, added to base (global_mix.cpp): (z, probs), z = base + g * softmax(q^T k) v^T made
+// like base; and (dq, dk, dv, dgain).
+std::vector<at::Tensor> global_mix_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
+                                           at::Tensor base, bool save_probs);
 // The same with the 'direct' score computed in the pass from features (B, K, Dq, N), pos and temperature.
-at::Tensor direct_global_mix_forward(at::Tensor features, at::Tensor pos, at::Tensor temperature, at::Tensor v,
-                                     at::Tensor gain, at::Tensor base);
+std::vector<at::Tensor> direct_global_mix_forward(at::Tensor features, at::Tensor pos, at::Tensor temperature,
+                                                  at::Tensor v, at::Tensor gain, at::Tensor base, bool save_probs);
+std::vector<at::Tensor> global_mix_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor gain,
+                                            at::Tensor probs, at::Tensor gout);
 
 // 'direct' score features (direct_score.cpp): (q, k, inverse_norm) and (dx, dpos, dtemperature), dx made like x
 // (only its layout is read).
