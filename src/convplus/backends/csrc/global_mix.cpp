@@ -176,11 +176,15 @@ void softmax_rows(T* s, int64_t rows, int64_t n, int64_t ld, T scale) {
 template <typename T>
 void unit_keys(T* keys, const T* pos, int64_t Dq, int64_t n, int64_t ld, T* norm) {
   std::fill(norm, norm + ld, T(0));
-  for (int64_t c = 0; c < Dq; ++c) {
+  for (int64_t c = 0; c < Dq; ++c) {  // the columns from n on are zeros, and stay zeros
     T* row = keys + c * ld;
     if (pos)
-      for (int64_t j = 0; j < n; ++j) row[j] += pos[c * n + j];
-    for (int64_t j = 0; j < ld; ++j) norm[j] += row[j] * row[j];
+      for (int64_t j = 0; j < n; ++j) {
+        row[j] += pos[c * n + j];
+        norm[j] += row[j] * row[j];
+      }
+    else
+      for (int64_t j = 0; j < n; ++j) norm[j] += row[j] * row[j];
   }
   for (int64_t j = 0; j < ld; ++j) norm[j] = T(1) / std::sqrt(std::max(norm[j], T(detail::kMinSquaredNorm)));
   for (int64_t c = 0; c < Dq; ++c)
