@@ -510,8 +510,10 @@ def main() -> None:
         + ", ".join(f"{layout} input ({count} layers)" for layout, count in layouts.items())
         + ". The depthwise-conv baseline is therefore timed channels-last, and Conv+ is fed the same tensor; "
         "NCHW figures stand beside them.",
-        "- Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks on CPU): the 'direct' score, attention "
-        "term, gain, depthwise conv term and bias in one pass over the window.",
+        "- Conv+ runs the fused C++ kernel (backend 'cpu', what 'auto' picks on CPU for a window): the 'direct' score, "
+        "attention term, gain, depthwise conv term and bias in one pass over the window. The models' global last "
+        "stage runs backend 'global' (what 'auto' picks there): its depthwise conv term by oneDNN, and on these "
+        "small grids the 'direct' score, softmax and weighted sum of each head in one C++ pass, forward and backward.",
         "",
     ]
     args.output.write_text("\n".join(header + sections) + "\n")
