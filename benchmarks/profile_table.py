@@ -31,7 +31,7 @@ def kernel_pass(name: str) -> str | None:
 
 
 PARTS = {  # part -> test on an op name; the first part that matches takes the op
-    "global attention, inference pass (scores, softmax, weighted sum)": lambda name: "global_mix" in name,
+    "global attention: its C++ pass and backward (scores, softmax, weighted sum)": lambda name: "global_mix" in name,
     "'direct' score backward (keys recomputed, gradients of x, pos, tau)": lambda name: (
         name == "convplus::direct_score_backward"
     ),

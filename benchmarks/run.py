@@ -249,7 +249,8 @@ def stage_table(stages: list[tuple[int, int]], batch: int, pairs: int, results: 
         f"Ratios: median (lowest-highest) of {pairs} pairs, Conv+ over the depthwise conv fed the same tensor. "
         "Baseline times: medians of as many repeats. Each stage's Conv+ layer is the one the registered "
         "convplus_convnextv2 models put there: a 7x7 window (the fused C++ kernel) in stages 0-2, global attention "
-        "(backend 'global': two matrix products around a softmax, and the depthwise conv term) in the last.",
+        "(backend 'global': the depthwise conv term by oneDNN, scores, softmax and weighted sum in one C++ pass) in "
+        "the last.",
     ]
     return rows
 
