@@ -666,3 +666,36 @@ def test_global_mix_kernel_adds_the_attention_term_as_the_composed_products(
     tolerance = {torch.float64: 1e-11, torch.float32: 2e-5}[dtype]
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
+@pytest.mark.parametrize(("score", "scale"), [("direct", 100.0), ("qk", 60.0)])
+def test_global_kernel_is_thread_count_independent_and_finite_on_large_scores(score, scale):
+    """The 'global' backend's C++ pass on a small grid with float32 scores past e^x's range (the 'direct' score at
+    the module's temperature cap, 'qk' scores scaled up): with 1 and 3 threads (3 images x 2 heads: 6 slices),
+    the output and the input's gradient bit for bit, the parameters' gradients (sums over threads' partial sums)
+    to rounding; all finite and equal to the reference's."""
+    layer = MODULES[2](8, heads=2, kernel_size=3, window=None, score=score)
+    with torch.no_grad():
+        if score == "direct":
+            layer.log_temperature.fill_(math.log(scale))
+        else:
+            layer.query_weight.mul_(scale)
+    x = torch.randn(3, 8, 6, 9).contiguous(memory_format=torch.channels_last)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            results.append(forward_backward(layer, x))
+    finally:
+        torch.set_num_threads(threads)
+    (y_one, grads_one), (y_three, grads_three) = results
+    assert torch.equal(y_one, y_three) and torch.equal(grads_one["x"], grads_three["x"])
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_three[name], grad, rtol=1e-5, atol=1e-6)
+    layer.backend = "reference"
+    y_ref, g_ref = forward_backward(layer, x)
+    assert torch.isfinite(y_one).all() and rel_err(y_one, y_ref) < 1e-4
+    for name, grad in g_ref.items():
+        assert torch.isfinite(grads_one[name]).all() and rel_err(grads_one[name], grad) < 1e-3, name
