@@ -289,8 +289,8 @@ void backward_kernel(const Slices<const T>& q, const Slices<const T>& k, const S
 
 // The checks shared by both forward entry points, of v, gain and base; and z, made like base, and the
 // probabilities, (BK, N, Np) if save_probs, else (0, N, Np).
-std::vector<at::Tensor> checked_outputs(const detail::ArgumentChecks& check, const at::Tensor& v, const at::Tensor& gain,
-                                        const at::Tensor& base, bool save_probs) {
+std::vector<at::Tensor> checked_outputs(const detail::ArgumentChecks& check, const at::Tensor& v,
+                                        const at::Tensor& gain, const at::Tensor& base, bool save_probs) {
   check.floating("v", v, true);
   check.rank("v", v, 4, "(B, K, D, N)");
   check.like("base", base, "v", v, true);
