@@ -7,6 +7,7 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -358,6 +359,19 @@ def test_direct_score_inside_the_kernel_matches_the_pytorch_features(with_pos, k
         torch.testing.assert_close(inside_value, value, rtol=1e-10, atol=1e-12)
 
 
+def _with_threads(counts: tuple[int, ...], run: Callable[[], object]) -> list:
+    """run()'s result with each of these thread counts, the process's count restored after."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 @pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the C++ kernel does not build here")
 @pytest.mark.parametrize("score", ["direct", "qk"])
 @pytest.mark.parametrize(
@@ -377,15 +391,7 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(score, grid, kwargs, bat
     x = torch.randn(batch, 8, *grid)
     if batch == 1 and len(grid) > 1:
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 3):
-            torch.set_num_threads(count)
-            results.append(forward_backward(layer, x))
-    finally:
-        torch.set_num_threads(threads)
-    (y_one, grads_one), (y_three, grads_three) = results
+    (y_one, grads_one), (y_three, grads_three) = _with_threads((1, 3), lambda: forward_backward(layer, x))
     assert torch.equal(y_one, y_three)
     if batch > 1:
         assert torch.equal(grads_one["x"], grads_three["x"])
@@ -682,15 +688,7 @@ def test_global_kernel_is_thread_count_independent_and_finite_on_large_scores(sc
         else:
             layer.query_weight.mul_(scale)
     x = torch.randn(3, 8, 6, 9).contiguous(memory_format=torch.channels_last)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 3):
-            torch.set_num_threads(count)
-            results.append(forward_backward(layer, x))
-    finally:
-        torch.set_num_threads(threads)
-    (y_one, grads_one), (y_three, grads_three) = results
+    (y_one, grads_one), (y_three, grads_three) = _with_threads((1, 3), lambda: forward_backward(layer, x))
     assert torch.equal(y_one, y_three) and torch.equal(grads_one["x"], grads_three["x"])
     for name, grad in grads_one.items():
         torch.testing.assert_close(grads_three[name], grad, rtol=1e-5, atol=1e-6)

@@ -121,12 +121,17 @@ VECTOR_BYTES = 32
 to whole vectors, which the fake implementations must know."""
 
 
+def _whole_vectors(n: int, t: torch.Tensor) -> int:
+    """n rounded up to a whole number of the kernel's vectors of t's dtype."""
+    lanes = VECTOR_BYTES // t.element_size()
+    return (n + lanes - 1) // lanes * lanes
+
+
 def _probs_shape(v: torch.Tensor, width: int, save_probs: bool) -> tuple:
     """The shape of the probabilities the forward pass keeps, (B * K * T * H, W, X rounded up to whole vectors),
     or (0, W, ...) when it keeps none; v (B, K, D, T, H, X), ``width`` the number W of window offsets."""
-    lanes = VECTOR_BYTES // v.element_size()
     rows = v.shape[0] * v.shape[1] * v.shape[3] * v.shape[4] if save_probs else 0
-    return rows, width, (v.shape[5] + lanes - 1) // lanes * lanes
+    return rows, width, _whole_vectors(v.shape[5], v)
 
 
 def _bias_grad(grad_out: torch.Tensor, bias_shape: torch.Size) -> torch.Tensor | None:
@@ -274,9 +279,7 @@ def global_mix_backward(
 
 def _global_probs_shape(v: torch.Tensor, save_probs: bool) -> tuple:
     """The probabilities the global ops keep, (B * K, N, N rounded up to whole vectors), or (0, N, ...)."""
-    lanes = VECTOR_BYTES // v.element_size()
-    n = v.shape[3]
-    return v.shape[0] * v.shape[1] if save_probs else 0, n, (n + lanes - 1) // lanes * lanes
+    return v.shape[0] * v.shape[1] if save_probs else 0, v.shape[3], _whole_vectors(v.shape[3], v)
 
 
 @global_mix.register_fake
