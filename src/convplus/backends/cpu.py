@@ -598,7 +598,7 @@ def global_mix_of(
     """z = base + g * softmax(q^T k) v^T over every position by ``global_mix``, for q, k (B, K, Dq, *S), v and base
     (B, K, D, *S), in base's layout; for tensors that ``kernel_takes``."""
     keeps_probs = _needs_gradient(q, k, v, gain, base)
-    arguments = (q.flatten(3), k.flatten(3), v.flatten(3), gain, base.flatten(3), keeps_probs)
+    arguments = (q.flatten(3), k.flatten(3), v.flatten(3), gain.contiguous(), base.flatten(3), keeps_probs)
     z, _ = _run_op(global_mix, "global_mix", arguments, keeps_probs)
     return z.view(base.shape)
 
@@ -616,6 +616,14 @@ def direct_global_mix_of(
     features = x.reshape(x.shape[0], v.shape[1], x.shape[1] // v.shape[1], -1)  # (B, K, Dq, N), a view of x
     flat_pos = x.new_zeros(0) if pos is None else pos.reshape(features.shape[1:]).contiguous()
     keeps_probs = _needs_gradient(x, pos, temperature, v, gain, base)
-    arguments = (features, flat_pos, temperature, v.flatten(3), gain, base.flatten(3), keeps_probs)
+    arguments = (
+        features,
+        flat_pos,
+        temperature.contiguous(),
+        v.flatten(3),
+        gain.contiguous(),
+        base.flatten(3),
+        keeps_probs,
+    )
     z, _ = _run_op(direct_global_mix, "direct_global_mix", arguments, keeps_probs)
     return z.view(base.shape)
