@@ -1,9 +1,12 @@
 """The 'global' backend: the attention term over the whole grid, or over any neighborhood through a mask.
 
 For window=None (or a window that covers the grid) no mask is needed: on CPU, grids of up to
-``EXPLICIT_PRODUCTS_MAX_POSITIONS`` positions take explicit products (scores, softmax, weighted sum), larger ones
-and other devices ``torch.nn.functional.scaled_dot_product_attention`` and its fused kernels. A 1-d causal global
-attention uses SDPA's own ``is_causal``; any other neighborhood is passed to SDPA as a dense (N, N) boolean mask.
+``EXPLICIT_PRODUCTS_MAX_POSITIONS`` positions take explicit products (scores, softmax, weighted sum): with a
+convolution term, in float32 or float64, outside ``torch.export``, the C++ kernel's fused pass (``cpu.global_mix``
+and ``cpu.direct_global_mix``, forward and backward), which adds them to the conv term; else PyTorch's products.
+Larger grids and other devices run ``torch.nn.functional.scaled_dot_product_attention`` and its fused kernels.
+A 1-d causal global attention uses SDPA's own ``is_causal``; any other neighborhood is passed to SDPA as a dense
+(N, N) boolean mask.
 """
 
 from __future__ import annotations
