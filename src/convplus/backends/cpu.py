@@ -567,13 +567,20 @@ def direct_mix(
     return _in(geometry.add_apart(z.view(v.shape), _in(v, dtype), kernel, hood), v.dtype)
 
 
+def _flat_features(x: torch.Tensor, pos: torch.Tensor | None, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score ops' features (B, K, Dq, N), a view of x (B, C, *S) of any strides, and positional encoding
+    (K, Dq, N) contiguous in x's dtype, or empty for pos None."""
+    features = x.reshape(x.shape[0], heads, x.shape[1] // heads, -1)
+    flat_pos = x.new_zeros(0) if pos is None else _in(pos, x.dtype).reshape(features.shape[1:]).contiguous()
+    return features, flat_pos
+
+
 def direct_score_of(
     x: torch.Tensor, pos: torch.Tensor | None, temperature: torch.Tensor, heads: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 'direct' score's q = tau_k * k and k = unit(slice_k(x + pos)), each (B, K, Dq, *S) and contiguous, in one
     pass of the kernel's op: x (B, C, *S) float32 or float64 of any strides, pos (C, *S) or None, temperature (K,)."""
-    features = x.reshape(x.shape[0], heads, x.shape[1] // heads, -1)  # (B, K, Dq, N), a view of x
-    flat_pos = x.new_zeros(0) if pos is None else _in(pos, x.dtype).reshape(features.shape[1:]).contiguous()
+    features, flat_pos = _flat_features(x, pos, heads)
     arguments = (features, flat_pos, _in(temperature, x.dtype))
     q, k, _ = _run_op(direct_score_features, "direct_score", arguments, _needs_gradient(x, pos, temperature))
     shape = features.shape[:3] + x.shape[2:]
@@ -613,8 +620,7 @@ def direct_global_mix_of(
 ) -> torch.Tensor:
     """``global_mix_of`` with the 'direct' score computed in the pass (``direct_global_mix``) from x (B, C, *S),
     pos (C, *S) or None and temperature (K,)."""
-    features = x.reshape(x.shape[0], v.shape[1], x.shape[1] // v.shape[1], -1)  # (B, K, Dq, N), a view of x
-    flat_pos = x.new_zeros(0) if pos is None else pos.reshape(features.shape[1:]).contiguous()
+    features, flat_pos = _flat_features(x, pos, v.shape[1])
     keeps_probs = _needs_gradient(x, pos, temperature, v, gain, base)
     arguments = (
         features,
