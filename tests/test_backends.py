@@ -530,6 +530,26 @@ def test_global_backend_runs_sdpa_fused_kernel_and_returns_z_in_the_layout_of_v(
     assert backends.BACKENDS["global"].any_layout
 
 
+@pytest.mark.parametrize(
+    ("grid", "layout"), [((6, 7), torch.channels_last), ((3, 6, 7), torch.channels_last_3d)], ids=["2d", "3d"]
+)
+def test_convolution_term_of_a_channels_last_image_of_batch_one_is_channels_last(grid, layout):
+    """A channels-last image of batch 1, viewed per head as the backends view it (the view gives its batch the
+    stride of the channels alone), gets its convolution term channels-last, equal to that of a contiguous copy:
+    oneDNN reads the strides and would otherwise run the convolution on NCHW, about twice as slow, and return
+    NCHW."""
+    from convplus.backends.terms import convolution_term
+
+    x = torch.randn(1, 8, *grid).contiguous(memory_format=layout)
+    v = x.view(1, 2, 4, *grid)
+    assert v.stride(0) == 8  # the channels' stride alone
+    kernel, bias = torch.randn(2, 4, *(3 for _ in grid)), torch.randn(2, 4)
+    hood = Neighborhood.of(None, (1,) * len(grid))
+    z = convolution_term(v, kernel, hood, bias)
+    assert z.stride()[1:] == v.stride()[1:]
+    torch.testing.assert_close(z, convolution_term(v.contiguous(), kernel, hood, bias))
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_global_backend_takes_explicit_products_on_small_cpu_grids(monkeypatch, channels_last):
     """Up to EXPLICIT_PRODUCTS_MAX_POSITIONS positions (here 12x12) the unmasked attention is two matrix products
