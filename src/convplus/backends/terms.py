@@ -45,8 +45,10 @@ def _with_whole_batch_stride(x: torch.Tensor) -> torch.Tensor:
     A view of a channels-last image of batch 1 (``x.view(1, K, D, *S)`` and back) may give its batch the stride of
     the channels alone. PyTorch still calls it channels-last, but oneDNN's layout choice, which reads the strides,
     then runs the convolution on NCHW: about twice as slow, and with an NCHW output."""
+    if x.shape[0] != 1 or x.dim() < 3 or x.stride(1) != 1:
+        return x
     channels_last = x.movedim(1, -1)
-    if x.shape[0] != 1 or x.dim() < 3 or not channels_last.is_contiguous():
+    if not channels_last.is_contiguous():
         return x
     return channels_last.reshape(-1).view(channels_last.shape).movedim(-1, 1)
 
