@@ -289,7 +289,8 @@ def test_a_failed_kernel_build_is_tried_once_per_process(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     ("n", "grid", "kwargs"),
-    [  # rows wider than one register tile (64 floats / 32 doubles), a partial last tile, halos of 2 and 6
+    [  # rows wider than one register tile (64 floats / 32 doubles), a partial last tile, halos of 2 and 6; rows of
+        # whole 64-byte vectors followed by a 32-byte one (37, 40, 70, 150 columns)
         (1, (150,), {"kernel_size": 5, "window": 5}),
         (2, (3, 37), {"kernel_size": 3, "window": 7, "dilation": 2}),
         (3, (2, 3, 70), {"kernel_size": 3, "window": 3}),

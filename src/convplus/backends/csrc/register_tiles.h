@@ -24,11 +24,22 @@ inline void with_constant(int64_t value, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
-// Calls tile(std::integral_constant<int, n>, x) over x = 0 .. Xr in register tiles of n <= Max whole vectors.
+// Calls tile(std::integral_constant<int, n>, x, Simd<T, bytes>{}) over x = 0 .. Xr (a whole number of vectors) in
+// register tiles of n <= Max vectors: of the widest vectors (kWideVectorBytes) over as many of them as fit, then of
+// the row layout's vectors over the rest. The tile takes its vector type from its third argument.
 template <typename T, int Max, typename Tile>
 __attribute__((always_inline)) inline void over_tiles(int64_t Xr, Tile&& tile) {
-  constexpr int64_t L = Simd<T>::width;
-  for (int64_t x = 0; x < Xr; x += Max * L) with_constant<Max>((Xr - x) / L, [&](auto n) { tile(n, x); });
+  const auto over = [&](auto simd, int64_t begin, int64_t end) {
+    constexpr int64_t L = decltype(simd)::width;
+    for (int64_t x = begin; x < end; x += Max * L) with_constant<Max>((end - x) / L, [&](auto n) { tile(n, x, simd); });
+  };
+  using Wide = Simd<T, kWideVectorBytes>;
+  int64_t wide = 0;
+  if constexpr (Wide::width > Simd<T>::width) {
+    wide = Xr / Wide::width * Wide::width;
+    over(Wide{}, 0, wide);
+  }
+  over(Simd<T>{}, wide, Xr);
 }
 
 constexpr int kDotTile = 2;     // vectors per tile of the dot products,
@@ -37,14 +48,13 @@ constexpr int kSumTile = 2;     // vectors per tile of the weighted sums,
 constexpr int kSumChannels = 10;  // times up to this many channels (the channels split into blocks of equal size;
                                   // 12, with 24 accumulators, spills registers and runs 1.5x slower)
 
-// For the m offsets of one key row, at the n vectors of x from 0: out[o][x] = sum_c a[c * stride + x] *
-// b[o][c * stride + x]; with sums, also sums[o][c] += the same products, summed over the n vectors (lane-wise:
-// the caller sums the lanes). Each load of a serves all m offsets.
-template <typename T, int n, int m, bool with_sums>
+// For the m offsets of one key row, at the n vectors V of x from 0: out[o][x] = sum_c a[c * stride + x] *
+// b[o][c * stride + x]; with sums, also sums[o][c] += the same products, summed over the n vectors and folded onto
+// one vector of the row layout (lane-wise: the caller sums the lanes). Each load of a serves all m offsets.
+template <typename T, typename V, int n, int m, bool with_sums>
 inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T* const* out,
                      typename Simd<T>::vec* const* sums) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t L = Simd<T>::width;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
   V acc[m][n] = {};
   for (int64_t c = 0; c < C; ++c) {
     V av[n];
@@ -56,7 +66,7 @@ inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T
         acc[o][j] += prod;
         if constexpr (with_sums) part += prod;
       }
-      if constexpr (with_sums) sums[o][c] += part;
+      if constexpr (with_sums) sums[o][c] += fold<typename Simd<T>::vec>(part);
     }
   }
   for (int o = 0; o < m; ++o)
@@ -82,15 +92,15 @@ void row_dots(const T* a, const T* b, const std::vector<int64_t>& ws, int64_t C,
       ss[o] = sums ? sums + w * C : nullptr;
     }
     with_constant<kDotGroup>(count, [&](auto m) {
-      over_tiles<T, kDotTile>(g.Xr, [&](auto n, int64_t x) {
+      over_tiles<T, kDotTile>(g.Xr, [&](auto n, int64_t x, auto simd) {
         std::array<const T*, kDotGroup> bx;
         std::array<T*, kDotGroup> outx;
         for (int o = 0; o < decltype(m)::value; ++o) {
           bx[o] = bs[o] + x;
           outx[o] = outs[o] + x;
         }
-        dot_tile<T, decltype(n)::value, decltype(m)::value, with_sums>(a + x, bx.data(), C, g.Xp, outx.data(),
-                                                                      ss.data());
+        dot_tile<T, typename decltype(simd)::vec, decltype(n)::value, decltype(m)::value, with_sums>(
+            a + x, bx.data(), C, g.Xp, outx.data(), ss.data());
       });
     });
   }
@@ -104,14 +114,13 @@ struct TapMatrix {
   int64_t stride = 0;
 };
 
-// The weighted sum over the window, for a block of cb channels at the n vectors of x from 0:
+// The weighted sum over the window, for a block of cb channels at the n vectors V of x from 0:
 // out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + taps[m * tap_stride + c]) * value[m][c * stride + x] + start[c]
 // (start null: 0; taps null: no convolution term; scale null: 1). Each load of a weight serves all cb channels.
-template <typename T, int n, int cb, bool with_taps, bool with_scale>
+template <typename T, typename V, int n, int cb, bool with_taps, bool with_scale>
 inline void sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
                      int64_t tap_stride, const T* scale, const T* start, int64_t M, int64_t Xr, T* out) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t L = Simd<T>::width;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
   V acc[cb][n] = {}, sv[n];
   if constexpr (with_scale)
     for (int j = 0; j < n; ++j) sv[j] = load<V>(scale + j * L);
@@ -155,7 +164,8 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
 template <typename T>
 void window_sum(const T* const* weight, const T* const* value, int64_t stride, TapMatrix<T> taps, const T* scale,
                 const T* start, int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
-  over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x) {
+  over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x, auto simd) {
+    using V = typename decltype(simd)::vec;
     for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
     const int64_t blocks = (C + kSumChannels - 1) / kSumChannels, size = (C + blocks - 1) / blocks;
     for (int64_t c0 = 0; c0 < C; c0 += size)
@@ -168,13 +178,13 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
         const T* s0 = start ? start + c0 : nullptr;
         const int64_t at = c0 * stride + x;
         if (t && scale)
-          sum_tile<T, tile, block, true, true>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
+          sum_tile<T, V, tile, block, true, true>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
         else if (t)
-          sum_tile<T, tile, block, true, false>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
+          sum_tile<T, V, tile, block, true, false>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
         else if (scale)
-          sum_tile<T, tile, block, false, true>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
+          sum_tile<T, V, tile, block, false, true>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
         else
-          sum_tile<T, tile, block, false, false>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
+          sum_tile<T, V, tile, block, false, false>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
       });
   });
 }
@@ -183,10 +193,11 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
 // most 64 in magnitude (or NaN), whose exponentials need no clamping.
 template <typename T>
 void scaled_exp(T* row, T scale, int64_t Xr) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t L = Simd<T>::width;
   static_assert(ExpConstants<T>::lo < T(-64) && ExpConstants<T>::hi > T(64));
-  for (int64_t x = 0; x < Xr; x += L) store(row + x, exp_vec<V, T, true>(load<V>(row + x) * scale));
+  over_tiles<T, 1>(Xr, [&](auto, int64_t x, auto simd) {
+    using V = typename decltype(simd)::vec;
+    store(row + x, exp_vec<V, T, true>(load<V>(row + x) * scale));
+  });
 }
 
 // For each column x of the W rows p[w] (Xr values each): scores s become p[w][x] = exp(s[w][x] - max_w s[.][x]),
@@ -194,9 +205,9 @@ void scaled_exp(T* row, T scale, int64_t Xr) {
 // read; inverse[x] = 1 / sum_w p[w][x] (0 for the columns from X on), so that p * inverse is the softmax over w.
 template <typename T>
 void softmax_numerators(T* const* p, int64_t W, int64_t X, int64_t Xr, bool exponentiated, T* inverse) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t L = Simd<T>::width;
-  over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0) {
+  over_tiles<T, 4>(Xr, [&](auto tile, int64_t x0, auto simd) {
+    using V = typename decltype(simd)::vec;
+    constexpr int64_t L = decltype(simd)::width;
     constexpr int n = decltype(tile)::value;
     V top[n], sum[n] = {};
     if (!exponentiated) {

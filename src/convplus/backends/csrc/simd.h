@@ -20,9 +20,15 @@ namespace convplus::detail {
 // (external linkage changes its inlining decisions and so the generated code).
 namespace {
 
-// 32 bytes (8 floats), not 64: rows of 7, 14, 28 and 56 columns then waste at most one lane in eight, and a
-// shifted load of a window offset crosses a cache line half as often (measured faster on AVX-512 machines too).
+// Rows are laid out in whole 32-byte vectors (8 floats), not 64: rows of 7, 14, 28 and 56 columns then waste at most
+// one lane in eight. The products over a row run on the widest vectors the CPU has (64 bytes with AVX-512) over
+// the whole number of them that the row holds, and on 32-byte vectors over the rest (register_tiles.h).
 constexpr int64_t kVectorBytes = 32;
+#if defined(__AVX512F__)
+constexpr int64_t kWideVectorBytes = 64;
+#else
+constexpr int64_t kWideVectorBytes = kVectorBytes;
+#endif
 
 // Allocates on vector boundaries.
 template <typename T>
@@ -42,10 +48,11 @@ struct VectorAligned {
 template <typename T>
 using Buffer = std::vector<T, VectorAligned<T>>;
 
-template <typename T>
+// A vector of `bytes` bytes of T: the row layout's 32 bytes unless said otherwise.
+template <typename T, int64_t bytes = kVectorBytes>
 struct Simd {
-  typedef T vec __attribute__((vector_size(kVectorBytes)));
-  static constexpr int64_t width = kVectorBytes / sizeof(T);
+  typedef T vec __attribute__((vector_size(bytes)));
+  static constexpr int64_t width = bytes / sizeof(T);
 };
 
 template <typename V, typename T>
@@ -91,6 +98,16 @@ inline T horizontal_sum(const V& v) {
   return s;
 }
 
+// The lanes of v summed onto a narrower vector N: the sum of v's consecutive parts of N's size (v itself when
+// they are the same size).
+template <typename N, typename V>
+inline N fold(const V& v) {
+  if constexpr (sizeof(N) == sizeof(V)) return v;
+  N sum{};
+  for (size_t i = 0; i < sizeof(V) / sizeof(N); ++i) sum += load<N>(reinterpret_cast<const char*>(&v) + i * sizeof(N));
+  return sum;
+}
+
 // e^x for a vector: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial (degree 7 for float,
 // 12 for double: below one ulp of error from the truncation), times 2^n. Exactly 0 for x = -inf (masked scores)
 // and below the smallest normal result; NaN stays NaN.
@@ -110,23 +127,37 @@ struct ExpConstants {
 };
 
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-// The same with AVX-512's rounding and 2^n scaling instructions, for 8 floats. in_range: every lane is known to
-// lie in [lo, hi] or be NaN, so the clamp and the zeroing below lo, which would change nothing, are left out.
-template <bool in_range>
-inline __m256 exp_avx512(__m256 x) {
+// The AVX-512 instructions of exp_avx512, for 8 and 16 floats.
+inline __m256 round_nearest(__m256 x) { return _mm256_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m512 round_nearest(__m512 x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m256 fused_multiply_add(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m512 fused_multiply_add(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m256 scale_by_power_of_two(__m256 x, __m256 n) { return _mm256_scalef_ps(x, n); }
+inline __m512 scale_by_power_of_two(__m512 x, __m512 n) { return _mm512_scalef_ps(x, n); }
+inline __m256 zero_where_below(__m256 x, __m256 lo, __m256 y) {
+  return _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(x, lo, _CMP_NLT_UQ), y);
+}
+inline __m512 zero_where_below(__m512 x, __m512 lo, __m512 y) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), y);
+}
+
+// The same with AVX-512's rounding and 2^n scaling instructions, for a vector M of 8 or 16 floats. in_range: every
+// lane is known to lie in [lo, hi] or be NaN, so the clamp and the zeroing below lo, which would change nothing, are
+// left out.
+template <bool in_range, typename M>
+inline M exp_avx512(M x) {
   using E = ExpConstants<float>;
   constexpr std::array<float, E::degree + 1> c = E::taylor();
-  const __m256 lo = _mm256_set1_ps(E::lo);
-  const __m256 xc =
-      in_range ? x : _mm256_min_ps(_mm256_set1_ps(E::hi), _mm256_max_ps(lo, x));  // NaN: the second operand
-  const __m256 n = _mm256_roundscale_ps(_mm256_mul_ps(xc, _mm256_set1_ps(E::log2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r =
-      _mm256_fnmadd_ps(n, _mm256_set1_ps(E::ln2_lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(E::ln2_hi), xc));
-  __m256 poly = _mm256_set1_ps(c[E::degree]);
-  for (int i = E::degree - 1; i >= 0; --i) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c[i]));
-  if constexpr (in_range) return _mm256_scalef_ps(poly, n);
-  return _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(x, lo, _CMP_NLT_UQ), _mm256_scalef_ps(poly, n));
+  const auto splat = [](float value) { return M{} + value; };
+  const M lo = splat(E::lo);
+  M xc = x;
+  if constexpr (!in_range) xc = x < lo ? lo : (x > E::hi ? splat(E::hi) : x);  // NaN: kept
+  const M n = round_nearest(xc * E::log2e);
+  const M r = fused_multiply_add(n, splat(-E::ln2_lo), fused_multiply_add(n, splat(-E::ln2_hi), xc));
+  M poly = splat(c[E::degree]);
+  for (int i = E::degree - 1; i >= 0; --i) poly = fused_multiply_add(poly, r, splat(c[i]));
+  if constexpr (in_range) return scale_by_power_of_two(poly, n);
+  return zero_where_below(x, lo, scale_by_power_of_two(poly, n));
 }
 #endif
 
@@ -136,6 +167,7 @@ template <typename V, typename T, bool in_range = false>
 inline V exp_vec(V x) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
   if constexpr (sizeof(T) == 4 && sizeof(V) == sizeof(__m256)) return (V)exp_avx512<in_range>((__m256)x);
+  if constexpr (sizeof(T) == 4 && sizeof(V) == sizeof(__m512)) return (V)exp_avx512<in_range>((__m512)x);
 #endif
   using E = ExpConstants<T>;
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
