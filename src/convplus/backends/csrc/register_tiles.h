@@ -7,6 +7,7 @@
 #include <array>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -158,34 +159,122 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
     for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
 }
 
+// Calls f(std::integral_constant<int, i>) for i = 0 .. N - 1, unrolled.
+template <int N, typename F>
+__attribute__((always_inline)) inline void for_each_index(F&& f) {
+  [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }(
+      std::make_integer_sequence<int, N>{});
+}
+
+constexpr int kMaxRunReach = 3;  // run_sum_tile takes runs of up to 2 * 3 + 1 offsets (a window 7 wide)
+
+// sum_tile for offsets that come in runs of 2R + 1 consecutive shifts: run g's offsets m = g (2R + 1) + o read
+// value[m] = value[g (2R + 1) + R] + o - R. Each channel's values of a run come from the n vectors at x and the R
+// columns on either side of them (n + 2 loads, none split across cache lines where rows are vector-aligned), shifted
+// in registers, instead of one unaligned load per offset and vector. The products are summed in the order of
+// sum_tile, to the same values.
+template <typename T, typename V, int n, int R, int cb, bool with_taps, bool with_scale>
+inline void run_sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
+                         int64_t tap_stride, const T* scale, const T* start, int64_t runs, int64_t Xr, T* out) {
+  constexpr int O = 2 * R + 1;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  V acc[cb][n] = {}, sv[n];
+  if constexpr (with_scale)
+    for (int j = 0; j < n; ++j) sv[j] = load<V>(scale + j * L);
+  for (int64_t g = 0; g < runs; ++g) {
+    V wv[O][n];
+    for (int o = 0; o < O; ++o)
+      for (int j = 0; j < n; ++j) {
+        wv[o][j] = load<V>(weight[g * O + o] + j * L);
+        if constexpr (with_scale) wv[o][j] *= sv[j];
+#if defined(__x86_64__)
+        if constexpr (with_taps) asm("" : "+v"(wv[o][j]));  // as in sum_tile
+#endif
+      }
+    const T* row = value[g * O + R] + offset;
+    const T* run_taps = taps + g * O * tap_stride;
+#pragma GCC unroll 16
+    for (int c = 0; c < cb; ++c) {
+      const T* at = row + c * stride;
+      V vec[n + 2];
+      vec[0] = load_last<V>(at - L, R);
+      for (int j = 0; j < n; ++j) vec[j + 1] = load<V>(at + j * L);
+      vec[n + 1] = load_first<V>(at + n * L, R);
+      for_each_index<O>([&](auto o) {
+        for (int j = 0; j < n; ++j) {
+          const V shifted = lanes_from<decltype(o)::value - R>(vec[j], vec[j + 1], vec[j + 2]);
+          if constexpr (with_taps)
+            acc[c][j] += (wv[o][j] + run_taps[o * tap_stride + c]) * shifted;
+          else
+            acc[c][j] += wv[o][j] * shifted;
+        }
+      });
+    }
+  }
+  if (start)
+    for (int c = 0; c < cb; ++c)
+      for (int j = 0; j < n; ++j) acc[c][j] += start[c];
+  for (int c = 0; c < cb; ++c)
+    for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
+}
+
+// R where the M offsets of value come in runs of 2R + 1 consecutive shifts (R <= kMaxRunReach, as run_sum_tile
+// takes them); 0 where they do not.
+template <typename T>
+int64_t run_reach(const T* const* value, int64_t M) {
+  int64_t O = 1;
+  while (O < M && value[O] == value[O - 1] + 1) ++O;
+  if (O % 2 == 0 || O < 3 || O > 2 * kMaxRunReach + 1 || M % O) return 0;
+  for (int64_t g = 0; g < M; g += O)
+    for (int64_t o = 1; o < O; ++o)
+      if (value[g + o] != value[g] + o) return 0;
+  return (O - 1) / 2;
+}
+
 // out (C, Xr): out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + r[c, m]) * value[m][c * stride + x] + start[c]
-// for all C channels and x = 0 .. Xr (start (C,), or null: 0; r: the taps, or none; scale (Xr,), or null: 1).
+// for all C channels and x = 0 .. Xr (start (C,), or null: 0; r: the taps, or none; scale (Xr,), or null: 1), by
+// run_sum_tile where the offsets come in runs (run_reach) and the CPU shifts lanes, else by sum_tile.
 // shifted: scratch of at least M pointers.
 template <typename T>
 void window_sum(const T* const* weight, const T* const* value, int64_t stride, TapMatrix<T> taps, const T* scale,
                 const T* start, int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
-  over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x, auto simd) {
-    using V = typename decltype(simd)::vec;
-    for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
-    const int64_t blocks = (C + kSumChannels - 1) / kSumChannels, size = (C + blocks - 1) / blocks;
-    for (int64_t c0 = 0; c0 < C; c0 += size)
-      with_constant<kSumChannels>(std::min<int64_t>(size, C - c0), [&](auto cb) {
-        constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
-        T* dst = out + c0 * Xr + x;
-        const T* t = taps.data ? taps.data + c0 : nullptr;
-        const int64_t ts = taps.stride;
-        const T* sx = scale ? scale + x : nullptr;
-        const T* s0 = start ? start + c0 : nullptr;
-        const int64_t at = c0 * stride + x;
-        if (t && scale)
-          sum_tile<T, V, tile, block, true, true>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
-        else if (t)
-          sum_tile<T, V, tile, block, true, false>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
-        else if (scale)
-          sum_tile<T, V, tile, block, false, true>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
-        else
-          sum_tile<T, V, tile, block, false, false>(shifted.data(), value, at, stride, t, ts, sx, s0, M, Xr, dst);
-      });
+  constexpr bool runs_possible = kHasLaneShifts && std::is_same_v<T, float>;
+  const int64_t reach = runs_possible ? run_reach(value, M) : 0;
+  with_constant<kMaxRunReach + 1>(reach + 1, [&](auto reach_plus_one) {
+    constexpr int R = runs_possible ? decltype(reach_plus_one)::value - 1 : 0;
+    over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x, auto simd) {
+      using V = typename decltype(simd)::vec;
+      for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
+      const int64_t blocks = (C + kSumChannels - 1) / kSumChannels, size = (C + blocks - 1) / blocks;
+      for (int64_t c0 = 0; c0 < C; c0 += size)
+        with_constant<kSumChannels>(std::min<int64_t>(size, C - c0), [&](auto cb) {
+          constexpr int tile = decltype(n)::value, block = decltype(cb)::value;
+          const T* t = taps.data ? taps.data + c0 : nullptr;
+          const T* sx = scale ? scale + x : nullptr;
+          const T* s0 = start ? start + c0 : nullptr;
+          const int64_t at = c0 * stride + x;
+          T* dst = out + c0 * Xr + x;
+          const auto sum = [&](auto with_taps, auto with_scale) {
+            constexpr bool tapped = decltype(with_taps)::value, scaled = decltype(with_scale)::value;
+            if constexpr (R > 0)
+              run_sum_tile<T, V, tile, R, block, tapped, scaled>(shifted.data(), value, at, stride, t, taps.stride,
+                                                                  sx, s0, M / (2 * R + 1), Xr, dst);
+            else
+              sum_tile<T, V, tile, block, tapped, scaled>(shifted.data(), value, at, stride, t, taps.stride, sx, s0,
+                                                          M, Xr, dst);
+          };
+          const std::true_type yes;
+          const std::false_type no;
+          if (t && scale)
+            sum(yes, yes);
+          else if (t)
+            sum(yes, no);
+          else if (scale)
+            sum(no, yes);
+          else
+            sum(no, no);
+        });
+    });
   });
 }
 

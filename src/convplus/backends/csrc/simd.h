@@ -69,11 +69,45 @@ inline V load_first(const T* p, int64_t n) {
   if (n >= L) return load<V>(p);
 #if defined(__AVX512F__) && defined(__AVX512VL__)
   if constexpr (sizeof(T) == 4 && sizeof(V) == 32) return (V)_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1), p);
+  if constexpr (sizeof(T) == 4 && sizeof(V) == 64) return (V)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
 #endif
   V v{};
   for (int64_t i = 0; i < n; ++i) v[i] = p[i];
   return v;
 }
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// Shifting lanes across vectors, for float vectors of 8 or 16 lanes (AVX-512's lane rotates; none without them).
+constexpr bool kHasLaneShifts = true;
+
+// The last n < width entries of the vector at p in its last n lanes, zeros in the others (nothing before p + width
+// - n is read).
+template <typename V>
+inline V load_last(const float* p, int64_t n) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  if constexpr (L == 8) return (V)_mm256_maskz_loadu_ps((__mmask8)(0xffu << (L - n)), p);
+  if constexpr (L == 16) return (V)_mm512_maskz_loadu_ps((__mmask16)(0xffffu << (L - n)), p);
+}
+
+// The width floats from lane k of `at` on, -width < k < width: lanes of `below` (the vector before `at`) for
+// k < 0, of `above` (the vector after it) for k > 0.
+template <int k, typename V>
+inline V lanes_from(V below, V at, V above) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  static_assert(-L < k && k < L);
+  if constexpr (k == 0) return at;
+  if constexpr (L == 8) {
+    if constexpr (k < 0) return (V)_mm256_alignr_epi32((__m256i)at, (__m256i)below, L + k);
+    if constexpr (k > 0) return (V)_mm256_alignr_epi32((__m256i)above, (__m256i)at, k);
+  }
+  if constexpr (L == 16) {
+    if constexpr (k < 0) return (V)_mm512_alignr_epi32((__m512i)at, (__m512i)below, L + k);
+    if constexpr (k > 0) return (V)_mm512_alignr_epi32((__m512i)above, (__m512i)at, k);
+  }
+}
+#else
+constexpr bool kHasLaneShifts = false;
+#endif
 
 template <typename V, typename T>
 inline void store(T* p, const V& v) {
