@@ -49,26 +49,45 @@ constexpr int kSumTile = 2;     // vectors per tile of the weighted sums,
 constexpr int kSumChannels = 10;  // times up to this many channels (the channels split into blocks of equal size;
                                   // 12, with 24 accumulators, spills registers and runs 1.5x slower)
 
+// Calls f(std::integral_constant<int, i>) for i = 0 .. N - 1, unrolled.
+template <int N, typename F>
+__attribute__((always_inline)) inline void for_each_index(F&& f) {
+  [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }(
+      std::make_integer_sequence<int, N>{});
+}
+
 // For the m offsets of one key row, at the n vectors V of x from 0: out[o][x] = sum_c a[c * stride + x] *
 // b[o][c * stride + x]; with sums, also sums[o][c] += the same products, summed over the n vectors and folded onto
-// one vector of the row layout (lane-wise: the caller sums the lanes). Each load of a serves all m offsets.
-template <typename T, typename V, int n, int m, bool with_sums>
+// one vector of the row layout (lane-wise: the caller sums the lanes). Each load of a serves all m offsets. With
+// consecutive, b[o] = b[0] + o: each channel's b is read once, n vectors and the m - 1 columns after them, and
+// shifted in registers (lanes_from) instead of read again for each offset; the same products in the same order.
+template <typename T, typename V, int n, int m, bool with_sums, bool consecutive>
 inline void dot_tile(const T* a, const T* const* b, int64_t C, int64_t stride, T* const* out,
                      typename Simd<T>::vec* const* sums) {
   constexpr int64_t L = sizeof(V) / sizeof(T);
   V acc[m][n] = {};
   for (int64_t c = 0; c < C; ++c) {
-    V av[n];
+    V av[n], bv[consecutive ? n + 1 : 1];
     for (int j = 0; j < n; ++j) av[j] = load<V>(a + c * stride + j * L);
-    for (int o = 0; o < m; ++o) {
+    if constexpr (consecutive) {
+      for (int j = 0; j < n; ++j) bv[j] = load<V>(b[0] + c * stride + j * L);
+      bv[n] = load_first<V>(b[0] + c * stride + n * L, m - 1);
+    }
+    for_each_index<m>([&](auto offset) {
+      constexpr int o = decltype(offset)::value;
       V part = {};
       for (int j = 0; j < n; ++j) {
-        const V prod = av[j] * load<V>(b[o] + c * stride + j * L);
+        V key;
+        if constexpr (consecutive)
+          key = lanes_from<o>(bv[j], bv[j], bv[j + 1]);
+        else
+          key = load<V>(b[o] + c * stride + j * L);
+        const V prod = av[j] * key;
         acc[o][j] += prod;
         if constexpr (with_sums) part += prod;
       }
       if constexpr (with_sums) sums[o][c] += fold<typename Simd<T>::vec>(part);
-    }
+    });
   }
   for (int o = 0; o < m; ++o)
     for (int j = 0; j < n; ++j) store(out[o] + j * L, acc[o][j]);
@@ -92,6 +111,9 @@ void row_dots(const T* a, const T* b, const std::vector<int64_t>& ws, int64_t C,
       outs[o] = out + w * out_stride;
       ss[o] = sums ? sums + w * C : nullptr;
     }
+    // offsets of consecutive shifts (most of a window's row) take the shifting tile where the CPU shifts lanes
+    bool consecutive = kHasLaneShifts && std::is_same_v<T, float>;
+    for (int64_t o = 1; o < count; ++o) consecutive = consecutive && bs[o] == bs[0] + o;
     with_constant<kDotGroup>(count, [&](auto m) {
       over_tiles<T, kDotTile>(g.Xr, [&](auto n, int64_t x, auto simd) {
         std::array<const T*, kDotGroup> bx;
@@ -100,8 +122,14 @@ void row_dots(const T* a, const T* b, const std::vector<int64_t>& ws, int64_t C,
           bx[o] = bs[o] + x;
           outx[o] = outs[o] + x;
         }
-        dot_tile<T, typename decltype(simd)::vec, decltype(n)::value, decltype(m)::value, with_sums>(
-            a + x, bx.data(), C, g.Xp, outx.data(), ss.data());
+        const auto tile = [&](auto shifting) {
+          dot_tile<T, typename decltype(simd)::vec, decltype(n)::value, decltype(m)::value, with_sums,
+                   decltype(shifting)::value>(a + x, bx.data(), C, g.Xp, outx.data(), ss.data());
+        };
+        if constexpr (kHasLaneShifts && std::is_same_v<T, float>) {
+          if (consecutive) return tile(std::true_type{});
+        }
+        tile(std::false_type{});
       });
     });
   }
@@ -159,21 +187,14 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
     for (int j = 0; j < n; ++j) store(out + c * Xr + j * L, acc[c][j]);
 }
 
-// Calls f(std::integral_constant<int, i>) for i = 0 .. N - 1, unrolled.
-template <int N, typename F>
-__attribute__((always_inline)) inline void for_each_index(F&& f) {
-  [&]<int... i>(std::integer_sequence<int, i...>) { (f(std::integral_constant<int, i>{}), ...); }(
-      std::make_integer_sequence<int, N>{});
-}
-
 constexpr int kMaxRunReach = 3;  // run_sum_tile takes runs of up to 2 * 3 + 1 offsets (a window 7 wide)
 
 // sum_tile for offsets that come in runs of 2R + 1 consecutive shifts: run g's offsets m = g (2R + 1) + o read
-// value[m] = value[g (2R + 1) + R] + o - R. Each channel's values of a run come from the n vectors at x and the R
+// value[m] = value[g (2R + 1) + R] + o - R, or + R - o where descending. Each channel's values of a run come from the n vectors at x and the R
 // columns on either side of them (n + 2 loads, none split across cache lines where rows are vector-aligned), shifted
 // in registers, instead of one unaligned load per offset and vector. The products are summed in the order of
 // sum_tile, to the same values.
-template <typename T, typename V, int n, int R, int cb, bool with_taps, bool with_scale>
+template <typename T, typename V, int n, int R, bool descending, int cb, bool with_taps, bool with_scale>
 inline void run_sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
                          int64_t tap_stride, const T* scale, const T* start, int64_t runs, int64_t Xr, T* out) {
   constexpr int O = 2 * R + 1;
@@ -202,7 +223,8 @@ inline void run_sum_tile(const T* const* weight, const T* const* value, int64_t 
       vec[n + 1] = load_first<V>(at + n * L, R);
       for_each_index<O>([&](auto o) {
         for (int j = 0; j < n; ++j) {
-          const V shifted = lanes_from<decltype(o)::value - R>(vec[j], vec[j + 1], vec[j + 2]);
+          constexpr int shift = descending ? R - decltype(o)::value : decltype(o)::value - R;
+          const V shifted = lanes_from<shift>(vec[j], vec[j + 1], vec[j + 2]);
           if constexpr (with_taps)
             acc[c][j] += (wv[o][j] + run_taps[o * tap_stride + c]) * shifted;
           else
@@ -219,16 +241,17 @@ inline void run_sum_tile(const T* const* weight, const T* const* value, int64_t 
 }
 
 // R where the M offsets of value come in runs of 2R + 1 consecutive shifts (R <= kMaxRunReach, as run_sum_tile
-// takes them); 0 where they do not.
+// takes them), -R where they come in runs of descending shifts; 0 where they do not.
 template <typename T>
 int64_t run_reach(const T* const* value, int64_t M) {
+  const int64_t step = M > 1 && value[1] == value[0] - 1 ? -1 : 1;
   int64_t O = 1;
-  while (O < M && value[O] == value[O - 1] + 1) ++O;
+  while (O < M && value[O] == value[O - 1] + step) ++O;
   if (O % 2 == 0 || O < 3 || O > 2 * kMaxRunReach + 1 || M % O) return 0;
   for (int64_t g = 0; g < M; g += O)
     for (int64_t o = 1; o < O; ++o)
-      if (value[g + o] != value[g] + o) return 0;
-  return (O - 1) / 2;
+      if (value[g + o] != value[g] + step * o) return 0;
+  return step * (O - 1) / 2;
 }
 
 // out (C, Xr): out[c][x] = sum_{m < M} (scale[x] * weight[m][x] + r[c, m]) * value[m][c * stride + x] + start[c]
@@ -240,8 +263,10 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
                 const T* start, int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
   constexpr bool runs_possible = kHasLaneShifts && std::is_same_v<T, float>;
   const int64_t reach = runs_possible ? run_reach(value, M) : 0;
-  with_constant<kMaxRunReach + 1>(reach + 1, [&](auto reach_plus_one) {
-    constexpr int R = runs_possible ? decltype(reach_plus_one)::value - 1 : 0;
+  // the runs' reach and direction as template arguments: 2R + (descending) + 1 in 1 .. 2 kMaxRunReach + 2
+  with_constant<2 * kMaxRunReach + 2>(2 * std::abs(reach) + (reach < 0) + 1, [&](auto code) {
+    constexpr int R = runs_possible ? (decltype(code)::value - 1) / 2 : 0;
+    constexpr bool descending = (decltype(code)::value - 1) % 2;
     over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x, auto simd) {
       using V = typename decltype(simd)::vec;
       for (int64_t m = 0; m < M; ++m) shifted[m] = weight[m] + x;
@@ -257,8 +282,9 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
           const auto sum = [&](auto with_taps, auto with_scale) {
             constexpr bool tapped = decltype(with_taps)::value, scaled = decltype(with_scale)::value;
             if constexpr (R > 0)
-              run_sum_tile<T, V, tile, R, block, tapped, scaled>(shifted.data(), value, at, stride, t, taps.stride,
-                                                                  sx, s0, M / (2 * R + 1), Xr, dst);
+              run_sum_tile<T, V, tile, R, descending, block, tapped, scaled>(shifted.data(), value, at, stride, t,
+                                                                              taps.stride, sx, s0, M / (2 * R + 1),
+                                                                              Xr, dst);
             else
               sum_tile<T, V, tile, block, tapped, scaled>(shifted.data(), value, at, stride, t, taps.stride, sx, s0,
                                                           M, Xr, dst);
