@@ -190,10 +190,10 @@ inline void sum_tile(const T* const* weight, const T* const* value, int64_t offs
 constexpr int kMaxRunReach = 3;  // run_sum_tile takes runs of up to 2 * 3 + 1 offsets (a window 7 wide)
 
 // sum_tile for offsets that come in runs of 2R + 1 consecutive shifts: run g's offsets m = g (2R + 1) + o read
-// value[m] = value[g (2R + 1) + R] + o - R, or + R - o where descending. Each channel's values of a run come from the n vectors at x and the R
-// columns on either side of them (n + 2 loads, none split across cache lines where rows are vector-aligned), shifted
-// in registers, instead of one unaligned load per offset and vector. The products are summed in the order of
-// sum_tile, to the same values.
+// value[m] = value[g (2R + 1) + R] + o - R, or + R - o where descending. Each channel's values of a run come from
+// the n vectors at x and the R columns on either side of them (n + 2 loads, none split across cache lines where rows
+// are vector-aligned), shifted in registers, instead of one unaligned load per offset and vector. The products are
+// summed in the order of sum_tile, to the same values.
 template <typename T, typename V, int n, int R, bool descending, int cb, bool with_taps, bool with_scale>
 inline void run_sum_tile(const T* const* weight, const T* const* value, int64_t offset, int64_t stride, const T* taps,
                          int64_t tap_stride, const T* scale, const T* start, int64_t runs, int64_t Xr, T* out) {
