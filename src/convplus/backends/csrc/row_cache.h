@@ -12,6 +12,7 @@
 
 #include "direct_score.h"
 #include "phase_clock.h"
+#include "register_tiles.h"
 #include "simd.h"
 #include "strided.h"
 #include "window_geometry.h"
@@ -32,13 +33,13 @@ void gather_row(const Rows<const T>& src, int64_t C, const Geometry& g, int64_t 
 // columns from X on are zero and stay zero.
 template <typename T>
 void unit_row(const T* src, T* buf, const T* pos, int64_t C, const Geometry& g, int64_t bk, int64_t t, int64_t y) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t L = Simd<T>::width;
   const T* from = src + g.lead;
   T* rows = buf + g.lead;
   const int64_t pos_channel = g.T * g.H * g.X;
   const T* pos_row = pos ? pos + (bk % g.K * C * g.T + t) * g.H * g.X + y * g.X : nullptr;
-  for (int64_t x = 0; x < g.Xr; x += L) {
+  over_tiles<T, 1>(g.Xr, [&](auto, int64_t x, auto simd) {
+    using V = typename decltype(simd)::vec;
+    constexpr int64_t L = decltype(simd)::width;
     V norm{};
     for (int64_t c = 0; c < C; ++c) {
       V r = load<V>(from + c * g.Xp + x);
@@ -48,7 +49,7 @@ void unit_row(const T* src, T* buf, const T* pos, int64_t C, const Geometry& g, 
     }
     const V inverse = T(1) / sqrt_vec<V, T>(norm < T(kMinSquaredNorm) ? V{} + T(kMinSquaredNorm) : norm);
     for (int64_t c = 0; c < C; ++c) store(rows + c * g.Xp + x, load<V>(rows + c * g.Xp + x) * inverse);
-  }
+  });
 }
 
 // The rows around a query (or key) row, copied into padded (C, Xp) buffers and kept while later rows still use

@@ -121,6 +121,10 @@ inline V sqrt_vec(V v) {
   if constexpr (sizeof(V) == 32 && sizeof(T) == 4) return (V)_mm256_sqrt_ps((__m256)v);
   if constexpr (sizeof(V) == 32 && sizeof(T) == 8) return (V)_mm256_sqrt_pd((__m256d)v);
 #endif
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4) return (V)_mm512_sqrt_ps((__m512)v);
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 8) return (V)_mm512_sqrt_pd((__m512d)v);
+#endif
   for (int64_t j = 0; j < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++j) v[j] = std::sqrt(v[j]);
   return v;
 }
