@@ -30,6 +30,7 @@
 
 #include "checks.h"
 #include "direct_score.h"
+#include "register_tiles.h"
 #include "simd.h"
 #include "strided.h"
 
@@ -61,12 +62,12 @@ struct Slices {
 };
 
 // out[r * ld_out + v * W ..] = sum_c a[r * a_row + c * a_col] * b[c * ld_b + v * W ..] for rows r < R and vectors
-// v < Cv: R rows of a broadcast against Cv vectors of b, over depth.
-template <typename T, int R, int Cv>
+// v < Cv of W lanes (Simd S): R rows of a broadcast against Cv vectors of b, over depth.
+template <typename T, int R, int Cv, typename S = Simd<T>>
 inline void tile_product(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth, T* out,
                          int64_t ld_out) {
-  using V = typename Simd<T>::vec;
-  constexpr int64_t W = Simd<T>::width;
+  using V = typename S::vec;
+  constexpr int64_t W = S::width;
   V acc[R][Cv] = {};
   for (int64_t c = 0; c < depth; ++c) {
     V bv[Cv];
@@ -81,16 +82,27 @@ inline void tile_product(const T* a, int64_t a_row, int64_t a_col, const T* b, i
 }
 
 // out (R, columns) = a (R, depth) b (depth, columns), a[r * a_row + c * a_col], b and out row-major with columns
-// a whole number of vectors; by tiles of kTileVectors vectors, then fewer.
+// a whole number of vectors; by tiles of kTileVectors of the widest vectors, then fewer, then of the row layout's
+// vectors for the columns left.
 template <typename T, int R>
 void rows_product(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth, int64_t columns,
                   T* out, int64_t ld_out) {
-  constexpr int64_t W = Simd<T>::width;
   int64_t j = 0;
-  for (; j + kTileVectors * W <= columns; j += kTileVectors * W)
-    tile_product<T, R, kTileVectors>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
-  if (columns - j == 2 * W) tile_product<T, R, 2>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
-  if (columns - j == W) tile_product<T, R, 1>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
+  const auto tiles = [&](auto simd) {
+    using S = decltype(simd);
+    constexpr int64_t W = S::width;
+    for (; j + kTileVectors * W <= columns; j += kTileVectors * W)
+      tile_product<T, R, kTileVectors, S>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
+    for (int n = kTileVectors - 1; n >= 1; --n)
+      if (j + n * W <= columns) {
+        detail::with_constant<kTileVectors - 1>(n, [&](auto cv) {
+          tile_product<T, R, decltype(cv)::value, S>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
+        });
+        j += n * W;
+      }
+  };
+  tiles(Simd<T, detail::kWideVectorBytes>{});
+  tiles(Simd<T>{});
 }
 
 // rows_product of the last rows < R rows.
