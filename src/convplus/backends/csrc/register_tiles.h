@@ -344,8 +344,8 @@ void softmax_numerators(T* const* p, int64_t W, int64_t X, int64_t Xr, bool expo
       }
     for (int j = 0; j < n; ++j) {
       V inv = T(1) / sum[j];
-      for (int64_t i = 0; i < L; ++i)
-        if (x0 + j * L + i >= X) inv[i] = 0;
+      if (x0 + (j + 1) * L > X)  // the vector that reaches past column X
+        for (int64_t i = std::max<int64_t>(X - x0 - j * L, 0); i < L; ++i) inv[i] = 0;
       store(inverse + x0 + j * L, inv);
     }
   });
