@@ -82,27 +82,13 @@ inline void tile_product(const T* a, int64_t a_row, int64_t a_col, const T* b, i
 }
 
 // out (R, columns) = a (R, depth) b (depth, columns), a[r * a_row + c * a_col], b and out row-major with columns
-// a whole number of vectors; by tiles of kTileVectors of the widest vectors, then fewer, then of the row layout's
-// vectors for the columns left.
+// a whole number of vectors; by tiles of up to kTileVectors vectors, the widest first (detail::over_tiles).
 template <typename T, int R>
 void rows_product(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ld_b, int64_t depth, int64_t columns,
                   T* out, int64_t ld_out) {
-  int64_t j = 0;
-  const auto tiles = [&](auto simd) {
-    using S = decltype(simd);
-    constexpr int64_t W = S::width;
-    for (; j + kTileVectors * W <= columns; j += kTileVectors * W)
-      tile_product<T, R, kTileVectors, S>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
-    for (int n = kTileVectors - 1; n >= 1; --n)
-      if (j + n * W <= columns) {
-        detail::with_constant<kTileVectors - 1>(n, [&](auto cv) {
-          tile_product<T, R, decltype(cv)::value, S>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
-        });
-        j += n * W;
-      }
-  };
-  tiles(Simd<T, detail::kWideVectorBytes>{});
-  tiles(Simd<T>{});
+  detail::over_tiles<T, kTileVectors>(columns, [&](auto n, int64_t j, auto simd) {
+    tile_product<T, R, decltype(n)::value, decltype(simd)>(a, a_row, a_col, b + j, ld_b, depth, out + j, ld_out);
+  });
 }
 
 // rows_product of the last rows < R rows.

@@ -263,8 +263,9 @@ void window_sum(const T* const* weight, const T* const* value, int64_t stride, T
                 const T* start, int64_t M, int64_t C, int64_t Xr, T* out, std::vector<const T*>& shifted) {
   constexpr bool runs_possible = kHasLaneShifts && std::is_same_v<T, float>;
   const int64_t reach = runs_possible ? run_reach(value, M) : 0;
-  // the runs' reach and direction as template arguments: 2R + (descending) + 1 in 1 .. 2 kMaxRunReach + 2
-  with_constant<2 * kMaxRunReach + 2>(2 * std::abs(reach) + (reach < 0) + 1, [&](auto code) {
+  // the runs' reach and direction as template arguments: 2R + (descending) + 1 in 1 .. 2 kMaxRunReach + 2 (1 alone
+  // where there are no runs)
+  with_constant<runs_possible ? 2 * kMaxRunReach + 2 : 1>(2 * std::abs(reach) + (reach < 0) + 1, [&](auto code) {
     constexpr int R = runs_possible ? (decltype(code)::value - 1) / 2 : 0;
     constexpr bool descending = (decltype(code)::value - 1) % 2;
     over_tiles<T, kSumTile>(Xr, [&](auto n, int64_t x, auto simd) {
