@@ -325,7 +325,7 @@ void softmax_numerators(T* const* p, int64_t W, int64_t X, int64_t Xr, bool expo
     using V = typename decltype(simd)::vec;
     constexpr int64_t L = decltype(simd)::width;
     constexpr int n = decltype(tile)::value;
-    V top[n], sum[n] = {};
+    V top[n] = {}, sum[n] = {};  // top: the scores' maximum, read only where they are not exponentiated
     if (!exponentiated) {
       for (int j = 0; j < n; ++j) top[j] = load<V>(p[0] + x0 + j * L);
       for (int64_t w = 1; w < W; ++w)

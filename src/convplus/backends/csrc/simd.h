@@ -26,6 +26,11 @@ namespace {
 constexpr int64_t kVectorBytes = 32;
 #if defined(__AVX512F__)
 constexpr int64_t kWideVectorBytes = 64;
+// Every lane of a vector of 8 and of 16 lanes. The AVX-512 operations below take the zero-masked forms of their
+// intrinsics with these: the same instructions as the unmasked forms, whose "undefined" pass-through operand GCC 12
+// reports as maybe uninitialized at every use (two thousand lines of warnings in a build).
+constexpr __mmask8 kAllLanes8 = 0xFF;
+constexpr __mmask16 kAllLanes16 = 0xFFFF;
 #else
 constexpr int64_t kWideVectorBytes = kVectorBytes;
 #endif
@@ -96,13 +101,13 @@ inline V lanes_from(V below, V at, V above) {
   constexpr int L = sizeof(V) / sizeof(float);
   static_assert(-L < k && k < L);
   if constexpr (k == 0) return at;
-  if constexpr (L == 8) {
-    if constexpr (k < 0) return (V)_mm256_alignr_epi32((__m256i)at, (__m256i)below, L + k);
-    if constexpr (k > 0) return (V)_mm256_alignr_epi32((__m256i)above, (__m256i)at, k);
+  if constexpr (L == 8) {  // the zero-masked forms with every lane selected: see kAllLanes8
+    if constexpr (k < 0) return (V)_mm256_maskz_alignr_epi32(kAllLanes8, (__m256i)at, (__m256i)below, L + k);
+    if constexpr (k > 0) return (V)_mm256_maskz_alignr_epi32(kAllLanes8, (__m256i)above, (__m256i)at, k);
   }
   if constexpr (L == 16) {
-    if constexpr (k < 0) return (V)_mm512_alignr_epi32((__m512i)at, (__m512i)below, L + k);
-    if constexpr (k > 0) return (V)_mm512_alignr_epi32((__m512i)above, (__m512i)at, k);
+    if constexpr (k < 0) return (V)_mm512_maskz_alignr_epi32(kAllLanes16, (__m512i)at, (__m512i)below, L + k);
+    if constexpr (k > 0) return (V)_mm512_maskz_alignr_epi32(kAllLanes16, (__m512i)above, (__m512i)at, k);
   }
 }
 #else
@@ -121,9 +126,9 @@ inline V sqrt_vec(V v) {
   if constexpr (sizeof(V) == 32 && sizeof(T) == 4) return (V)_mm256_sqrt_ps((__m256)v);
   if constexpr (sizeof(V) == 32 && sizeof(T) == 8) return (V)_mm256_sqrt_pd((__m256d)v);
 #endif
-#if defined(__AVX512F__)
-  if constexpr (sizeof(V) == 64 && sizeof(T) == 4) return (V)_mm512_sqrt_ps((__m512)v);
-  if constexpr (sizeof(V) == 64 && sizeof(T) == 8) return (V)_mm512_sqrt_pd((__m512d)v);
+#if defined(__AVX512F__)  // the zero-masked forms with every lane selected: see kAllLanes8
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4) return (V)_mm512_maskz_sqrt_ps(kAllLanes16, (__m512)v);
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 8) return (V)_mm512_maskz_sqrt_pd(kAllLanes8, (__m512d)v);
 #endif
   for (int64_t j = 0; j < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++j) v[j] = std::sqrt(v[j]);
   return v;
@@ -167,11 +172,13 @@ struct ExpConstants {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
 // The AVX-512 instructions of exp_avx512, for 8 and 16 floats.
 inline __m256 round_nearest(__m256 x) { return _mm256_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline __m512 round_nearest(__m512 x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m512 round_nearest(__m512 x) {
+  return _mm512_maskz_roundscale_ps(kAllLanes16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 inline __m256 fused_multiply_add(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 inline __m512 fused_multiply_add(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
 inline __m256 scale_by_power_of_two(__m256 x, __m256 n) { return _mm256_scalef_ps(x, n); }
-inline __m512 scale_by_power_of_two(__m512 x, __m512 n) { return _mm512_scalef_ps(x, n); }
+inline __m512 scale_by_power_of_two(__m512 x, __m512 n) { return _mm512_maskz_scalef_ps(kAllLanes16, x, n); }
 inline __m256 zero_where_below(__m256 x, __m256 lo, __m256 y) {
   return _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(x, lo, _CMP_NLT_UQ), y);
 }
