@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import flex_neighborhood_attention, natten_neighborhood_attention, unfold_neighborhood_attention
-from deployment import compiled_ratios, onnx_ratios
+from deployment import compiled_ratios, onnx_breakdown, onnx_ratios
 from measure import Paired, fitted_exponent, paired_ratio, peak_bytes, timed, train_step
 from profile_table import profile_section
 
@@ -476,6 +476,10 @@ def main() -> None:
         "### Exported and compiled",
         "",
         *onnx_ratios(side, args.pairs, results),
+        "",
+        "Where the exported Conv+ atto's extra time goes:",
+        "",
+        *onnx_breakdown(side, args.pairs),
         "",
         *([] if args.no_compile else compiled_ratios(batch, side, max(5, args.pairs // 2), results)),
         "",
