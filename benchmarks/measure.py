@@ -33,6 +33,11 @@ class Paired(NamedTuple):
     highest: float
     pairs: int
 
+    @classmethod
+    def of(cls, ratios: list[float]) -> Paired:
+        """The median, lowest and highest of per-pair ratios."""
+        return cls(statistics.median(ratios), min(ratios), max(ratios), len(ratios))
+
     def __str__(self) -> str:
         return f"{self.median:.2f}x ({self.lowest:.2f}x-{self.highest:.2f}x)"
 
@@ -47,7 +52,7 @@ def paired_ratio(
         pair = [timed(f, backward, 0) for f in (base, fn)]
         if i:
             ratios.append(pair[1] / pair[0])
-    return Paired(statistics.median(ratios), min(ratios), max(ratios), len(ratios))
+    return Paired.of(ratios)
 
 
 def peak_bytes(fn: Callable[[], torch.Tensor], backward: bool) -> int:

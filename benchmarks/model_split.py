@@ -34,11 +34,6 @@ class MixerClock:
         self.seconds += time.perf_counter() - self._entered
 
 
-def _paired(plain: list[float], plus: list[float]) -> Paired:
-    ratios = [b / a for a, b in zip(plain, plus, strict=True)]
-    return Paired(statistics.median(ratios), min(ratios), max(ratios), len(ratios))
-
-
 def model_split(batch: int, side: int, runs: int, bound: float) -> list[str]:
     """Markdown rows: the whole inference forward of both models (channels-last, (batch, 3, side, side)), their
     token mixers and the rest, each model's forward timed right after the other's, ``runs`` pairs after one warm-up
@@ -72,7 +67,7 @@ def model_split(batch: int, side: int, runs: int, bound: float) -> list[str]:
         "|---|---|---|---|",
     ]
     ms = {part: [statistics.median(t) * 1e3 for t in pair] for part, pair in times.items()}
-    ratios = {part: _paired(plain, plus) for part, (plain, plus) in times.items()}
+    ratios = {part: Paired.of([b / a for a, b in zip(*pair, strict=True)]) for part, pair in times.items()}
     rows += [f"| {names[part]} | {ms[part][0]:.1f} | {ms[part][1]:.1f} | {ratios[part]} |" for part in times]
     budget = bound * ms["whole"][0] - ms["rest"][1]
     rows += [
